@@ -1,0 +1,5 @@
+"""Allow ``python -m pgws``."""
+
+from pgws.cli import main
+
+main()
