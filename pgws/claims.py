@@ -1,0 +1,305 @@
+"""JWT verification: from a token and a request path to a `Grant` (channels and mode).
+
+Every key is bound to exactly one algorithm when the secret is loaded, and a token is only ever
+checked with its key's algorithm, so `none`, HS256-with-a-public-key and similar confusions cannot
+happen. Everything a client can learn from a refusal is `invalid token` or `token expired`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+from urllib.parse import unquote
+
+from jose import jwk, jws
+from jose.exceptions import JOSEError
+
+from pgws.errors import BadRequest, ConfigError, Forbidden, TokenExpired, Unauthorized
+
+Mode = Literal["r", "w", "rw"]
+MODES: frozenset[str] = frozenset({"r", "w", "rw"})
+# PostgreSQL identifiers are at most 63 bytes; channel names are only routing keys here, but a
+# longer name is almost certainly a mistake, and it bounds what one socket makes us keep.
+MAX_CHANNEL_BYTES = 63
+# Far above any real token, far below what would let a client make us do real work.
+MAX_TOKEN_LENGTH = 8192
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_SYMMETRIC = ("HS256", "HS384", "HS512")
+_ASYMMETRIC = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+)  # fmt: skip
+INVALID = "invalid token"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Grant:
+    """What one socket may do: its channels, its mode, the token's claims and when it expires."""
+
+    channels: tuple[str, ...]
+    mode: Mode
+    claims: Mapping[str, Any]
+    expires_at: float | None  # UNIX seconds, from `exp`
+
+    @property
+    def can_read(self) -> bool:
+        """Whether notifications on the channels are sent to this socket."""
+        return "r" in self.mode
+
+    @property
+    def can_write(self) -> bool:
+        """Whether frames from this socket become NOTIFYs."""
+        return "w" in self.mode
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Key:
+    kid: str | None
+    algorithm: str
+    key: Any  # a jose Key, prepared once
+    can_sign: bool
+
+
+class Verifier:
+    """Checks tokens against the configured key(s); built once at start-up from PGWS_JWT_SECRET."""
+
+    def __init__(self, keys: Sequence[_Key]) -> None:
+        if not keys:
+            raise ConfigError("PGWS_JWT_SECRET", "holds no usable key")
+        self._keys = tuple(keys)
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> Verifier:
+        """A plain secret is an HS256 key; a JSON object is a JWK, or a JWKS with `keys`."""
+        document = _json_object(secret)
+        if document is None:
+            return cls([_hmac_key(secret, None, "HS256")])
+        if "keys" in document:
+            entries = document["keys"]
+            if not isinstance(entries, list) or not entries:
+                raise ConfigError("PGWS_JWT_SECRET", "a JWKS needs a non-empty list of keys")
+            return cls([_jwk_key(entry, index) for index, entry in enumerate(entries)])
+        return cls([_jwk_key(document, None)])
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        """The algorithms tokens may use, one per key."""
+        return tuple(sorted({key.algorithm for key in self._keys}))
+
+    @property
+    def signing_key(self) -> tuple[str | None, str, Any] | None:
+        """(kid, algorithm, key) of the first key that can sign, for `pgws token`; None if none."""
+        for key in self._keys:
+            if key.can_sign:
+                return key.kid, key.algorithm, key.key
+        return None
+
+    def verify(self, token: str, now: float | None = None) -> dict[str, Any]:
+        """Return the token's claims; raise Unauthorized (or TokenExpired) when it does not hold."""
+        if len(token) > MAX_TOKEN_LENGTH or not _TOKEN_SHAPE.fullmatch(token):
+            raise Unauthorized(INVALID)
+        try:
+            header = jws.get_unverified_header(token)
+        except JOSEError:
+            raise Unauthorized(INVALID) from None
+        if not isinstance(header, dict) or "crit" in header:
+            raise Unauthorized(INVALID)
+        algorithm, kid = header.get("alg"), header.get("kid")
+        candidates = [key for key in self._keys if key.algorithm == algorithm]
+        if kid is not None and any(key.kid == kid for key in candidates):
+            candidates = [key for key in candidates if key.kid == kid]
+        elif kid is not None:
+            candidates = [key for key in candidates if key.kid is None]
+        payload = None
+        for key in candidates:
+            try:
+                payload = jws.verify(token, key.key, algorithms=[key.algorithm])
+                break
+            except JOSEError:
+                continue
+        if payload is None:
+            raise Unauthorized(INVALID)
+        claims = _json_object(payload)
+        if claims is None:
+            raise Unauthorized(INVALID)
+        _check_times(claims, time.time() if now is None else now)
+        return claims
+
+
+def authorize(verifier: Verifier, path: str, now: float | None = None) -> Grant:
+    """Turn a request path (`/<jwt>` or `/<channel>/<jwt>`, query ignored) into a Grant.
+
+    Raises BadRequest (400) for a malformed path, Unauthorized (401) for a token that does not
+    verify and Forbidden (403) for a valid token that grants nothing here (SPEC 2).
+    """
+    requested, token = parse_path(path)
+    claims = verifier.verify(token, now)
+    return grant_for(claims, requested)
+
+
+def parse_path(path: str) -> tuple[str | None, str]:
+    """Split a request path into (channel or None, token); raise BadRequest when malformed."""
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/"):
+        raise BadRequest("bad request: the path must start with /")
+    segments = path[1:].split("/")
+    if len(segments) > 1 and segments[-1] == "":
+        segments.pop()  # a trailing slash
+    if len(segments) == 1:
+        if not segments[0]:
+            raise Unauthorized(INVALID)
+        return None, segments[0]
+    if len(segments) != 2:
+        raise BadRequest("bad request: expected /<channel>/<token> or /<token>")
+    return _decode_channel(segments[0]), segments[1]
+
+
+def grant_for(claims: Mapping[str, Any], requested: str | None) -> Grant:
+    """Apply SPEC 2 rules 2-5 to verified claims and the channel named in the path, if any."""
+    if "mode" not in claims:
+        raise Forbidden("missing mode")
+    mode = claims["mode"]
+    if not isinstance(mode, str) or mode not in MODES:
+        raise Forbidden("invalid mode")
+    allowed = _allowed_channels(claims)
+    if requested is not None:
+        if allowed and requested not in allowed:
+            raise Forbidden(f"not allowed: {requested}")
+        channels: tuple[str, ...] = (requested,)
+    else:
+        if not allowed:
+            raise Forbidden("no channels")
+        channels = allowed
+    exp = claims.get("exp")
+    return Grant(
+        channels=channels,
+        mode=mode,  # type: ignore[arg-type]  # checked against MODES above
+        claims=claims,
+        expires_at=float(exp) if exp is not None else None,
+    )
+
+
+def _allowed_channels(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    """`channel` (legacy string) plus `channels` (list of strings), first occurrence order kept."""
+    found: list[str] = []
+    if "channel" in claims:
+        channel = claims["channel"]
+        if not isinstance(channel, str):
+            raise Forbidden("invalid channel claim")
+        found.append(channel)
+    if "channels" in claims:
+        channels = claims["channels"]
+        if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+            raise Forbidden("invalid channels claim")
+        found.extend(channels)
+    return tuple(dict.fromkeys(found))
+
+
+def _decode_channel(segment: str) -> str:
+    try:
+        channel = unquote(segment, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("bad request: the channel is not valid UTF-8") from None
+    if not channel:
+        raise BadRequest("bad request: empty channel name")
+    if any(ord(char) < 32 or ord(char) == 127 for char in channel):
+        raise BadRequest("bad request: control characters in the channel name")
+    if len(channel.encode()) > MAX_CHANNEL_BYTES:
+        raise BadRequest(f"bad request: channel names are at most {MAX_CHANNEL_BYTES} bytes")
+    return channel
+
+
+def _check_times(claims: Mapping[str, Any], now: float) -> None:
+    for name in ("exp", "nbf", "iat"):
+        if name in claims:
+            value = claims[name]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise Unauthorized(INVALID)
+            if not math.isfinite(value) or abs(value) > 1e11:  # beyond year 5000: nonsense
+                raise Unauthorized(INVALID)
+    if "nbf" in claims and now < claims["nbf"]:
+        raise Unauthorized(INVALID)
+    if "exp" in claims and now >= claims["exp"]:
+        raise TokenExpired("token expired")
+
+
+def _json_object(data: bytes | str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _hmac_key(secret: bytes, kid: str | None, algorithm: str) -> _Key:
+    if _looks_like_public_key(secret):
+        raise ConfigError("PGWS_JWT_SECRET", "is a public key or certificate, not an HMAC secret")
+    try:
+        key = jwk.construct(secret, algorithm)
+    except JOSEError:
+        raise ConfigError("PGWS_JWT_SECRET", "is not a usable HMAC secret") from None
+    return _Key(kid=kid, algorithm=algorithm, key=key, can_sign=True)
+
+
+def _jwk_key(entry: object, index: int | None) -> _Key:
+    where = "the JWK" if index is None else f"JWKS key {index}"
+    if not isinstance(entry, dict):
+        raise ConfigError("PGWS_JWT_SECRET", f"{where} is not a JSON object")
+    kty, kid = entry.get("kty"), entry.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise ConfigError("PGWS_JWT_SECRET", f"{where} has a non-string kid")
+    algorithm = entry.get("alg", "HS256" if kty == "oct" else None)
+    if algorithm is None:
+        raise ConfigError("PGWS_JWT_SECRET", f"{where} has no alg, and only oct keys default one")
+    if algorithm not in _SYMMETRIC + _ASYMMETRIC:
+        raise ConfigError("PGWS_JWT_SECRET", f"{where} has unsupported alg {algorithm!r}")
+    if (kty == "oct") != (algorithm in _SYMMETRIC):
+        raise ConfigError("PGWS_JWT_SECRET", f"{where}: alg {algorithm} does not fit kty {kty!r}")
+    try:
+        key = jwk.construct(entry, algorithm)
+    except (JOSEError, ValueError, TypeError, KeyError):
+        raise ConfigError("PGWS_JWT_SECRET", f"{where} is not a valid {algorithm} key") from None
+    can_sign = kty == "oct" or "d" in entry
+    return _Key(kid=kid, algorithm=algorithm, key=key, can_sign=can_sign)
+
+
+def _looks_like_public_key(secret: bytes) -> bool:
+    """PEM or DER public keys and certificates must never become HMAC secrets."""
+    stripped = secret.strip()
+    if stripped.startswith(b"-----BEGIN") or stripped.startswith(b"ssh-"):
+        return True
+    if stripped[:1] == b"\x30":  # an ASN.1 SEQUENCE: try it as DER
+        from cryptography.hazmat.primitives.serialization import load_der_public_key
+        from cryptography.x509 import load_der_x509_certificate
+
+        for loader in (load_der_public_key, load_der_x509_certificate):
+            try:
+                loader(stripped)
+            except ValueError:
+                continue
+            return True
+    return False
+
+
+def issue_token(
+    verifier: Verifier,
+    claims: Mapping[str, Any],
+    *,
+    ttl: float | None,
+    now: float | None = None,
+) -> str:
+    """Sign `claims` with the first key that can sign (for `pgws token`); `ttl` sets `exp`."""
+    signing = verifier.signing_key
+    if signing is None:
+        raise ConfigError("PGWS_JWT_SECRET", "holds only public keys, which cannot sign tokens")
+    kid, algorithm, key = signing
+    body = dict(claims)
+    if ttl is not None:
+        body["exp"] = int((time.time() if now is None else now) + ttl)
+    headers = {"kid": kid} if kid is not None else None
+    token: str = jws.sign(json.dumps(body).encode(), key, headers=headers, algorithm=algorithm)
+    return token

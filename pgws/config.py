@@ -1,0 +1,296 @@
+"""Settings: one frozen `Config`, read once from the environment (and an env file) and passed down.
+
+Every problem raises `ConfigError` naming the variable, so start-up can stop with one line and
+exit status 78 before a port is bound. Values that may hold secrets are never echoed back.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from dotenv.parser import parse_stream
+
+from pgws.errors import ConfigError
+
+# PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes: a longer LISTEN channel would silently
+# differ from the pg_notify() channel, so such names are refused up front.
+MAX_CHANNEL_BYTES = 63
+# NOTIFY payloads must be shorter than 8000 bytes in the default PostgreSQL build.
+NOTIFY_PAYLOAD_LIMIT = 7999
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One environment variable: its name, its default as written in the env, and what it does."""
+
+    name: str
+    default: str | None
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("PGWS_DB_URI", None, "libpq URI or conninfo (required; @FILE reads it from a file)"),
+    Setting(
+        "PGWS_JWT_SECRET",
+        None,
+        "HS256 secret, or a JWK / JWKS JSON object (required; @FILE reads it from a file)",
+    ),
+    Setting("PGWS_JWT_SECRET_BASE64", "false", "the secret is base64/base64url encoded"),
+    Setting("PGWS_HOST", "*4", "bind address: *4 all IPv4, *6 or * all IPv6 + IPv4, or a host"),
+    Setting("PGWS_PORT", "3000", "TCP port"),
+    Setting("PGWS_ROOT_PATH", None, "folder served as static files over plain HTTP"),
+    Setting(
+        "PGWS_LISTEN_CHANNEL",
+        "postgres-websockets-listener",
+        "the database channel pgws LISTENs on and NOTIFYs to",
+    ),
+    Setting("PGWS_META_CHANNEL", None, "channel that receives ConnectionOpen/Close events"),
+    Setting("PGWS_POOL_SIZE", "10", "database connections used to send NOTIFY"),
+    Setting("PGWS_RETRIES", "5", "connection attempts at start-up before giving up"),
+    Setting(
+        "PGWS_CHECK_LISTENER_INTERVAL",
+        None,
+        "ms between LISTEN connection checks; set = reconnect, unset/0 = exit when it dies",
+    ),
+    Setting("PGWS_CERTIFICATE_FILE", None, "TLS certificate (chain) file; with PGWS_KEY_FILE"),
+    Setting("PGWS_KEY_FILE", None, "TLS private key file; with PGWS_CERTIFICATE_FILE"),
+    Setting(
+        "PGWS_MAX_MESSAGE_SIZE",
+        str(NOTIFY_PAYLOAD_LIMIT),
+        "largest client frame in bytes; larger frames close the socket with 1009",
+    ),
+    Setting(
+        "PGWS_CLIENT_MAX_BUFFER",
+        str(1024 * 1024),
+        "unsent bytes a socket may queue before it is closed as a slow consumer",
+    ),
+    Setting("PGWS_COMPRESSION", "false", "offer permessage-deflate (costs ~50 KiB per socket)"),
+    Setting("PGWS_SHUTDOWN_TIMEOUT", "5", "seconds allowed for a clean shutdown"),
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Every setting pgws runs with; durations are float seconds, sizes bytes."""
+
+    db_uri: str = dataclasses.field(repr=False)  # may hold a password
+    jwt_secret: bytes = dataclasses.field(repr=False)
+    host: str = "*4"  # SPEC: all IPv4 interfaces
+    port: int = 3000
+    root_path: Path | None = None
+    listen_channel: str = "postgres-websockets-listener"
+    meta_channel: str | None = None
+    pool_size: int = 10
+    retries: int = 5
+    check_listener_interval: float | None = None  # None = exit when the listener dies
+    certificate_file: Path | None = None
+    key_file: Path | None = None
+    max_message_size: int = NOTIFY_PAYLOAD_LIMIT
+    client_max_buffer: int = 1024 * 1024
+    compression: bool = False
+    shutdown_timeout: float = 5.0
+
+    @property
+    def tls(self) -> bool:
+        """Whether sockets are served as wss:// (both TLS files are set)."""
+        return self.certificate_file is not None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        """Build a Config from PGWS_* variables; raise ConfigError on the first bad one."""
+        certificate_file = _existing_file(env, "PGWS_CERTIFICATE_FILE")
+        key_file = _existing_file(env, "PGWS_KEY_FILE")
+        if (certificate_file is None) != (key_file is None):
+            missing = "PGWS_KEY_FILE" if key_file is None else "PGWS_CERTIFICATE_FILE"
+            raise ConfigError(missing, "must be set too: TLS needs both a certificate and a key")
+        return cls(
+            db_uri=_read_at_file(env, "PGWS_DB_URI", _required(env, "PGWS_DB_URI")),
+            jwt_secret=read_jwt_secret(env),
+            host=_host(env),
+            port=_int(env, "PGWS_PORT", 3000, minimum=0, maximum=65535),
+            root_path=_existing_dir(env, "PGWS_ROOT_PATH"),
+            listen_channel=_channel(env, "PGWS_LISTEN_CHANNEL", "postgres-websockets-listener"),
+            meta_channel=_optional_channel(env, "PGWS_META_CHANNEL"),
+            pool_size=_int(env, "PGWS_POOL_SIZE", 10, minimum=1, maximum=1000),
+            retries=_int(env, "PGWS_RETRIES", 5, minimum=1, maximum=1000),
+            check_listener_interval=_interval_ms(env, "PGWS_CHECK_LISTENER_INTERVAL"),
+            certificate_file=certificate_file,
+            key_file=key_file,
+            max_message_size=_int(
+                env, "PGWS_MAX_MESSAGE_SIZE", NOTIFY_PAYLOAD_LIMIT, minimum=1, maximum=2**24
+            ),
+            client_max_buffer=_int(
+                env, "PGWS_CLIENT_MAX_BUFFER", 1024 * 1024, minimum=1024, maximum=2**31
+            ),
+            compression=_bool(env, "PGWS_COMPRESSION", default=False),
+            shutdown_timeout=_seconds(env, "PGWS_SHUTDOWN_TIMEOUT", 5.0),
+        )
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """Read `KEY=value` lines (optional `export `, quotes, `#` comments), as in sample-env."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError("--env-file", f"cannot read {str(path)!r}: {reason}") from None
+    values: dict[str, str] = {}
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            line = binding.original.line
+            raise ConfigError("--env-file", f"{str(path)!r} line {line}: expected KEY=value")
+        if binding.key is not None and binding.value is not None:
+            values[binding.key] = binding.value
+    return values
+
+
+def _raw(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    return None if value is None or value.strip() == "" else value.strip()
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = _raw(env, name)
+    if value is None:
+        raise ConfigError(name, "must be set")
+    return value
+
+
+def _read_at_file(env: Mapping[str, str], name: str, value: str) -> str:
+    """Resolve the `@path` form: the value is the file's contents, trailing newline stripped."""
+    if not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    try:
+        contents = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(name, f"cannot read {str(path)!r}: {reason}") from None
+    contents = contents.rstrip("\r\n")
+    if not contents.strip():
+        raise ConfigError(name, f"file {str(path)!r} is empty")
+    return contents
+
+
+def read_jwt_secret(env: Mapping[str, str]) -> bytes:
+    """PGWS_JWT_SECRET as bytes: `@file` resolved, base64 decoded when PGWS_JWT_SECRET_BASE64."""
+    name = "PGWS_JWT_SECRET"
+    value = _read_at_file(env, name, _required(env, name))
+    if not _bool(env, "PGWS_JWT_SECRET_BASE64", default=False):
+        return value.encode()
+    compact = "".join(value.split())
+    try:
+        # Accept both alphabets and missing padding, as the original server does.
+        standard = compact.replace("-", "+").replace("_", "/")
+        decoded = base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(name, "is not valid base64 (PGWS_JWT_SECRET_BASE64 is true)") from None
+    if not decoded:
+        raise ConfigError(name, "decodes to an empty secret")
+    return decoded
+
+
+def _bool(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    value = env.get(name)
+    if value is None:
+        return default
+    folded = value.strip().lower()
+    if folded in _TRUE:
+        return True
+    if folded in _FALSE:
+        return False if folded else default
+    raise ConfigError(name, f"expected true or false, got {value!r}")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
+    value = _raw(env, name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(name, f"expected an integer, got {value!r}") from None
+    if not minimum <= number <= maximum:
+        raise ConfigError(name, f"must be between {minimum} and {maximum}, got {number}")
+    return number
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _raw(env, name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(name, f"expected a number of seconds, got {value!r}") from None
+    if not 0 < number <= 3600:
+        raise ConfigError(name, f"must be more than 0 and at most 3600 seconds, got {value!r}")
+    return number
+
+
+def _interval_ms(env: Mapping[str, str], name: str) -> float | None:
+    value = _raw(env, name)
+    if value is None:
+        return None
+    try:
+        milliseconds = int(value)
+    except ValueError:
+        raise ConfigError(name, f"expected milliseconds (an integer), got {value!r}") from None
+    if milliseconds < 0 or milliseconds > 86_400_000:
+        raise ConfigError(name, f"must be between 0 and 86400000 ms, got {milliseconds}")
+    return milliseconds / 1000 if milliseconds else None
+
+
+def _host(env: Mapping[str, str]) -> str:
+    value = _raw(env, "PGWS_HOST")
+    if value is None:
+        return "*4"
+    if any(char.isspace() for char in value) or "/" in value:
+        raise ConfigError("PGWS_HOST", f"expected *4, *6, * or a host or address, got {value!r}")
+    return value
+
+
+def _channel(env: Mapping[str, str], name: str, default: str) -> str:
+    return _optional_channel(env, name) or default
+
+
+def _optional_channel(env: Mapping[str, str], name: str) -> str | None:
+    value = _raw(env, name)
+    if value is None:
+        return None
+    if len(value.encode()) > MAX_CHANNEL_BYTES:
+        raise ConfigError(name, f"must be at most {MAX_CHANNEL_BYTES} bytes (a PostgreSQL name)")
+    if any(ord(char) < 32 for char in value):
+        raise ConfigError(name, "must not contain control characters")
+    return value
+
+
+def _existing_file(env: Mapping[str, str], name: str) -> Path | None:
+    value = _raw(env, name)
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(name, f"no such file: {value!r}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(name, f"cannot read {value!r}: permission denied")
+    return path
+
+
+def _existing_dir(env: Mapping[str, str], name: str) -> Path | None:
+    value = _raw(env, name)
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigError(name, f"no such folder: {value!r}")
+    return path.resolve()

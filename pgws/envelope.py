@@ -1,0 +1,71 @@
+"""The JSON envelopes that travel through PostgreSQL, in both directions.
+
+Outgoing (client → database) envelopes are built by string concatenation around pieces that are
+serialised once per connection, because this runs for every frame. Incoming notifications are never
+re-serialised: only their routing channel is read, and the raw text is what clients receive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from pgws.errors import MessageTooBig
+
+# PostgreSQL refuses NOTIFY payloads of 8000 bytes or more (default build).
+NOTIFY_PAYLOAD_LIMIT = 7999
+DELIVERED_AT = "message_delivered_at"
+
+
+def dump_json(value: Any) -> str:
+    """Serialise to compact JSON text; integers too large for orjson fall back to the stdlib."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError: integers beyond 64 bits
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class EnvelopeWriter:
+    """Builds the envelopes one connection sends: `claims` is fixed, so it is serialised once."""
+
+    __slots__ = ("_claims_head",)
+
+    def __init__(self, claims: Mapping[str, Any]) -> None:
+        # The server's timestamp always wins over a claim of the same name in the token.
+        kept = {key: value for key, value in claims.items() if key != DELIVERED_AT}
+        head = dump_json(kept)[:-1]  # without the closing brace; the timestamp goes last
+        self._claims_head = head + ("," if kept else "")
+
+    def build(self, event: str, channel: str, payload: str, delivered_at: float) -> str:
+        """Return the envelope text; raise MessageTooBig when NOTIFY could not carry it."""
+        if not math.isfinite(delivered_at):
+            raise ValueError("delivered_at must be finite")
+        text = (
+            f'{{"event":{dump_json(event)},"channel":{dump_json(channel)},'
+            f'"payload":{dump_json(payload)},"claims":{self._claims_head}'
+            f'"{DELIVERED_AT}":{delivered_at!r}}}}}'
+        )
+        size = len(text) if text.isascii() else len(text.encode())
+        if size > NOTIFY_PAYLOAD_LIMIT:
+            raise MessageTooBig(
+                f"message too big: the envelope is {size} bytes, NOTIFY takes at most "
+                f"{NOTIFY_PAYLOAD_LIMIT}"
+            )
+        return text
+
+
+def route_channel(raw: str) -> str | None:
+    """The channel a notification is addressed to: its JSON object's string `channel`, else None."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(value, dict):
+        channel = value.get("channel")
+        if isinstance(channel, str):
+            return channel
+    return None

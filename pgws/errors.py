@@ -1,0 +1,81 @@
+"""The exceptions pgws raises on purpose.
+
+Errors that reach a client carry their outcome as class attributes (an HTTP status before the
+upgrade, a close code after it), so the handler maps them to the wire in one place.
+"""
+
+from __future__ import annotations
+
+
+class PgwsError(Exception):
+    """Base class for every error pgws raises on purpose."""
+
+    exit_code = 1  # the status `pgws serve` exits with when this error stops it
+
+
+class ConfigError(PgwsError):
+    """A setting is missing or invalid; start-up stops with exit status 78 (EX_CONFIG)."""
+
+    exit_code = 78
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        self.name, self.problem = name, problem
+
+
+class HandshakeRefused(PgwsError):
+    """A WebSocket upgrade request that pgws answers with an HTTP error instead."""
+
+    status = 400
+
+
+class BadRequest(HandshakeRefused):
+    """The request itself is malformed (path shape, encoding)."""
+
+    status = 400
+
+
+class Unauthorized(HandshakeRefused):
+    """The token does not verify; the reason is deliberately the same for every failure."""
+
+    status = 401
+
+
+class TokenExpired(Unauthorized):
+    """The token verified but its `exp` has passed."""
+
+
+class Forbidden(HandshakeRefused):
+    """The token is valid but grants nothing on this request."""
+
+    status = 403
+
+
+class MessageRefused(PgwsError):
+    """A client frame that cannot become a NOTIFY; the socket is closed with `close_code`."""
+
+    close_code = 1011
+
+
+class MessageTooBig(MessageRefused):
+    """The envelope would exceed PostgreSQL's NOTIFY payload limit."""
+
+    close_code = 1009
+
+
+class NotifyFailed(MessageRefused):
+    """The database did not accept a NOTIFY (down, or refused it)."""
+
+    close_code = 1011
+
+
+class DatabaseUnavailable(PgwsError):
+    """PostgreSQL could not be reached within the configured retries."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+
+
+class ListenerLost(PgwsError):
+    """The LISTEN connection died and self-healing is off (PGWS_CHECK_LISTENER_INTERVAL unset)."""
+
+    exit_code = 69  # EX_UNAVAILABLE: systemd's Restart=on-failure brings the process back

@@ -1,0 +1,166 @@
+"""One WebSocket connection: the token check before the upgrade, then the message loop.
+
+Reading sockets are registered with the registry and receive notifications through
+`websockets.broadcast()`, so an idle reader costs no task beyond websockets' own. Writing sockets
+turn each frame into one NOTIFY per granted channel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import cast
+
+import structlog
+from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from pgws import web
+from pgws.claims import Grant, Verifier, authorize
+from pgws.config import Config
+from pgws.envelope import EnvelopeWriter
+from pgws.errors import HandshakeRefused, MessageRefused
+from pgws.registry import Registry
+
+log = structlog.get_logger("pgws.handler")
+
+# How long a socket we close on our own (slow consumer, expired token) may take to go.
+DROP_GRACE = 2.0
+
+
+class Connection(ServerConnection):
+    """A server connection that carries its Grant and closes itself when it cannot keep up."""
+
+    grant: Grant
+    opened_at: float
+    frames_in: int = 0
+
+    def pause_writing(self) -> None:
+        """The transport buffer passed PGWS_CLIENT_MAX_BUFFER: this reader is too slow."""
+        super().pause_writing()
+        # Not from inside a broadcast: transport.write() is calling us.
+        self.loop.call_soon(self.drop, 1008, "slow consumer")
+
+    def drop(self, code: int, reason: str) -> None:
+        """Close without waiting on the peer: queue the close frame, abort if it does not go."""
+        if self.protocol.state is not State.OPEN:
+            return
+        if code == 1008:
+            log.warning("client_lagging", conn_id=str(self.id)[:8])
+        self.protocol.fail(code, reason)
+        try:
+            self.send_data()
+        except OSError:
+            self.transport.abort()
+            return
+        self.loop.call_later(DROP_GRACE, self.transport.abort)
+
+
+def deliver(connections: Iterable[ServerConnection], message: str) -> None:
+    """Send one notification to many sockets: encoded once, written without waiting."""
+    broadcast(connections, message)
+
+
+class Handler:
+    """Authorizes upgrades and runs each accepted connection."""
+
+    def __init__(
+        self,
+        config: Config,
+        verifier: Verifier,
+        registry: Registry[ServerConnection],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._verifier = verifier
+        self._registry = registry
+        self._clock = clock
+        self.rejected = 0
+
+    def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return web.serve_plain(self._config.root_path, request)
+        try:
+            grant = authorize(self._verifier, request.path, self._clock())
+        except HandshakeRefused as exc:
+            self.rejected += 1
+            log.info(
+                "client_rejected", status=exc.status, reason=str(exc), remote=_remote(connection)
+            )
+            return web.text(HTTPStatus(exc.status), str(exc))
+        cast(Connection, connection).grant = grant
+        return None
+
+    async def handle(self, ws: ServerConnection) -> None:
+        """Run one accepted socket until it closes."""
+        conn = cast(Connection, ws)
+        grant = conn.grant
+        conn.opened_at = self._clock()
+        structlog.contextvars.bind_contextvars(conn_id=str(ws.id)[:8])
+        log.info(
+            "client_connected", remote=_remote(ws), channels=list(grant.channels), mode=grant.mode
+        )
+        writer = EnvelopeWriter(grant.claims)
+        if grant.can_read:
+            self._registry.subscribe(ws, grant.channels)
+        expiry = None
+        if grant.expires_at is not None:
+            delay = grant.expires_at - self._clock()
+            expiry = conn.loop.call_later(max(delay, 0.0), conn.drop, 3001, "JWT expired")
+        try:
+            await self._announce(writer, "ConnectionOpen", grant)
+            async for frame in ws:
+                conn.frames_in += 1
+                if not grant.can_write:
+                    continue  # SPEC 3: read-only sockets' frames are read and dropped
+                if isinstance(frame, bytes):
+                    try:
+                        frame = frame.decode()
+                    except UnicodeDecodeError:
+                        await ws.close(1003, "binary frames must be UTF-8 text")
+                        break
+                for channel in grant.channels:
+                    envelope = writer.build("WebsocketMessage", channel, frame, self._clock())
+                    await self._registry.publish_out(envelope)
+        except MessageRefused as exc:
+            log.info("envelope_rejected", reason=str(exc), code=exc.close_code)
+            await ws.close(exc.close_code, str(exc))
+        except ConnectionClosed:
+            pass
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            if grant.can_read:
+                self._registry.unsubscribe(ws, grant.channels)
+            log.info(
+                "client_disconnected",
+                code=ws.close_code,
+                reason=ws.close_reason,
+                frames_in=conn.frames_in,
+                seconds=round(self._clock() - conn.opened_at, 3),
+            )
+        await self._announce(writer, "ConnectionClose", grant)
+
+    async def _announce(self, writer: EnvelopeWriter, event: str, grant: Grant) -> None:
+        """Tell readers of the meta channel that a socket opened or closed (SPEC 3)."""
+        meta = self._config.meta_channel
+        if meta is None:
+            return
+        envelope = writer.build(event, meta, ",".join(grant.channels), self._clock())
+        try:
+            await self._registry.publish_out(envelope)
+        except MessageRefused as exc:
+            log.warning("meta_event_failed", meta_event=event, error=str(exc))
+
+
+def _remote(ws: ServerConnection) -> str:
+    try:
+        address = ws.remote_address
+    except (AttributeError, OSError):
+        return "?"
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)

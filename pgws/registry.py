@@ -1,0 +1,70 @@
+"""In-process pub/sub: which subscriber reads which channel, and routing in both directions.
+
+The registry does no I/O itself. Delivery to sockets and sending to the database are injected,
+which keeps this module testable without a server and keeps the hot path (one notification to
+many sockets) a dictionary lookup and one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Generic, TypeVar
+
+from pgws.envelope import route_channel
+
+S = TypeVar("S")
+
+Deliver = Callable[[Iterable[S], str], None]
+SendOut = Callable[[str], Awaitable[None]]
+
+
+class Registry(Generic[S]):
+    """Maps channels to their subscribers; routes notifications in and envelopes out."""
+
+    def __init__(self, listen_channel: str, deliver: Deliver[S], send_out: SendOut) -> None:
+        self._listen_channel = listen_channel
+        self._deliver = deliver
+        self._send_out = send_out
+        self._channels: dict[str, set[S]] = {}
+        self.delivered = 0  # messages handed to sockets, for metrics
+
+    def subscribe(self, subscriber: S, channels: Iterable[str]) -> None:
+        """Start delivering notifications on `channels` to `subscriber`."""
+        for channel in channels:
+            self._channels.setdefault(channel, set()).add(subscriber)
+
+    def unsubscribe(self, subscriber: S, channels: Iterable[str]) -> None:
+        """Stop delivering to `subscriber`; channels nobody reads are forgotten."""
+        for channel in channels:
+            subscribers = self._channels.get(channel)
+            if subscribers is not None:
+                subscribers.discard(subscriber)
+                if not subscribers:
+                    del self._channels[channel]
+
+    def publish_in(self, raw: str) -> int:
+        """Deliver a notification's raw text to the readers of its channel; return how many.
+
+        The channel is the JSON object's string `channel`; anything else goes to readers of a
+        channel named like the listen channel (SPEC 3).
+        """
+        channel = route_channel(raw)
+        subscribers = self._channels.get(self._listen_channel if channel is None else channel)
+        if not subscribers:
+            return 0
+        self._deliver(subscribers, raw)
+        self.delivered += len(subscribers)
+        return len(subscribers)
+
+    async def publish_out(self, envelope: str) -> None:
+        """Send an envelope to the database, which brings it back to every pgws reading it."""
+        await self._send_out(envelope)
+
+    def subscribers(self, channel: str) -> frozenset[S]:
+        """The current readers of `channel` (a copy)."""
+        return frozenset(self._channels.get(channel, ()))
+
+    @property
+    def channel_count(self) -> int:
+        """How many channels have at least one reader."""
+        return len(self._channels)

@@ -1,0 +1,163 @@
+"""`run(config)`: start the gateway, supervise its tasks, stop it in order.
+
+Start: key and TLS checks, LISTEN connection and pool (with retries), then the port. Stop (signal,
+or the listener lost without self-healing): stop accepting, close sockets with 1001 while their
+NOTIFYs finish, then close the database connections; all within PGWS_SHUTDOWN_TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from pgws import __version__
+from pgws.claims import Verifier
+from pgws.config import Config
+from pgws.database import Listener, Notifier, db_host
+from pgws.errors import ConfigError
+from pgws.handler import Connection, Handler, deliver
+from pgws.registry import Registry
+
+log = structlog.get_logger("pgws.server")
+
+# SPEC 3: the server pings each socket about every 30 s and drops one that stops answering.
+PING_INTERVAL = 30.0
+PING_TIMEOUT = 30.0
+
+
+def bind_host(host: str) -> str | None:
+    """Map PGWS_HOST to what asyncio binds: `*4` all IPv4, `*6`/`*` every interface (dual stack)."""
+    return {"*4": "0.0.0.0", "!4": "0.0.0.0", "*6": None, "*": None, "!6": "::"}.get(host, host)  # noqa: S104
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server TLS context, or None for plain ws://; a bad pair of files is a ConfigError."""
+    if config.certificate_file is None or config.key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+    def no_passphrase() -> bytes:
+        raise ConfigError("PGWS_KEY_FILE", "the key is encrypted; pgws needs an unencrypted key")
+
+    try:
+        context.load_cert_chain(config.certificate_file, config.key_file, password=no_passphrase)
+    except ssl.SSLError as exc:
+        problem = (
+            "does not match the certificate"
+            if "KEY_VALUES_MISMATCH" in str(exc)
+            else (f"cannot be loaded with the certificate ({exc.reason or 'invalid PEM'})")
+        )
+        raise ConfigError("PGWS_KEY_FILE", problem) from None
+    return context
+
+
+class Gateway:
+    """The running parts of one pgws process, exposed for the CLI, health checks and tests."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.verifier = Verifier.from_secret(config.jwt_secret)
+        self.ssl = tls_context(config)
+        self.notifier = Notifier(config)
+        self.registry: Registry[ServerConnection] = Registry(
+            config.listen_channel, deliver, self.notifier.notify
+        )
+        self.listener = Listener(config, self.registry.publish_in)
+        self.handler = Handler(config, self.verifier, self.registry)
+        self.server: Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with PGWS_PORT=0)."""
+        if self.server is None:
+            raise RuntimeError("the gateway is not serving yet")
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def run(
+        self,
+        stop: asyncio.Event,
+        on_ready: Callable[[Gateway], Any] | None = None,
+    ) -> None:
+        """Serve until `stop` is set or a task fails; always shut down in order."""
+        config = self.config
+        await self.listener.connect()
+        try:
+            await self.notifier.open()
+            async with serve(
+                self.handler.handle,
+                bind_host(config.host),
+                config.port,
+                process_request=self.handler.check_request,
+                create_connection=Connection,
+                compression="deflate" if config.compression else None,
+                max_size=config.max_message_size,
+                write_limit=config.client_max_buffer,
+                ping_interval=PING_INTERVAL,
+                ping_timeout=PING_TIMEOUT,
+                close_timeout=min(config.shutdown_timeout / 2, 10.0),
+                server_header=f"pgws/{__version__}",
+                ssl=self.ssl,
+            ) as server:
+                self.server = server
+                try:
+                    await self._supervise(stop, on_ready)
+                finally:
+                    log.info("server_stopping", sockets=len(server.connections))
+                    await self._close_sockets(server)
+        finally:
+            await self.notifier.close()
+            await self.listener.close()
+            log.info("server_stopped")
+
+    async def _supervise(
+        self, stop: asyncio.Event, on_ready: Callable[[Gateway], Any] | None
+    ) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            listening = tasks.create_task(self.listener.listen_forever(), name="listener")
+            log.info(
+                "server_started",
+                port=self.port,
+                host=self.config.host,
+                tls=self.ssl is not None,
+                db_host=db_host(self.config.db_uri),
+                listen_channel=self.config.listen_channel,
+                version=__version__,
+            )
+            if on_ready is not None:
+                on_ready(self)
+            await stop.wait()  # a crashing child cancels this wait too
+            listening.cancel()
+
+    async def _close_sockets(self, server: Server) -> None:
+        """Close every socket with 1001; abort the ones that do not go in time."""
+        server.close()
+        try:
+            async with asyncio.timeout(self.config.shutdown_timeout):
+                await server.wait_closed()
+        except TimeoutError:
+            stuck = [conn for conn in server.connections]
+            log.warning("sockets_aborted", count=len(stuck))
+            for conn in stuck:
+                conn.transport.abort()
+            async with asyncio.timeout(1.0):
+                await server.wait_closed()
+
+
+async def run(config: Config, on_ready: Callable[[Gateway], Any] | None = None) -> None:
+    """Run pgws until SIGTERM/SIGINT (or a fatal error, which propagates)."""
+    gateway = Gateway(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.run(stop, on_ready)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
