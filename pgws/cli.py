@@ -19,7 +19,7 @@ import click
 from pgws import __version__, logs
 from pgws.claims import Verifier, issue_token
 from pgws.config import SETTINGS, Config, parse_env_file, read_jwt_secret
-from pgws.errors import ConfigError, PgwsError
+from pgws.errors import ConfigError, PgwsError, first_pgws_error
 from pgws.server import run
 
 
@@ -45,17 +45,6 @@ def fail(error: PgwsError) -> NoReturn:
     """Print one line to stderr and exit with the error's status; never a traceback."""
     click.echo(f"Error: {error}", err=True)
     sys.exit(error.exit_code)
-
-
-def first_pgws_error(exc: BaseException) -> PgwsError | None:
-    """The PgwsError inside an exception (group), if any: what the operator should read."""
-    if isinstance(exc, PgwsError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            if (found := first_pgws_error(inner)) is not None:
-                return found
-    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -8,13 +8,16 @@ included from ``postgresql.conf``, so no value passes through pg_ctl's shell com
 
 Running as root: initdb and postgres refuse to, so every PostgreSQL command runs as an
 unprivileged system user, ``postgres`` if it exists, else ``pgws`` (created once with ``useradd
---system``). That user owns the data directory and must be able to enter every folder above it.
-A temporary data directory comes from ``tempfile.mkdtemp()``, normally under /tmp, which anyone
-may enter. Where a folder above a data directory is closed to that user (pytest's
-``/tmp/pytest-of-root`` is mode 700), it gets just the search bit that user needs (enter, never
-list). The check runs again before every command because pytest closes its base folder again
-whenever a session starts; a running server does not mind, as postgres works relative to its
-data directory once started.
+--system``). That user owns the data directory and must be able to enter every folder above it
+for as long as the server runs, since postgres opens files such as global/pg_control by absolute
+path (a checkpoint PANICs otherwise). Folders are never opened up with chmod: pytest, for one,
+closes ``/tmp/pytest-of-root`` again (mode 700) whenever any session starts, which would take a
+running cluster down. Instead, a temporary data directory comes from ``tempfile.mkdtemp()``
+under the first of $TMPDIR, /tmp and /var/tmp that the user can enter, and so does the cluster
+for a given data directory that the user cannot reach, if that folder is empty or missing (a
+pytest tmp_path, say): such a cluster is temporary (``ThrowawayPostgres.temporary``), and
+``ThrowawayPostgres.datadir`` says where it lives. A given folder out of reach that already
+holds files is refused.
 
 ``python -m pgws.devdb [--dir PATH] [--port N]`` starts a cluster, prints ``PGWS_TEST_DB_URI``
 and ``PGWS_DB_URI``, and stops it on SIGINT or SIGTERM.
@@ -68,7 +71,7 @@ DEFAULT_SETTINGS: Mapping[str, str] = {
     "max_connections": "300",
 }
 
-Mode = Literal["smart", "fast", "immediate"]
+StopMode = Literal["smart", "fast", "immediate"]
 
 
 def find_bindir() -> Path:
@@ -139,15 +142,36 @@ class _Account:
     uid: int
     gid: int
 
-    def search_bit(self, folder: Path) -> int:
-        """Return the mode bit that lets this user enter folder (user, group or other)."""
-        info = folder.stat()
-        if info.st_uid == self.uid:
-            return stat.S_IXUSR
-        # Only the primary group counts: commands run with extra_groups=[].
-        if info.st_gid == self.gid:
-            return stat.S_IXGRP
-        return stat.S_IXOTH
+    def closed_folder(self, folder: Path) -> Path | None:
+        """Return the first of folder and the folders above it that this user may not enter.
+
+        Folders that do not exist yet are skipped: we create them, with mode 755 under the
+        usual umask.
+        """
+        for candidate in reversed([folder, *folder.parents]):
+            try:
+                info = candidate.stat()
+            except FileNotFoundError:
+                return None
+            if info.st_uid == self.uid:
+                bit = stat.S_IXUSR
+            elif info.st_gid == self.gid:  # only the primary group: we pass extra_groups=[]
+                bit = stat.S_IXGRP
+            else:
+                bit = stat.S_IXOTH
+            if not info.st_mode & bit:
+                return candidate
+        return None
+
+
+def _temporary_datadir(account: _Account | None) -> str:
+    """Create an empty temporary folder that account (when we are root) can reach."""
+    if account is None:
+        return tempfile.mkdtemp(prefix="pgws-pg-")
+    for base in (tempfile.gettempdir(), "/tmp", "/var/tmp"):  # noqa: S108  # mkdtemp below them
+        if Path(base).is_dir() and account.closed_folder(Path(base)) is None:
+            return tempfile.mkdtemp(prefix="pgws-pg-", dir=base)
+    raise RuntimeError(f"no temporary folder that user {account.name!r} can enter")
 
 
 @functools.cache
@@ -208,6 +232,15 @@ def _output(result: subprocess.CompletedProcess[str]) -> str:
     return f"{result.stdout}{result.stderr}".strip()
 
 
+def _unreachable(account: _Account, datadir: Path, closed: Path) -> RuntimeError:
+    """Return the error for a data directory below a folder that account may not enter."""
+    mode = stat.S_IMODE(closed.stat().st_mode)
+    return RuntimeError(
+        f"{datadir}: user {account.name!r} cannot enter {closed} (mode {mode:o}); use an empty "
+        "folder, datadir=None, or a folder that every user can enter"
+    )
+
+
 def _free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -241,7 +274,10 @@ class ThrowawayPostgres:
 
     Authentication is trust and the superuser is ``postgres``. datadir None means a fresh
     temporary folder that cleanup() removes; a given datadir is kept, and reused when it already
-    holds a cluster. port None means a free port chosen once and kept across restarts.
+    holds a cluster (as root, see the module docstring for one out of postgres's reach). port
+    None means a free port chosen once and kept across restarts. With synchronous_commit off,
+    an immediate stop can lose the last fraction of a second of commits; a session that must
+    survive one sets synchronous_commit on.
     """
 
     def __init__(
@@ -259,9 +295,7 @@ class ThrowawayPostgres:
                 raise ValueError("settings: pass port=, so that uri matches")
         self._bindir = find_bindir()
         self._account = _service_account()
-        self._temporary = datadir is None
-        folder = tempfile.mkdtemp(prefix="pgws-pg-") if datadir is None else datadir
-        self._datadir = Path(folder).resolve()
+        self._datadir, self._temporary = self._choose_datadir(datadir)
         self._port = _free_port() if port is None else port
         self._may_pick_port = port is None  # only until the first successful start
 
@@ -269,6 +303,11 @@ class ThrowawayPostgres:
     def datadir(self) -> Path:
         """The cluster's data directory."""
         return self._datadir
+
+    @property
+    def temporary(self) -> bool:
+        """Whether cleanup() removes the data directory."""
+        return self._temporary
 
     @property
     def logfile(self) -> Path:
@@ -293,6 +332,7 @@ class ThrowawayPostgres:
         """
         if (pid := self.postmaster_pid()) is not None:
             raise RuntimeError(f"{self._datadir}: a server already runs here (pid {pid})")
+        self._check_reachable()  # before initdb creates anything
         if not (self._datadir / "PG_VERSION").is_file():
             self._initdb()
         attempts = _PORT_ATTEMPTS if self._may_pick_port else 1
@@ -306,7 +346,7 @@ class ThrowawayPostgres:
                 self._port = _free_port()
         self._may_pick_port = False
 
-    def stop(self, mode: Mode = "fast") -> None:
+    def stop(self, mode: StopMode = "fast") -> None:
         """Stop the server with pg_ctl stop -m mode and wait; do nothing if it is not running."""
         if self.postmaster_pid() is None:
             return
@@ -364,6 +404,19 @@ class ThrowawayPostgres:
     ) -> None:
         """Stop the cluster and remove a temporary data directory."""
         self.cleanup()
+
+    def _choose_datadir(self, datadir: Path | None) -> tuple[Path, bool]:
+        """Return the data directory to use, and whether it is temporary."""
+        if datadir is None:
+            return Path(_temporary_datadir(self._account)).resolve(), True
+        given = Path(datadir).resolve()
+        account = self._account
+        closed = None if account is None else account.closed_folder(given.parent)
+        if account is None or closed is None:
+            return given, False
+        if given.exists() and (not given.is_dir() or any(given.iterdir())):
+            raise _unreachable(account, given, closed)  # its content cannot move
+        return Path(_temporary_datadir(account)).resolve(), True
 
     def _initdb(self) -> None:
         """Create the cluster in the data directory, owned by the account that runs postgres."""
@@ -451,7 +504,7 @@ class ThrowawayPostgres:
         self, tool: str, *args: str, timeout: float, new_session: bool = False
     ) -> subprocess.CompletedProcess[str]:
         """Run one of PostgreSQL's tools, as the service account when we are root."""
-        self._open_parents()
+        self._check_reachable()
         return _run(
             [self._bindir / tool, *args],
             timeout=timeout,
@@ -459,15 +512,13 @@ class ThrowawayPostgres:
             new_session=new_session,
         )
 
-    def _open_parents(self) -> None:
-        """Give the service account the search bit on every folder above the data directory."""
+    def _check_reachable(self) -> None:
+        """Raise unless the service account can enter every folder above the data directory."""
         if self._account is None:
             return
-        for folder in self._datadir.parents:
-            bit = self._account.search_bit(folder)
-            mode = folder.stat().st_mode
-            if not mode & bit:
-                folder.chmod(stat.S_IMODE(mode) | bit)
+        closed = self._account.closed_folder(self._datadir.parent)
+        if closed is not None:
+            raise _unreachable(self._account, self._datadir, closed)
 
     def _log_since(self, offset: int) -> str:
         """Return what the server log gained after offset bytes."""
@@ -517,6 +568,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster: ThrowawayPostgres | None = None
     try:
         cluster = ThrowawayPostgres(args.dir, port=args.port)
+        if args.dir is not None and cluster.temporary:
+            sys.stderr.write(
+                f"Error: --dir {args.dir}: PostgreSQL's user cannot reach it, so nothing could"
+                " be kept there; choose a folder that every user can enter\n"
+            )
+            return 1
         cluster.start()
         sys.stdout.write(f"PGWS_TEST_DB_URI={cluster.uri}\nPGWS_DB_URI={cluster.uri}\n")
         sys.stdout.flush()

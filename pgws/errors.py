@@ -79,3 +79,14 @@ class ListenerLost(PgwsError):
     """The LISTEN connection died and self-healing is off (PGWS_CHECK_LISTENER_INTERVAL unset)."""
 
     exit_code = 69  # EX_UNAVAILABLE: systemd's Restart=on-failure brings the process back
+
+
+def first_pgws_error(exc: BaseException) -> PgwsError | None:
+    """The PgwsError inside an exception (group), if any: what the operator should read."""
+    if isinstance(exc, PgwsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := first_pgws_error(inner)) is not None:
+                return found
+    return None

@@ -1,0 +1,51 @@
+# pgws developer commands. `make run` and `make test` work on a fresh machine with Python 3.11+.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run db fmt lint types test test-db check bench soak clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,fast]'
+	touch $(STAMP)
+
+## run: the gateway on http://localhost:3000 with sample-env and the example chat page;
+##      starts an embedded PostgreSQL in .pgdata/ unless PGWS_DB_URI is set
+run: install
+	$(BIN)/python -m pgws.demo --env-file sample-env
+
+## db: a throwaway PostgreSQL for the tests (prints PGWS_TEST_DB_URI; Ctrl-C stops it)
+db: install
+	$(BIN)/python -m pgws.devdb
+
+fmt: install
+	$(BIN)/ruff format pgws tests bench
+	$(BIN)/ruff check --fix pgws tests bench
+
+lint: install
+	$(BIN)/ruff format --check pgws tests bench
+	$(BIN)/ruff check pgws tests bench
+
+types: install
+	$(BIN)/mypy
+
+## test: the whole suite against a real PostgreSQL (a throwaway cluster unless PGWS_TEST_DB_URI)
+test: install
+	PYTHONASYNCIODEBUG=1 $(BIN)/pytest
+
+## test-db: only the tests that talk to a database (CI runs them against a second PostgreSQL)
+test-db: install
+	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -m "not nodb"
+
+check: lint types test
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,211 @@
+"""Shared fixtures: a real PostgreSQL, a real gateway on a free port, real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TextIO, cast
+
+import psycopg
+import pytest
+from jose import jwt
+from websockets.asyncio.client import ClientConnection, connect
+
+from pgws import logs
+from pgws.config import Config
+from pgws.devdb import ThrowawayPostgres
+from pgws.server import Gateway
+
+SECRET = "reallyreallyreallyreallyverysafe-test-secret"
+# One knob for slow machines: every bounded wait in the suite is scaled by it.
+TIMEOUT = 10.0 * float(os.environ.get("PGWS_TEST_TIMEOUT_FACTOR", "1"))
+
+ISSUED_TOKENS: list[str] = []
+LOG_LINES = io.StringIO()
+
+
+def make_token(claims: dict[str, Any], secret: str = SECRET, algorithm: str = "HS256") -> str:
+    """Sign claims (HS256 with the suite's secret by default); remembered for the log audit."""
+    token: str = jwt.encode(claims, secret, algorithm=algorithm)
+    ISSUED_TOKENS.append(token)
+    return token
+
+
+def channel_name() -> str:
+    """A channel no other test uses."""
+    return f"pgws-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def log_audit() -> Iterator[None]:
+    """Route every pgws log line of the run to one buffer; at the end, no token may be in it."""
+    logs.configure(json=True, level=logging.DEBUG, stream=cast(TextIO, _Tee(LOG_LINES)))
+    yield
+    text = LOG_LINES.getvalue()
+    leaked = [token for token in ISSUED_TOKENS if token in text]
+    assert not leaked, f"{len(leaked)} tokens appeared in the logs"
+    assert SECRET not in text
+
+
+class _Tee(io.TextIOBase):
+    """Keeps log lines for the audit and still shows them on stderr for failing tests."""
+
+    def __init__(self, buffer: io.StringIO) -> None:
+        self._buffer = buffer
+
+    def write(self, text: str) -> int:
+        self._buffer.write(text)
+        sys.stderr.write(text)
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.fixture(scope="session")
+def dsn() -> Iterator[str]:
+    """An existing server from PGWS_TEST_DB_URI, else a throwaway cluster started here."""
+    if value := os.environ.get("PGWS_TEST_DB_URI"):
+        yield value
+        return
+    with ThrowawayPostgres() as cluster:
+        yield cluster.uri
+
+
+@pytest.fixture
+def cluster() -> Iterator[ThrowawayPostgres]:
+    """A private cluster for tests that stop or restart the database."""
+    with ThrowawayPostgres() as private:
+        yield private
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """An autocommit connection to the test database."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        yield conn
+
+
+@dataclasses.dataclass
+class Running:
+    """A gateway serving in this event loop."""
+
+    gateway: Gateway
+    config: Config
+    task: asyncio.Task[None]
+    stop: asyncio.Event
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.gateway.port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.port}"
+
+    def connect(self, path: str, **kwargs: Any) -> connect:
+        """Open a client socket on `path` (`/<token>` or `/<channel>/<token>`)."""
+        kwargs.setdefault("open_timeout", TIMEOUT)
+        kwargs.setdefault("close_timeout", TIMEOUT)
+        return connect(self.url + path, **kwargs)
+
+    async def notify(self, db: psycopg.AsyncConnection[Any], payload: Any) -> None:
+        """pg_notify on the listen channel, as a database producer would."""
+        text = payload if isinstance(payload, str) else json.dumps(payload)
+        await db.execute("SELECT pg_notify(%s, %s)", (self.config.listen_channel, text))
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+StartGateway = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_gateway(dsn: str) -> AsyncIterator[StartGateway]:
+    """Factory: start a gateway with Config overrides, on port 0, with its own listen channel."""
+    started: list[Running] = []
+
+    async def start(**overrides: Any) -> Running:
+        settings: dict[str, Any] = {
+            "db_uri": dsn,
+            "jwt_secret": SECRET.encode(),
+            "host": "127.0.0.1",
+            "port": 0,
+            "listen_channel": channel_name(),
+            "retries": 1,
+        }
+        settings.update(overrides)
+        config = Config(**settings)
+        gateway = Gateway(config)
+        ready = asyncio.Event()
+        stop = asyncio.Event()
+        task = asyncio.create_task(gateway.run(stop, lambda _: ready.set()), name="gateway")
+        running = Running(gateway, config, task, stop)
+        started.append(running)
+        waiter = asyncio.create_task(ready.wait())
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task.done():
+            task.result()  # raise what stopped it
+        return running
+
+    yield start
+    for running in started:
+        await running.shutdown()
+
+
+@pytest.fixture
+async def gateway(start_gateway: StartGateway) -> Running:
+    """A gateway with default settings."""
+    running: Running = await start_gateway()
+    return running
+
+
+async def recv_json(ws: ClientConnection) -> dict[str, Any]:
+    """The next message, parsed; bounded."""
+    async with asyncio.timeout(TIMEOUT):
+        message = await ws.recv()
+    value: dict[str, Any] = json.loads(message)
+    return value
+
+
+async def assert_nothing_received(ws: ClientConnection, within: float = 0.3) -> None:
+    """Fail if a message arrives within `within` seconds (absence can only be shown by waiting)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            message = await ws.recv()
+            raise AssertionError(f"unexpected message: {message!r}")
+
+
+def now() -> float:
+    return time.time()
+
+
+async def until(condition: Callable[[], bool], what: str = "condition") -> None:
+    """Wait, bounded, until in-process state satisfies `condition` (checked every few ms)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def subscribed(running: Running, channel: str, count: int = 1) -> None:
+    """Wait until `count` sockets read `channel` (the server subscribes just after the upgrade)."""
+    await until(
+        lambda: len(running.gateway.registry.subscribers(channel)) >= count,
+        f"{count} readers on {channel}",
+    )
