@@ -119,6 +119,12 @@ class Listener:
         self.reconnects = 0
         self.received = 0
 
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process behind the LISTEN connection, while there is one."""
+        conn = self._conn
+        return None if conn is None or conn.closed else conn.info.backend_pid
+
     async def connect(self) -> None:
         """Open the connection and LISTEN, with the start-up retries of SPEC 4."""
         self._conn = await with_retries("listener", self._config.retries, self._open)

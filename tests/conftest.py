@@ -209,3 +209,80 @@ async def subscribed(running: Running, channel: str, count: int = 1) -> None:
         lambda: len(running.gateway.registry.subscribers(channel)) >= count,
         f"{count} readers on {channel}",
     )
+
+
+class ServeProcess:
+    """`pgws serve` as a subprocess, its JSON log lines collected as they come."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.events: list[dict[str, Any]] = []
+        self.output: list[str] = []
+        self._changed = asyncio.Event()
+        self._reader = asyncio.create_task(self._read(), name="serve-stderr")
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for line in self.process.stderr:
+            text = line.decode(errors="replace")
+            self.output.append(text)
+            with contextlib.suppress(ValueError):
+                self.events.append(json.loads(text))
+            self._changed.set()
+        self._changed.set()
+
+    async def wait_for_event(self, name: str, after: int = 0) -> dict[str, Any]:
+        """The first log event called `name` (from index `after`), bounded by TIMEOUT."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                for event in self.events[after:]:
+                    if event.get("event") == name:
+                        return event
+                if self._reader.done():
+                    raise AssertionError(f"exited before {name!r}:\n{''.join(self.output)}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_exit(self) -> int:
+        """The exit status, bounded by TIMEOUT; the stderr reader drains first."""
+        async with asyncio.timeout(TIMEOUT):
+            code = await self.process.wait()
+            await self._reader
+        return code
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+        self._reader.cancel()
+
+
+@pytest.fixture
+async def serve_process(dsn: str) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: start `pgws serve` with PGWS_* overrides; returns (process, port) once started."""
+    started: list[ServeProcess] = []
+
+    async def start(**env: str) -> tuple[ServeProcess, int]:
+        full = {
+            "PATH": os.environ.get("PATH", ""),
+            "PGWS_DB_URI": dsn,
+            "PGWS_JWT_SECRET": SECRET,
+            "PGWS_HOST": "127.0.0.1",
+            "PGWS_PORT": "0",
+            "PGWS_LISTEN_CHANNEL": channel_name(),
+            "PGWS_RETRIES": "1",
+            **env,
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pgws", "serve", "--json-logs",
+            env=full, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        serving = ServeProcess(process)
+        started.append(serving)
+        event = await serving.wait_for_event("server_started")
+        return serving, int(event["port"])
+
+    yield start
+    for serving in started:
+        await serving.kill()
