@@ -8,7 +8,9 @@ NOTIFYs finish, then close the database connections; all within PGWS_SHUTDOWN_TI
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -31,9 +33,45 @@ PING_INTERVAL = 30.0
 PING_TIMEOUT = 30.0
 
 
-def bind_host(host: str) -> str | None:
-    """Map PGWS_HOST to what asyncio binds: `*4` all IPv4, `*6`/`*` every interface (dual stack)."""
-    return {"*4": "0.0.0.0", "!4": "0.0.0.0", "*6": None, "*": None, "!6": "::"}.get(host, host)  # noqa: S104
+def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The one listening socket PGWS_HOST names, bound to `port`.
+
+    `*4` (and warp's `!4`) is every IPv4 address; `*6` and `*` one dual-stack IPv6 socket that
+    also takes IPv4 (falling back to IPv4 where the machine has no IPv6); `!6` IPv6 only; anything
+    else is resolved and its first address bound. Failures are ConfigErrors naming the variable.
+    """
+    if host in ("*4", "!4"):
+        candidates = [(socket.AF_INET, "0.0.0.0", False)]  # noqa: S104
+    elif host in ("*6", "*"):
+        candidates = [(socket.AF_INET6, "::", True), (socket.AF_INET, "0.0.0.0", False)]  # noqa: S104
+    elif host == "!6":
+        candidates = [(socket.AF_INET6, "::", False)]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise ConfigError("PGWS_HOST", f"cannot resolve {host!r}: {exc.strerror}") from None
+        candidates = [(family, str(address[0]), False) for family, *_, address in infos[:1]]
+    error: OSError | None = None
+    for family, address, dual_stack in candidates:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+            sock.bind((address, port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError("PGWS_PORT", f"port {port} is already in use on {host}") from None
+            error = exc
+            continue
+        sock.setblocking(False)
+        return sock
+    reason = error.strerror if error is not None else "no usable address"
+    raise ConfigError("PGWS_HOST", f"cannot listen on {host!r}: {reason}")
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -86,13 +124,15 @@ class Gateway:
     ) -> None:
         """Serve until `stop` is set or a task fails; always shut down in order."""
         config = self.config
-        await self.listener.connect()
+        # Bound first, so a taken port fails at once rather than after the database retries;
+        # connections are only accepted once serve() listens, after the database is up.
+        sock = listen_socket(config.host, config.port)
         try:
+            await self.listener.connect()
             await self.notifier.open()
             async with serve(
                 self.handler.handle,
-                bind_host(config.host),
-                config.port,
+                sock=sock,
                 process_request=self.handler.check_request,
                 create_connection=Connection,
                 compression="deflate" if config.compression else None,
@@ -111,6 +151,7 @@ class Gateway:
                     log.info("server_stopping", sockets=len(server.connections))
                     await self._close_sockets(server)
         finally:
+            sock.close()  # already closed by the server if it got that far
             await self.notifier.close()
             await self.listener.close()
             log.info("server_stopped")

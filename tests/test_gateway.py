@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from typing import Any
 
 import psycopg
 import pytest
+from jose import jwt
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from pgws.errors import ConfigError
 from tests.conftest import (
+    ISSUED_TOKENS,
     TIMEOUT,
     Running,
     StartGateway,
@@ -378,3 +383,55 @@ async def http_get(gateway: Running, path: str) -> tuple[int, dict[str, str], by
     status = int(lines[0].split()[1])
     headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
     return status, headers, body
+
+
+@pytest.mark.parametrize(
+    ("host", "addresses"),
+    [("*4", ["127.0.0.1"]), ("*", ["127.0.0.1", "::1"]), ("*6", ["::1"]), ("::1", ["::1"])],
+)
+async def test_host_setting_binds_the_documented_addresses(
+    start_gateway: StartGateway, host: str, addresses: list[str]
+) -> None:
+    """PGWS_HOST `*4` binds IPv4, `*`/`*6` IPv6 and IPv4, a literal binds itself."""
+    gateway: Running = await start_gateway(host=host)
+    chat = channel_name()
+    for address in addresses:
+        literal = f"[{address}]" if ":" in address else address
+        url = f"ws://{literal}:{gateway.gateway.port}/{chat}/{make_token({'mode': 'r'})}"
+        async with connect(url, open_timeout=TIMEOUT):
+            pass
+
+
+async def test_jwks_secret_selects_the_key_by_kid(start_gateway: StartGateway) -> None:
+    """With a JWKS, the token's kid picks the key; a token signed by another key is refused."""
+    old, new = (
+        "b2xkLXNlY3JldC1vbGQtc2VjcmV0LW9sZC1zZWNyZXQ",
+        "bmV3LXNlY3JldC1uZXctc2VjcmV0LW5ldy1zZWNyZXQ",
+    )
+    keys = {
+        "keys": [
+            {"kty": "oct", "kid": "old", "alg": "HS256", "k": old},
+            {"kty": "oct", "kid": "new", "alg": "HS256", "k": new},
+        ]
+    }
+    gateway: Running = await start_gateway(jwt_secret=json.dumps(keys).encode())
+    new_secret = "new-secret-new-secret-new-secret"
+    good = jwt.encode({"mode": "r"}, new_secret, algorithm="HS256", headers={"kid": "new"})
+    wrong_kid = jwt.encode({"mode": "r"}, new_secret, algorithm="HS256", headers={"kid": "old"})
+    ISSUED_TOKENS.extend([good, wrong_kid])
+    async with gateway.connect(f"/chat/{good}"):
+        pass
+    with pytest.raises(InvalidStatus) as refused:
+        async with gateway.connect(f"/chat/{wrong_kid}"):
+            pass
+    assert refused.value.response.status_code == 401
+
+
+async def test_port_in_use_is_a_one_line_config_error(start_gateway: StartGateway) -> None:
+    """Binding a port someone else holds fails with a ConfigError naming PGWS_PORT."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"PGWS_PORT: port {port} is already in use"):
+            await start_gateway(port=port)
