@@ -226,6 +226,7 @@ class Notifier:
         )
         self.sent = 0
         self.failed = 0
+        self.queue_usage: float | None = None  # pg_notification_queue_usage(), when sampled
 
     async def open(self) -> None:
         """Open the pool and wait until its connections are ready (with the start-up retries)."""
@@ -252,6 +253,18 @@ class Notifier:
     async def _notify_once(self, payload: str) -> None:
         async with self._pool.connection(timeout=POOL_WAIT) as conn:
             await conn.execute(NOTIFY, (self._channel, payload))
+
+    async def sample_queue_usage_forever(self, interval: float) -> None:
+        """Keep `queue_usage` current: a full queue makes every NOTIFY in the database fail."""
+        while True:
+            try:
+                async with self._pool.connection(timeout=POOL_WAIT) as conn:
+                    cursor = await conn.execute("SELECT pg_notification_queue_usage()")
+                    row = await cursor.fetchone()
+                self.queue_usage = float(row[0]) if row is not None else None
+            except (psycopg.Error, PoolTimeout):
+                self.queue_usage = None  # unknown while the database is away
+            await asyncio.sleep(interval)
 
     def _fail(self, exc: BaseException) -> None:
         self.failed += 1

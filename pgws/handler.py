@@ -7,6 +7,8 @@ turn each frame into one NOTIFY per granted channel.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
@@ -22,7 +24,7 @@ from pgws import web
 from pgws.claims import Grant, Verifier, authorize
 from pgws.config import Config
 from pgws.envelope import EnvelopeWriter
-from pgws.errors import HandshakeRefused, MessageRefused
+from pgws.errors import HandshakeRefused, MessageRefused, MessageTooBig
 from pgws.registry import Registry
 
 log = structlog.get_logger("pgws.handler")
@@ -31,10 +33,22 @@ log = structlog.get_logger("pgws.handler")
 DROP_GRACE = 2.0
 
 
+@dataclasses.dataclass
+class HandlerStats:
+    """Counters the handler keeps for /metrics (plain integers: nothing on the hot path locks)."""
+
+    open_by_mode: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    rejected: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    frames_in: int = 0
+    too_big: int = 0
+    slow_consumers: int = 0
+
+
 class Connection(ServerConnection):
     """A server connection that carries its Grant and closes itself when it cannot keep up."""
 
     grant: Grant
+    stats: HandlerStats
     opened_at: float
     frames_in: int = 0
 
@@ -49,7 +63,8 @@ class Connection(ServerConnection):
         if self.protocol.state is not State.OPEN:
             return
         if code == 1008:
-            log.warning("client_lagging", conn_id=str(self.id)[:8])
+            self.stats.slow_consumers += 1
+            log.warning("client_lagging", conn_id=str(self.id)[:8], buffered=self._buffered())
         self.protocol.fail(code, reason)
         try:
             self.send_data()
@@ -58,6 +73,12 @@ class Connection(ServerConnection):
             return
         self.loop.call_later(DROP_GRACE, self.transport.abort)
 
+    def _buffered(self) -> int:
+        try:
+            return int(self.transport.get_write_buffer_size())
+        except (AttributeError, RuntimeError):
+            return -1
+
 
 def deliver(connections: Iterable[ServerConnection], message: str) -> None:
     """Send one notification to many sockets: encoded once, written without waiting."""
@@ -65,7 +86,7 @@ def deliver(connections: Iterable[ServerConnection], message: str) -> None:
 
 
 class Handler:
-    """Authorizes upgrades and runs each accepted connection."""
+    """Authorizes upgrades, answers plain HTTP, and runs each accepted connection."""
 
     def __init__(
         self,
@@ -73,38 +94,60 @@ class Handler:
         verifier: Verifier,
         registry: Registry[ServerConnection],
         *,
+        ready: Callable[[], bool] = lambda: True,
+        metrics: Callable[[], tuple[bytes, str]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
         self._verifier = verifier
         self._registry = registry
+        self._ready = ready
+        self._metrics = metrics
         self._clock = clock
-        self.rejected = 0
+        self.stats = HandlerStats()
 
     def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
         if request.headers.get("Upgrade", "").lower() != "websocket":
-            return web.serve_plain(self._config.root_path, request)
+            return self._plain(request)
         try:
             grant = authorize(self._verifier, request.path, self._clock())
         except HandshakeRefused as exc:
-            self.rejected += 1
+            self.stats.rejected[_reason_label(exc)] += 1
             log.info(
                 "client_rejected", status=exc.status, reason=str(exc), remote=_remote(connection)
             )
             return web.text(HTTPStatus(exc.status), str(exc))
-        cast(Connection, connection).grant = grant
+        conn = cast(Connection, connection)
+        conn.grant = grant
+        conn.stats = self.stats
         return None
+
+    def _plain(self, request: Request) -> Response:
+        """Requests that are not upgrades: health, readiness, metrics, then static files."""
+        path = request.path.split("?", 1)[0]
+        head = request.method == "HEAD"
+        if path == "/health":
+            return web.text(HTTPStatus.OK, "ok\n", head=head)
+        if path == "/ready":
+            if self._ready():
+                return web.text(HTTPStatus.OK, "ready\n", head=head)
+            return web.text(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n", head=head)
+        if path == "/metrics" and self._metrics is not None:
+            body, content_type = self._metrics()
+            return web.respond(HTTPStatus.OK, body, content_type, head=head)
+        return web.serve_plain(self._config.root_path, request)
 
     async def handle(self, ws: ServerConnection) -> None:
         """Run one accepted socket until it closes."""
         conn = cast(Connection, ws)
-        grant = conn.grant
+        grant, stats = conn.grant, self.stats
         conn.opened_at = self._clock()
         structlog.contextvars.bind_contextvars(conn_id=str(ws.id)[:8])
         log.info(
             "client_connected", remote=_remote(ws), channels=list(grant.channels), mode=grant.mode
         )
+        stats.open_by_mode[grant.mode] += 1
         writer = EnvelopeWriter(grant.claims)
         if grant.can_read:
             self._registry.subscribe(ws, grant.channels)
@@ -116,6 +159,7 @@ class Handler:
             await self._announce(writer, "ConnectionOpen", grant)
             async for frame in ws:
                 conn.frames_in += 1
+                stats.frames_in += 1
                 if not grant.can_write:
                     continue  # SPEC 3: read-only sockets' frames are read and dropped
                 if isinstance(frame, bytes):
@@ -128,6 +172,8 @@ class Handler:
                     envelope = writer.build("WebsocketMessage", channel, frame, self._clock())
                     await self._registry.publish_out(envelope)
         except MessageRefused as exc:
+            if isinstance(exc, MessageTooBig):
+                stats.too_big += 1
             log.info("envelope_rejected", reason=str(exc), code=exc.close_code)
             await ws.close(exc.close_code, str(exc))
         except ConnectionClosed:
@@ -137,6 +183,7 @@ class Handler:
                 expiry.cancel()
             if grant.can_read:
                 self._registry.unsubscribe(ws, grant.channels)
+            stats.open_by_mode[grant.mode] -= 1
             log.info(
                 "client_disconnected",
                 code=ws.close_code,
@@ -156,6 +203,16 @@ class Handler:
             await self._registry.publish_out(envelope)
         except MessageRefused as exc:
             log.warning("meta_event_failed", meta_event=event, error=str(exc))
+
+
+def _reason_label(exc: HandshakeRefused) -> str:
+    """A bounded label for the rejection metric (reasons can hold channel names)."""
+    text = str(exc)
+    if text.startswith("not allowed"):
+        return "not_allowed"
+    if text.startswith("bad request"):
+        return "bad_request"
+    return text.replace(" ", "_")
 
 
 def _remote(ws: ServerConnection) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from pgws import __version__
+from pgws import __version__, metrics
 from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.database import Listener, Notifier, db_host
@@ -31,6 +31,8 @@ log = structlog.get_logger("pgws.server")
 # SPEC 3: the server pings each socket about every 30 s and drops one that stops answering.
 PING_INTERVAL = 30.0
 PING_TIMEOUT = 30.0
+# How often pg_notification_queue_usage() is read for /metrics.
+QUEUE_SAMPLE_INTERVAL = 10.0
 
 
 def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -107,8 +109,18 @@ class Gateway:
             config.listen_channel, deliver, self.notifier.notify
         )
         self.listener = Listener(config, self.registry.publish_in)
-        self.handler = Handler(config, self.verifier, self.registry)
+        self.handler = Handler(
+            config,
+            self.verifier,
+            self.registry,
+            ready=self.is_ready,
+            metrics=metrics.exposition(self),
+        )
         self.server: Server | None = None
+
+    def is_ready(self) -> bool:
+        """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""
+        return self.server is not None and self.server.is_serving() and self.listener.up.is_set()
 
     @property
     def port(self) -> int:
@@ -161,6 +173,9 @@ class Gateway:
     ) -> None:
         async with asyncio.TaskGroup() as tasks:
             listening = tasks.create_task(self.listener.listen_forever(), name="listener")
+            sampling = tasks.create_task(
+                self.notifier.sample_queue_usage_forever(QUEUE_SAMPLE_INTERVAL), name="queue-usage"
+            )
             log.info(
                 "server_started",
                 port=self.port,
@@ -174,6 +189,7 @@ class Gateway:
                 on_ready(self)
             await stop.wait()  # a crashing child cancels this wait too
             listening.cancel()
+            sampling.cancel()
 
     async def _close_sockets(self, server: Server) -> None:
         """Close every socket with 1001; abort the ones that do not go in time."""

@@ -286,3 +286,18 @@ async def serve_process(dsn: str) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for serving in started:
         await serving.kill()
+
+
+async def http_get(gateway: Running, path: str) -> tuple[int, dict[str, str], bytes]:
+    """A minimal HTTP/1.1 GET over loopback (the server closes after each response)."""
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.gateway.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        await writer.drain()
+        raw = await reader.read()
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    return status, headers, body

@@ -22,6 +22,7 @@ from tests.conftest import (
     StartGateway,
     assert_nothing_received,
     channel_name,
+    http_get,
     make_token,
     recv_json,
     subscribed,
@@ -368,21 +369,6 @@ async def test_static_files_are_served_from_the_root_path(
     assert status == 404
     status, _, _ = await http_get(gateway, "/../../etc/passwd")
     assert status == 404
-
-
-async def http_get(gateway: Running, path: str) -> tuple[int, dict[str, str], bytes]:
-    """A minimal HTTP/1.1 GET over loopback (the server closes after each response)."""
-    async with asyncio.timeout(TIMEOUT):
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.gateway.port)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-        await writer.drain()
-        raw = await reader.read()
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    return status, headers, body
 
 
 @pytest.mark.parametrize(
