@@ -21,6 +21,7 @@ from pgws.claims import Verifier, issue_token
 from pgws.config import SETTINGS, Config, parse_env_file, read_jwt_secret
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
 from pgws.server import run
+from pgws.systemd import SystemdNotifier
 
 
 def _settings_help() -> str:
@@ -76,7 +77,7 @@ def serve(env_file: Path | None, json_logs: bool | None) -> None:
         fail(exc)
     logs.configure(json=json_logs)
     try:
-        asyncio.run(run(config))
+        asyncio.run(run(config, SystemdNotifier.from_env(os.environ)))
     except (PgwsError, BaseExceptionGroup) as exc:
         if (error := first_pgws_error(exc)) is None:
             raise

@@ -25,6 +25,7 @@ from pgws.database import Listener, Notifier, db_host
 from pgws.errors import ConfigError
 from pgws.handler import Connection, Handler, deliver
 from pgws.registry import Registry
+from pgws.systemd import SystemdNotifier
 
 log = structlog.get_logger("pgws.server")
 
@@ -206,15 +207,40 @@ class Gateway:
                 await server.wait_closed()
 
 
-async def run(config: Config, on_ready: Callable[[Gateway], Any] | None = None) -> None:
+async def run(config: Config, systemd: SystemdNotifier | None = None) -> None:
     """Run pgws until SIGTERM/SIGINT (or a fatal error, which propagates)."""
+    systemd = systemd or SystemdNotifier(None)
     gateway = Gateway(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def request_stop() -> None:
+        if not stop.is_set():
+            systemd.notify("STOPPING=1")
+            stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, request_stop)
+
+    def ready(_: Gateway) -> None:
+        systemd.notify("READY=1")
+        watchdog.set()
+
+    watchdog = asyncio.Event()
+
+    async def ping_once_ready() -> None:
+        await watchdog.wait()
+        await systemd.watchdog_forever()
+
     try:
-        await gateway.run(stop, on_ready)
+        async with asyncio.TaskGroup() as tasks:
+            pinging = tasks.create_task(ping_once_ready(), name="watchdog")
+            try:
+                await gateway.run(stop, ready)
+            finally:
+                if not stop.is_set():  # stopped by an error rather than a signal
+                    systemd.notify("STOPPING=1")
+                pinging.cancel()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
