@@ -145,7 +145,8 @@ def parse_env_file(path: Path) -> dict[str, str]:
         raise ConfigError("--env-file", f"cannot read {str(path)!r}: {reason}") from None
     values: dict[str, str] = {}
     for binding in parse_stream(io.StringIO(text)):
-        if binding.error:
+        # A bare `KEY` (no `=`) parses with value None: a typo, not a setting to drop silently.
+        if binding.error or (binding.key is not None and binding.value is None):
             line = binding.original.line
             raise ConfigError("--env-file", f"{str(path)!r} line {line}: expected KEY=value")
         if binding.key is not None and binding.value is not None:
