@@ -219,7 +219,8 @@ def _check_times(claims: Mapping[str, Any], now: float) -> None:
             value = claims[name]
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise Unauthorized(INVALID)
-            if not math.isfinite(value) or abs(value) > 1e11:  # beyond year 5000: nonsense
+            # abs() first: math.isfinite() overflows on integers too large for a float.
+            if abs(value) > 1e11 or not math.isfinite(value):  # beyond year 5000: nonsense
                 raise Unauthorized(INVALID)
     if "nbf" in claims and now < claims["nbf"]:
         raise Unauthorized(INVALID)

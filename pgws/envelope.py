@@ -25,8 +25,10 @@ def dump_json(value: Any) -> str:
     """Serialise to compact JSON text; integers too large for orjson fall back to the stdlib."""
     try:
         return orjson.dumps(value).decode()
-    except TypeError:  # orjson.JSONEncodeError: integers beyond 64 bits
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except TypeError:  # orjson.JSONEncodeError: integers beyond 64 bits, lone surrogates
+        # ensure_ascii: a lone surrogate (legal in a token's JSON) must become an escape, or the
+        # envelope could not be encoded as UTF-8.
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 class EnvelopeWriter:
@@ -63,7 +65,12 @@ def route_channel(raw: str) -> str | None:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return None
+        # orjson refuses numbers beyond a double (e.g. a 400-digit PostgreSQL numeric), which
+        # are still JSON; the stdlib parses them.
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
     if isinstance(value, dict):
         channel = value.get("channel")
         if isinstance(channel, str):
