@@ -60,11 +60,12 @@ async function signHS256(claims, secret) {
   return signingInput + "." + base64url(new Uint8Array(signature));
 }
 
-/* Claims the demo token carries: the chat channel plus the meta channel, if any. */
-function demoClaims(mode, channel, metaChannel, nowSeconds) {
-  const channels = [channel];
-  if (metaChannel && metaChannel !== channel) channels.push(metaChannel);
-  return { mode: mode, channels: channels, exp: Math.floor(nowSeconds) + 3600 };
+/* Claims of a demo token for exactly one channel. The chat socket and the
+   meta-channel socket each get their own: the server turns every frame a
+   socket sends into one NOTIFY per channel its token grants, so one token
+   for both channels would copy every chat message onto the meta channel. */
+function demoClaims(mode, channel, nowSeconds) {
+  return { mode: mode, channels: [channel], exp: Math.floor(nowSeconds) + 3600 };
 }
 
 /* ---------- URLs and close codes ---------- */
@@ -95,12 +96,18 @@ function describeClose(code, reason) {
 
 const $ = (id) => document.getElementById(id);
 
-let socket = null;        // the current WebSocket, if any
-let activeMeta = "";      // meta channel name used for the current socket
+/* Two sockets: `socket` for the chat channel (mode as chosen) and, when a
+   meta channel is given, `metaSocket`, read-only, for server events. Nothing
+   is ever sent on the meta socket. */
+let socket = null;        // the chat WebSocket, if any
+let metaSocket = null;    // the read-only meta-channel WebSocket, if any
+let activeMeta = "";      // meta channel name used for the current sockets
+let attempt = 0;          // bumped by every Connect, so a stale one gives up
 
-/* Status line. data-state lets CSS (and tests) see the state without parsing
-   words. Note: no state text but "connected" contains the word "connected"
-   ("idle", "connecting…", "closed: …"), so a test can look for it. */
+/* Status line (about the chat socket). data-state lets CSS (and tests) see
+   the state without parsing words. Note: no state text but "connected"
+   contains the word "connected" ("idle", "connecting…", "closed: …"), so a
+   test can look for it. */
 function setStatus(state, text) {
   const el = $("status");
   el.dataset.state = state;
@@ -157,11 +164,12 @@ function isMetaEvent(msg) {
   return typeof msg.event === "string" && msg.event !== "WebsocketMessage";
 }
 
-function showFrame(text) {
+/* Show one received frame; everything from the meta socket goes to #meta. */
+function showFrame(text, fromMeta) {
   const msg = parseEnvelope(text);
   if (!msg) {
-    appendItem($("messages"), [["raw", text]]);
-  } else if (isMetaEvent(msg)) {
+    appendItem($(fromMeta ? "meta" : "messages"), [["raw", text]]);
+  } else if (fromMeta || isMetaEvent(msg)) {
     const mode = msg.claims && msg.claims.mode ? "mode " + msg.claims.mode : "";
     appendItem($("meta"), [
       ["time", formatTime(msg.claims)],
@@ -181,81 +189,156 @@ function showFrame(text) {
   }
 }
 
-/* Use the pasted token, or sign a demo one and show it. */
-async function obtainToken(channel, mode, metaChannel) {
+/* The tokens for the two sockets: a pasted token serves both (the meta
+   socket then names its channel in the URL, so that is all it is granted),
+   else one demo token per socket: the chosen mode for chat, "r" for meta. */
+async function obtainTokens(channel, mode, metaChannel) {
   const given = $("token").value.trim();
   const box = $("made-token-box");
   if (given) {
     box.hidden = true;
-    return given;
+    return { chat: given, meta: given, pasted: true };
   }
-  const claims = demoClaims(mode, channel, metaChannel, Date.now() / 1000);
-  const token = await signHS256(claims, $("secret").value);
-  $("made-token").textContent = token;
+  const now = Date.now() / 1000;
+  const secret = $("secret").value;
+  const chat = await signHS256(demoClaims(mode, channel, now), secret);
+  const meta = metaChannel ? await signHS256(demoClaims("r", metaChannel, now), secret) : "";
+  $("made-token").textContent = chat;
   box.hidden = false;
-  return token;
+  return { chat: chat, meta: meta, pasted: false };
 }
 
-function closeSocket(code, reason) {
-  if (!socket) return;
-  const old = socket;
-  socket = null;
-  // Detach handlers so a late close event of the old socket does not
-  // overwrite the status of a new one.
-  old.onopen = old.onmessage = old.onerror = old.onclose = null;
-  old.close(code, reason);
+/* Forget a socket and close it. Handlers are detached first so a late close
+   event of an old socket does not overwrite the state of a new one. */
+function discard(ws, code, reason) {
+  if (!ws) return;
+  ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+  ws.close(code, reason);
+}
+
+function closeSockets(code, reason) {
+  const chat = socket;
+  const meta = metaSocket;
+  socket = metaSocket = null;
+  discard(chat, code, reason);
+  discard(meta, code, reason);
 }
 
 async function connect(event) {
   event.preventDefault();
-  closeSocket(1000, "reconnecting");
+  closeSockets(1000, "reconnecting");
+  const run = ++attempt;
 
   const channel = $("channel").value.trim();
   const mode = $("mode").value;
-  const metaChannel = $("meta-channel").value.trim();
+  let metaChannel = $("meta-channel").value.trim();
   if (!channel) {
     setStatus("error", "error: a channel name is needed");
     return;
   }
+  // Meta channel = chat channel: the chat socket already reads it.
+  if (metaChannel === channel) metaChannel = "";
 
-  let url;
+  const server = $("url").value;
+  const channelInUrl = $("channel-in-url").checked;
+  let chatUrl;
+  let metaUrl = "";
   try {
-    const token = await obtainToken(channel, mode, metaChannel);
-    url = socketUrl($("url").value, token, channel, $("channel-in-url").checked);
-    setStatus("connecting", "connecting…");
-    socket = new WebSocket(url); // throws on a malformed URL
+    const tokens = await obtainTokens(channel, mode, metaChannel);
+    if (run !== attempt) return; // Connect was clicked again meanwhile
+    chatUrl = socketUrl(server, tokens.chat, channel, channelInUrl);
+    if (metaChannel) {
+      metaUrl = socketUrl(server, tokens.meta, metaChannel, channelInUrl || tokens.pasted);
+    }
   } catch (err) {
     setStatus("error", "error: " + err.message);
     return;
   }
   activeMeta = metaChannel;
-  attachHandlers(socket);
+  setStatus("connecting", "connecting…");
+  setConnectedUi(true); // Disconnect also cancels a connection attempt
+
+  const openChat = () => {
+    if (run !== attempt || socket) return;
+    try {
+      socket = new WebSocket(chatUrl); // throws on a malformed URL
+    } catch (err) {
+      closeSockets(1000, "bye");
+      setStatus("error", "error: " + err.message);
+      setConnectedUi(false);
+      return;
+    }
+    attachChatHandlers(socket);
+  };
+
+  if (!metaUrl) {
+    openChat();
+    return;
+  }
+  // The meta socket first, so it also sees the chat socket's ConnectionOpen;
+  // the chat socket follows once it is open (or has failed).
+  try {
+    metaSocket = new WebSocket(metaUrl);
+  } catch (err) {
+    setStatus("error", "error: " + err.message);
+    setConnectedUi(false);
+    return;
+  }
+  attachMetaHandlers(metaSocket, openChat);
 }
 
-function attachHandlers(ws) {
+function attachChatHandlers(ws) {
   ws.onopen = () => {
     setStatus("open", "connected");
     setConnectedUi(true);
   };
   ws.onmessage = (e) => {
     // pgws only sends text frames; a Blob would be a server bug, show a note.
-    showFrame(typeof e.data === "string" ? e.data : "[binary frame]");
+    showFrame(typeof e.data === "string" ? e.data : "[binary frame]", false);
   };
   // onerror carries no detail in browsers; onclose (which always follows)
   // has the code, so the status is set there.
   ws.onerror = () => {};
   ws.onclose = (e) => {
-    if (socket === ws) socket = null;
+    if (socket !== ws) return;
+    // The meta socket belongs to this connection: it goes with it.
+    closeSockets(1000, "bye");
     setStatus("closed", describeClose(e.code, e.reason));
     setConnectedUi(false);
   };
 }
 
+function attachMetaHandlers(ws, next) {
+  ws.onopen = next;
+  ws.onmessage = (e) => {
+    showFrame(typeof e.data === "string" ? e.data : "[binary frame]", true);
+  };
+  ws.onerror = () => {};
+  ws.onclose = (e) => {
+    if (metaSocket !== ws) return;
+    metaSocket = null;
+    appendItem($("meta"), [
+      ["event", "meta channel socket"],
+      ["payload", describeClose(e.code, e.reason)],
+    ]);
+    next(); // chat goes on without server events
+  };
+}
+
 function disconnect() {
-  if (!socket) return;
-  // Status first: onclose (kept attached, so the status then shows the real
-  // close code) replaces it once the server answers.
+  if (!socket) {
+    // Still opening the meta socket: give up the whole attempt.
+    attempt++;
+    closeSockets(1000, "bye");
+    setStatus("idle", "idle");
+    setConnectedUi(false);
+    return;
+  }
+  // Status first: onclose (kept attached on the chat socket, so the status
+  // then shows the real close code) replaces it once the server answers.
   setStatus("closing", "closing…");
+  discard(metaSocket, 1000, "bye");
+  metaSocket = null;
   socket.close(1000, "bye");
 }
 

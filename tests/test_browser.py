@@ -1,0 +1,159 @@
+"""The example chat page end to end in a real headless Chromium (Debian's package, via Playwright).
+
+No browser is downloaded: Playwright drives /usr/bin/chromium (`.ci/run` installs it when
+missing). Without it this module skips locally and fails when CI is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Error as PlaywrightError
+
+from tests.conftest import (
+    ISSUED_TOKENS,
+    SECRET,
+    TIMEOUT,
+    Running,
+    StartGateway,
+    channel_name,
+    subscribed,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = (ROOT / "example").resolve()
+SCREENSHOT = ROOT / "test-artifacts" / "browser-chat.png"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+MS = TIMEOUT * 1000  # Playwright counts in milliseconds
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _unavailable(why: str) -> None:
+    """No browser here: skip on a developer machine, fail in CI (which must run this test)."""
+    if _in_ci():
+        pytest.fail(f"CI is set but {why}: .ci/run installs Debian's chromium package")
+    pytest.skip(f"{why} (apt-get install chromium to run it)")
+
+
+def _require_chromium() -> None:
+    """Debian's binary, or skip/fail as `_unavailable` decides."""
+    if not CHROMIUM.exists():
+        _unavailable(f"{CHROMIUM} is missing")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium from Debian's package (Playwright gives it a fresh temporary profile)."""
+    _require_chromium()
+    async with async_playwright() as playwright:
+        try:
+            launched = await playwright.chromium.launch(
+                executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=MS
+            )
+        except PlaywrightError as exc:
+            _unavailable(f"Chromium did not start: {exc.message.splitlines()[0]}")
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@dataclasses.dataclass
+class Chat:
+    """One chat page and the script errors it reported."""
+
+    page: Page
+    errors: list[str]
+
+
+async def open_chat(browser: Browser, running: Running, channel: str, meta: str) -> Chat:
+    """A page of its own (a fresh browser context) connected to `channel` in mode rw."""
+    context = await browser.new_context()
+    context.set_default_timeout(MS)
+    page = await context.new_page()
+    chat = Chat(page, [])
+    page.on("pageerror", lambda exc: chat.errors.append(str(exc)))
+    page.on("console", lambda msg: chat.errors.append(msg.text) if msg.type == "error" else None)
+    await page.goto(running.http + "/")
+    # The page derives the socket URL from its own location.
+    await expect(page.locator("#url")).to_have_value(running.url, timeout=MS)
+    await page.fill("#channel", channel)
+    await page.fill("#meta-channel", meta)
+    await page.fill("#secret", SECRET)
+    await page.fill("#token", "")  # signed in the page with WebCrypto
+    await page.select_option("#mode", "rw")
+    await page.click("#connect")
+    await expect(page.locator("#status")).to_have_text("connected", timeout=MS)
+    ISSUED_TOKENS.append(await page.locator("#made-token").inner_text())  # for the log audit
+    return chat
+
+
+async def test_two_pages_chat_and_see_close_codes(
+    start_gateway: StartGateway, browser: Browser
+) -> None:
+    """Two pages on one channel both show a message sent from one, server events and close codes."""
+    meta = channel_name()
+    running: Running = await start_gateway(root_path=EXAMPLE, meta_channel=meta)
+    channel = channel_name()
+    chat_one = await open_chat(browser, running, channel, meta)
+    chat_two = await open_chat(browser, running, channel, meta)
+    one, two = chat_one.page, chat_two.page
+    await subscribed(running, channel, 2)
+
+    # The meta socket of page one, opened first, saw both chat sockets arrive.
+    opened = one.locator("#meta li").filter(has_text="ConnectionOpen")
+    await expect(opened.filter(has_text=channel)).to_have_count(2, timeout=MS)
+
+    text = f"hello from page one {channel}"
+    await one.fill("#message", text)
+    await one.press("#message", "Enter")
+    for page in (one, two):
+        await expect(page.locator("#messages li").filter(has_text=text)).to_have_count(
+            1, timeout=MS
+        )
+    await expect(one.locator("#message")).to_have_value("", timeout=MS)
+
+    # Disconnect: the close code in plain words.
+    await two.click("#disconnect")
+    await expect(two.locator("#status")).to_have_text(
+        "closed: 1000 normal closure (reason: bye)", timeout=MS
+    )
+    await expect(two.locator("#disconnect")).to_be_disabled(timeout=MS)
+    # Its ConnectionClose is NOTIFYed after anything page one's frame caused, so once it is in,
+    # a copy of the chat message on the meta channel would be too: the chat socket is granted
+    # the chat channel only, and the meta socket never sends.
+    closed = one.locator("#meta li").filter(has_text="ConnectionClose").filter(has_text=channel)
+    await expect(closed).to_have_count(1, timeout=MS)
+    await expect(one.locator("#meta li").filter(has_text=text)).to_have_count(0, timeout=MS)
+
+    # The server going away: 1001, in words, on the page still connected.
+    await running.shutdown()
+    await expect(one.locator("#status")).to_have_text(
+        re.compile(r"^closed: 1001 server going away"), timeout=MS
+    )
+    await expect(one.locator("#status")).to_have_attribute("data-state", "closed", timeout=MS)
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    await one.screenshot(path=SCREENSHOT, full_page=True)
+    print(f"screenshot: {SCREENSHOT}")  # noqa: T201
+    assert chat_one.errors == []
+    assert chat_two.errors == []
