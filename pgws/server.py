@@ -78,23 +78,45 @@ def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.s
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
-    """The server TLS context, or None for plain ws://; a bad pair of files is a ConfigError."""
+    """The server TLS context, or None for plain ws://; an unusable file is a ConfigError.
+
+    OpenSSL reports an unparseable certificate file and an unparseable key file alike ("[SSL] PEM
+    lib", no reason), so on that error the certificate file is loaded on its own to name the right
+    variable. An encrypted key makes OpenSSL call `password`, whose exception propagates
+    unwrapped: pgws never prompts for a passphrase.
+    """
     if config.certificate_file is None or config.key_file is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate, key = config.certificate_file, config.key_file
+    for name, path in (("PGWS_CERTIFICATE_FILE", certificate), ("PGWS_KEY_FILE", key)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(name, f"cannot read {str(path)!r}: {exc.strerror}") from None
 
     def no_passphrase() -> bytes:
-        raise ConfigError("PGWS_KEY_FILE", "the key is encrypted; pgws needs an unencrypted key")
-
-    try:
-        context.load_cert_chain(config.certificate_file, config.key_file, password=no_passphrase)
-    except ssl.SSLError as exc:
-        problem = (
-            "does not match the certificate"
-            if "KEY_VALUES_MISMATCH" in str(exc)
-            else (f"cannot be loaded with the certificate ({exc.reason or 'invalid PEM'})")
+        raise ConfigError(
+            "PGWS_KEY_FILE", f"{str(key)!r} is encrypted; pgws needs a key without a passphrase"
         )
-        raise ConfigError("PGWS_KEY_FILE", problem) from None
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certificate, key, password=no_passphrase)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(
+                "PGWS_KEY_FILE",
+                f"{str(key)!r} does not match the certificate in PGWS_CERTIFICATE_FILE",
+            ) from None
+        try:  # alone, as CA certificates: fails the same way only if the certificate is at fault
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=certificate)
+        except ssl.SSLError:
+            raise ConfigError(
+                "PGWS_CERTIFICATE_FILE", f"no PEM certificate in {str(certificate)!r}"
+            ) from None
+        detail = f" ({exc.reason})" if exc.reason else ""
+        raise ConfigError("PGWS_KEY_FILE", f"no PEM private key in {str(key)!r}{detail}") from None
     return context
 
 

@@ -1,6 +1,10 @@
 """Plain HTTP on the WebSocket port: static files from PGWS_ROOT_PATH, or a short 200.
 
 websockets hands us every request before the upgrade; those that are not upgrades end here.
+Static files are GET and HEAD only and never leave the root: the path is split into segments
+before percent-decoding, and every segment that could mean something other than one file name
+(`..`, an encoded `/`, a backslash, NUL, a dotfile, invalid UTF-8) is refused, then the resolved
+file (symlinks followed) must still be inside the resolved root.
 """
 
 from __future__ import annotations
@@ -16,9 +20,38 @@ from websockets.http11 import Request, Response
 # Tokens travel in URLs: never leak them to other sites through the Referer header.
 _SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 _MAX_FILE = 16 * 1024 * 1024
+_ALLOWED_METHODS = ("GET", "HEAD")
+# Fixed, so a file is served the same on every machine (mimetypes reads /etc/mime.types).
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".htm": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".txt": "text/plain; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".ico": "image/x-icon",
+    ".wasm": "application/wasm",
+    ".woff2": "font/woff2",
+    ".woff": "font/woff",
+}
 
 
-def respond(status: HTTPStatus, body: bytes, content_type: str, *, head: bool = False) -> Response:
+def respond(
+    status: HTTPStatus,
+    body: bytes,
+    content_type: str,
+    *,
+    head: bool = False,
+    extra: dict[str, str] | None = None,
+) -> Response:
     """An HTTP response with pgws's standard headers (HEAD: the headers of GET, no body)."""
     headers = Headers(
         {
@@ -26,6 +59,7 @@ def respond(status: HTTPStatus, body: bytes, content_type: str, *, head: bool = 
             "Content-Length": str(len(body)),
             "Connection": "close",
             **_SECURITY_HEADERS,
+            **(extra or {}),
         }
     )
     return Response(status.value, status.phrase, headers, b"" if head else body)
@@ -37,10 +71,15 @@ def text(status: HTTPStatus, message: str, *, head: bool = False) -> Response:
 
 
 def serve_plain(root: Path | None, request: Request) -> Response:
-    """Answer a request that is not a WebSocket upgrade."""
+    """Answer a request that is not a WebSocket upgrade: 200, 404 or 405, never an exception."""
+    if request.method not in _ALLOWED_METHODS:
+        return respond(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            b"method not allowed\n",
+            "text/plain; charset=utf-8",
+            extra={"Allow": ", ".join(_ALLOWED_METHODS)},
+        )
     head = request.method == "HEAD"
-    if request.method not in ("GET", "HEAD"):
-        return text(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed\n")
     if root is None:
         return text(HTTPStatus.OK, "pgws: connect with a WebSocket client\n", head=head)
     path = resolve_static(root, request.path)
@@ -52,34 +91,48 @@ def serve_plain(root: Path | None, request: Request) -> Response:
         body = path.read_bytes()
     except OSError:
         return text(HTTPStatus.NOT_FOUND, "not found\n", head=head)
-    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    if content_type.startswith("text/") or content_type in ("application/javascript",):
-        content_type += "; charset=utf-8"
-    return respond(HTTPStatus.OK, body, content_type, head=head)
+    return respond(HTTPStatus.OK, body, content_type(path.name), head=head)
+
+
+def content_type(name: str) -> str:
+    """The Content-Type for a file name; unknown or compressed files are opaque bytes."""
+    suffix = Path(name).suffix.lower()
+    if suffix in _CONTENT_TYPES:
+        return _CONTENT_TYPES[suffix]
+    guessed, encoding = mimetypes.guess_type(name, strict=True)
+    if guessed is None or encoding is not None:
+        return "application/octet-stream"
+    return f"{guessed}; charset=utf-8" if guessed.startswith("text/") else guessed
 
 
 def resolve_static(root: Path, raw_path: str) -> Path | None:
     """The file under `root` a URL path names (`/` is index.html), or None if it must not be served.
 
-    `root` is already resolved. The decoded path must stay inside it after resolving symlinks;
-    NUL bytes, backslashes and invalid encodings are refused outright.
+    Each `/`-separated segment is decoded on its own, so `%2f` cannot join two segments. A segment
+    is refused when it is empty (`//etc`), `.`/`..` or any other dotfile (as the original server's
+    wai-app-static does), or holds `/`, `\\` or NUL once decoded; invalid UTF-8 is refused too.
+    The result, symlinks resolved, must be a regular file inside the resolved root.
     """
     path = raw_path.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/"):
+        return None  # `*`, absolute-form `http://host/…`: not a file of ours
+    segments: list[str] = []
+    for raw in path[1:].split("/"):
+        try:
+            segment = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            return None
+        if segment.startswith(".") or any(char in segment for char in "/\\\x00"):
+            return None
+        segments.append(segment)
+    if segments[-1] == "":
+        segments[-1] = "index.html"  # `/` and `/dir/`
+    if "" in segments:
+        return None
     try:
-        decoded = unquote(path, errors="strict")
-    except UnicodeDecodeError:
+        base = root.resolve(strict=True)
+        candidate = base.joinpath(*segments).resolve(strict=True)
+        inside = candidate.is_relative_to(base) and candidate.is_file()
+    except (OSError, RuntimeError, ValueError):
         return None
-    if "\x00" in decoded or "\\" in decoded or not decoded.startswith("/"):
-        return None
-    relative = decoded.lstrip("/")
-    if relative == "" or relative.endswith("/"):
-        relative += "index.html"
-    if any(part in ("..", ".") for part in relative.split("/")):
-        return None
-    try:
-        candidate = (root / relative).resolve(strict=True)
-    except (OSError, RuntimeError):
-        return None
-    if not candidate.is_relative_to(root) or not candidate.is_file():
-        return None
-    return candidate
+    return candidate if inside else None
