@@ -217,16 +217,19 @@ class Client(asyncio.Protocol):
     def _sample(
         self, data: bytes, start: int, end: int, now: int, samples: array.array[int]
     ) -> None:
-        key = data.find(b'"payload"', start, end)
-        if key < 0:
-            self.unparsed += 1
-            return
-        pos = key + 9
-        while pos < end and data[pos] in b' :"':
-            pos += 1
-        stop = data.find(b" ", pos, end)
+        key = data.find(b'"payload":"', start, end)  # compact JSON, as orjson writes it
+        if key >= 0:
+            pos = key + 11
+        else:  # tolerate spaces around the colon
+            key = data.find(b'"payload"', start, end)
+            if key < 0:
+                self.unparsed += 1
+                return
+            pos = key + 9
+            while pos < end and data[pos] in b' :"':
+                pos += 1
         try:
-            sent = int(data[pos:stop])
+            sent = int(data[pos : data.find(b" ", pos, end)])
         except ValueError:
             self.unparsed += 1
             return
@@ -628,6 +631,7 @@ async def connections(args: argparse.Namespace) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     held = 0
     for step in sorted(args.steps):
+        emit("measure_start")  # the runner samples CPU while sockets open, until the checkpoint
         cpu = cpu_seconds()
         opened, seconds = await pool.open(step - held, "r", tally)
         held += len(opened)

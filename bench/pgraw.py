@@ -39,8 +39,7 @@ class PipelinedNotifier:
         self._fd = self._pg.socket
         self._loop = asyncio.get_running_loop()
         self._writing = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._wake_below = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self.in_flight = 0
         self.acked = 0
         self.errors = 0
@@ -75,18 +74,23 @@ class PipelinedNotifier:
             self._flush()
 
     async def wait_below(self, limit: int, within: float) -> bool:
-        """Wait until fewer than `limit` NOTIFYs are in flight; False on timeout."""
+        """Wait until fewer than `limit` NOTIFYs are in flight; False on timeout.
+
+        Any number of coroutines may wait at once, each with its own limit.
+        """
         if self.in_flight < limit:
             return True
-        self._wake_below = limit
-        self._waiter = self._loop.create_future()
+        waiter = self._loop.create_future()
+        entry = (limit, waiter)
+        self._waiters.append(entry)
         try:
             async with asyncio.timeout(within):
-                await self._waiter
+                await waiter
         except TimeoutError:
             return False
         finally:
-            self._waiter = None
+            if entry in self._waiters:
+                self._waiters.remove(entry)
         return True
 
     def _flush(self) -> None:
@@ -121,13 +125,16 @@ class PipelinedNotifier:
         self._wake()
 
     def _wake(self, *, force: bool = False) -> None:
-        waiter = self._waiter
-        if (
-            waiter is not None
-            and not waiter.done()
-            and (force or self.in_flight < self._wake_below)
-        ):
-            waiter.set_result(None)
+        if not self._waiters:
+            return
+        waiting = []
+        for limit, waiter in self._waiters:
+            if force or self.in_flight < limit:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((limit, waiter))
+        self._waiters = waiting
 
     async def close(self) -> None:
         """Stop watching the socket and close the connection."""

@@ -1,0 +1,1097 @@
+"""Benchmark pgws against minimal baselines, in one run, on this machine.
+
+Starts a throwaway PostgreSQL, then for each repetition and scenario starts the server under
+test (default `pgws serve`) and the raw gateway (`bench.raw_gateway`) as subprocesses pinned to
+one core, drives them with `bench.loadgen` pinned to another, and samples CPU and memory of
+every process involved. Raw psycopg NOTIFY (no gateway) is measured alongside. Writes
+bench/results/latest.{md,json,png}; logs and per-run records go to bench/results/raw/.
+
+    python -m bench.run                 # full suite, about 8 minutes
+    python -m bench.run --quick         # every scenario, shorter and fewer runs, under 2 minutes
+    python -m bench.run --server-cmd "pgws serve" --only fanout,latency --reps 5
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `pgws` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from importlib import metadata
+from typing import IO, Any
+
+import psutil
+
+from bench import report
+from bench.wire import make_token, probe, raise_nofile_limit
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+SECRET = "pgws-bench-secret-0123456789abcdef"
+LISTEN_CHANNEL = "postgres-websockets-listener"
+CHANNEL = "bench"
+BASELINE = "raw-gw"
+RAW_PG = "raw-pg"
+SCENARIO_KINDS = ("connections", "fanout", "ingest", "latency", "notify")
+READY_TIMEOUT = 30.0  # seconds for a server to accept a WebSocket
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+SETTLE = 0.5  # seconds for a server to finish its work on new sockets before measuring memory
+BUSY_LOAD = 0.5  # 1-minute load average per core above which the machine counts as busy
+BUSY_OTHER_PCT = 15.0  # CPU % (of one core) used by processes not ours during a measurement
+LOADGEN_LIMIT_PCT = 85.0  # above this the load generator may itself be the limit
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """How many runs of what, for how long."""
+
+    reps: int
+    warmup: float
+    duration: float
+    fanout_readers: tuple[int, ...]
+    ingest_writers: tuple[int, ...]
+    latency_rates: tuple[int, ...]
+    latency_readers: int
+    connection_steps: tuple[int, ...]
+    notify_connections: int
+    kinds: tuple[str, ...]
+
+
+FULL = Plan(
+    reps=3,
+    warmup=1.0,
+    duration=5.0,
+    fanout_readers=(100, 1000, 5000),
+    ingest_writers=(10, 100),
+    latency_rates=(100, 1000),
+    latency_readers=100,
+    connection_steps=(1000, 5000, 10000),
+    notify_connections=2,
+    kinds=SCENARIO_KINDS,
+)
+QUICK = dataclasses.replace(FULL, reps=2, warmup=0.5, duration=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A server to measure: a name and the command that runs it."""
+
+    name: str
+    command: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Which CPUs each party may use; None means unpinned."""
+
+    server: tuple[int, ...] | None
+    loadgen: tuple[int, ...] | None
+    postgres: tuple[int, ...] | None
+
+    def describe(self) -> str:
+        """One line for the report."""
+
+        def cpus(value: tuple[int, ...] | None) -> str:
+            return "any CPU" if value is None else "CPU " + ",".join(map(str, value))
+
+        return (
+            f"server on {cpus(self.server)}, load generator on {cpus(self.loadgen)}, "
+            f"PostgreSQL on {cpus(self.postgres)}"
+        )
+
+
+class ScenarioError(RuntimeError):
+    """A scenario could not produce a result."""
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+_GROUPS: set[int] = set()  # process groups we started and have not reaped yet
+
+
+def _kill_groups() -> None:
+    """Last resort (atexit, signals): SIGKILL every process group still registered."""
+    for pgid in list(_GROUPS):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        _GROUPS.discard(pgid)
+
+
+def pinned(cpus: tuple[int, ...] | None, command: Sequence[str]) -> list[str]:
+    """Prefix `command` with taskset when pinning is asked for."""
+    if cpus is None:
+        return list(command)
+    return ["taskset", "-c", ",".join(map(str, cpus)), *command]
+
+
+async def spawn(
+    command: Sequence[str], *, env: dict[str, str] | None, log: IO[bytes], stdio: bool = False
+) -> asyncio.subprocess.Process:
+    """Start a child in its own process group (so the whole tree can be stopped)."""
+    pipe = asyncio.subprocess.PIPE if stdio else asyncio.subprocess.DEVNULL
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdin=pipe,
+        stdout=pipe if stdio else log,
+        stderr=log,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    _GROUPS.add(process.pid)
+    return process
+
+
+async def stop(process: asyncio.subprocess.Process, grace: float = STOP_TIMEOUT) -> int | None:
+    """SIGTERM the process group, SIGKILL it after `grace` seconds; return the exit status.
+
+    None means it had to be killed.
+    """
+    status: int | None = process.returncode
+    try:
+        if status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                async with asyncio.timeout(grace):
+                    status = await process.wait()
+            except TimeoutError:
+                status = None
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # stragglers (workers), and the timed-out
+        if process.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await process.wait()
+        _GROUPS.discard(process.pid)
+    return status
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def process_tree(pid: int | None) -> list[psutil.Process]:
+    """A process and all its descendants (empty if it is gone)."""
+    if pid is None:
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_by_pid(pid: int | None) -> dict[int, float]:
+    """CPU seconds (user + system) of each process in a tree."""
+    result = {}
+    for process in process_tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            times = process.cpu_times()
+            result[process.pid] = times.user + times.system
+    return result
+
+
+def rss_bytes(pid: int | None) -> int:
+    """Resident memory of a process tree."""
+    total = 0
+    for process in process_tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += process.memory_info().rss
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """CPU counters at one instant."""
+
+    wall: float
+    server: dict[int, float]
+    postgres: dict[int, float]
+    loadgen: dict[int, float]
+    runner: float
+    busy: float  # user + nice + system over all CPUs (irq and softirq left out)
+    steal: float
+
+
+class Sampler:
+    """Takes snapshots of the processes of one run and turns two of them into CPU shares."""
+
+    def __init__(self, server: int | None, postgres: int | None, loadgen: int | None) -> None:
+        self.pids = (server, postgres, loadgen)
+
+    def snapshot(self) -> Snapshot:
+        """Read every counter now."""
+        server, postgres, loadgen = self.pids
+        system = psutil.cpu_times()
+        runner = psutil.Process().cpu_times()
+        return Snapshot(
+            wall=time.perf_counter(),
+            server=cpu_by_pid(server),
+            postgres=cpu_by_pid(postgres),
+            loadgen=cpu_by_pid(loadgen),
+            runner=runner.user + runner.system,
+            busy=system.user + system.nice + system.system,
+            steal=getattr(system, "steal", 0.0),
+        )
+
+    @staticmethod
+    def shares(windows: Sequence[tuple[Snapshot, Snapshot]]) -> dict[str, float]:
+        """CPU used within the windows, in % of one core, per party."""
+
+        def used(before: dict[int, float], after: dict[int, float]) -> float:
+            return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+        wall = server = postgres = loadgen = runner = busy = steal = 0.0
+        for start, end in windows:
+            wall += end.wall - start.wall
+            server += used(start.server, end.server)
+            postgres += used(start.postgres, end.postgres)
+            loadgen += used(start.loadgen, end.loadgen)
+            runner += end.runner - start.runner
+            busy += end.busy - start.busy
+            steal += end.steal - start.steal
+        ours = server + postgres + loadgen + runner
+        return {
+            "server_cpu_pct": 100 * server / wall,
+            "pg_cpu_pct": 100 * postgres / wall,
+            "loadgen_cpu_pct": 100 * loadgen / wall,
+            "other_cpu_pct": max(0.0, 100 * (busy - ours) / wall),
+            "steal_pct": 100 * steal / wall,
+        }
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+
+class Bench:
+    """State shared by every run: database, placement, targets, plan and output."""
+
+    def __init__(
+        self,
+        *,
+        db_uri: str,
+        postmaster: int | None,
+        placement: Placement,
+        plan: Plan,
+        raw_dir: Path,
+        pool_size: int,
+        server_env: dict[str, str],
+    ) -> None:
+        self.db_uri = db_uri
+        self.postmaster = postmaster
+        self.placement = placement
+        self.plan = plan
+        self.raw_dir = raw_dir
+        self.pool_size = pool_size
+        self.server_env = server_env
+        self.runs: list[dict[str, Any]] = []
+        self.counter = 0
+
+    def log_path(self, name: str) -> Path:
+        """A numbered file in the raw folder."""
+        self.counter += 1
+        return self.raw_dir / f"{self.counter:03d}-{name}.log"
+
+    @contextlib.asynccontextmanager
+    async def server(
+        self, target: Target, kind: str, rep: int
+    ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+        """Start a server, wait until it accepts a WebSocket, stop it (and its tree) at the end."""
+        port = free_port()
+        env = {
+            **os.environ,
+            "PGWS_DB_URI": self.db_uri,
+            "PGWS_JWT_SECRET": SECRET,
+            "PGWS_HOST": "127.0.0.1",
+            "PGWS_PORT": str(port),
+            "PGWS_LISTEN_CHANNEL": LISTEN_CHANNEL,
+            "PGWS_POOL_SIZE": str(self.pool_size),
+            **(self.server_env if target.name != BASELINE else {}),
+        }
+        path = self.log_path(f"{target.name}-{kind}-{rep}-server")
+        with path.open("wb") as log:
+            process = await spawn(pinned(self.placement.server, target.command), env=env, log=log)
+            try:
+                await wait_ready(process, port, path)
+                yield process, port
+            finally:
+                status = await stop(process)
+                if status not in (0, -signal.SIGTERM):
+                    print(f"    note: {target.name} exited with {status} (log: {path})")
+
+    async def loadgen(
+        self,
+        scenario: str,
+        arguments: Sequence[str],
+        on_event: Callable[[dict[str, Any], asyncio.subprocess.Process], Awaitable[None]],
+        label: str,
+    ) -> dict[str, Any]:
+        """Run one loadgen scenario to its `result` line, passing other events to `on_event`."""
+        command = pinned(
+            self.placement.loadgen,
+            [sys.executable, "-m", "bench.loadgen", scenario, *arguments],
+        )
+        limit = self.plan.warmup + self.plan.duration + 180
+        result: dict[str, Any] | None = None
+        path = self.log_path(f"{label}-loadgen")
+        with path.open("wb") as log:
+            process = await spawn(command, env=None, log=log, stdio=True)
+            assert process.stdout is not None
+            try:
+                async with asyncio.timeout(limit):
+                    while line := await process.stdout.readline():
+                        event = json.loads(line)
+                        if event["event"] == "result":
+                            result = event
+                        else:
+                            await on_event(event, process)
+                    await process.wait()
+            except TimeoutError:
+                raise ScenarioError(f"loadgen took longer than {limit:.0f} s") from None
+            finally:
+                await stop(process, grace=2)
+        if result is None:
+            raise ScenarioError(f"loadgen gave no result (exit {process.returncode}; log: {path})")
+        if "error" in result:
+            raise ScenarioError(result["error"])
+        return result
+
+    def common_args(self, port: int) -> list[str]:
+        """Arguments every loadgen scenario takes."""
+        return [
+            f"--port={port}",
+            f"--secret={SECRET}",
+            f"--channel={CHANNEL}",
+            f"--db-uri={self.db_uri}",
+            f"--listen-channel={LISTEN_CHANNEL}",
+            f"--warmup={self.plan.warmup}",
+            f"--duration={self.plan.duration}",
+        ]
+
+    async def measured(
+        self,
+        target: str,
+        scenario: str,
+        rep: int,
+        server_pid: int | None,
+        port: int,
+        loadgen_scenario: str,
+        arguments: list[str],
+    ) -> dict[str, Any]:
+        """One loadgen run with CPU sampled over its measured window; returns the run record."""
+        label = f"{target}-{scenario}-{rep}"
+        windows: list[tuple[Snapshot, Snapshot]] = []
+        opened: Snapshot | None = None
+        sampler: Sampler | None = None
+        checkpoints: list[dict[str, Any]] = []
+        rss_before = rss_bytes(server_pid)
+
+        async def on_event(event: dict[str, Any], process: asyncio.subprocess.Process) -> None:
+            nonlocal sampler, opened
+            if sampler is None:
+                sampler = Sampler(server_pid, self.postmaster, process.pid)
+            if event["event"] == "measure_start":
+                opened = sampler.snapshot()
+            elif event["event"] in ("measure_end", "checkpoint") and opened is not None:
+                windows.append((opened, sampler.snapshot()))
+                opened = None
+            if event["event"] == "checkpoint":
+                await asyncio.sleep(SETTLE)
+                checkpoints.append({**event, "server_rss": rss_bytes(server_pid)})
+                assert process.stdin is not None
+                process.stdin.write(b"continue\n")
+                await process.stdin.drain()
+
+        record: dict[str, Any] = {"target": target, "scenario": scenario, "rep": rep}
+        started = time.perf_counter()
+        try:
+            result = await self.loadgen(
+                loadgen_scenario, [*self.common_args(port), *arguments], on_event, label
+            )
+        except ScenarioError as exc:
+            record["error"] = str(exc)
+            self.runs.append(record)
+            print(f"  {label}: ERROR {exc}")
+            return record
+        metrics = {k: v for k, v in result.items() if k not in ("event", "scenario", "steps")}
+        if windows:
+            metrics |= Sampler.shares(windows)
+        if checkpoints:
+            metrics |= connection_metrics(rss_before, checkpoints)
+            record["checkpoints"] = checkpoints
+        record["metrics"] = metrics
+        record["seconds"] = time.perf_counter() - started
+        self.runs.append(record)
+        print(f"  {label}: {headline(scenario, metrics)}")
+        return record
+
+
+def connection_metrics(rss_before: int, checkpoints: list[dict[str, Any]]) -> dict[str, float]:
+    """Server memory at each step, memory per idle socket, handshakes/s over all steps."""
+    metrics: dict[str, float] = {"rss_mib_0": rss_before / 2**20}
+    for point in checkpoints:
+        metrics[f"rss_mib_{point['step']}"] = point["server_rss"] / 2**20
+    last = checkpoints[-1]
+    if last["sockets"]:
+        metrics["kib_per_socket"] = (last["server_rss"] - rss_before) / last["sockets"] / 1024
+    opened = sum(point["opened"] for point in checkpoints)
+    seconds = sum(point["seconds"] for point in checkpoints)
+    metrics["handshakes_per_s"] = opened / seconds if seconds else 0.0
+    metrics["failed"] = last["failed"]
+    metrics["sockets"] = last["sockets"]
+    return metrics
+
+
+def headline(scenario: str, metrics: dict[str, Any]) -> str:
+    """A short progress line for one run."""
+    cpu = (
+        f"server {metrics.get('server_cpu_pct', 0):.0f}% "
+        f"loadgen {metrics.get('loadgen_cpu_pct', 0):.0f}% "
+        f"pg {metrics.get('pg_cpu_pct', 0):.0f}% other {metrics.get('other_cpu_pct', 0):.0f}%"
+    )
+    if scenario.startswith("fanout"):
+        return f"{metrics['delivered_per_s']:,.0f} msg/s, loss {metrics['loss_frac']:.2%}; {cpu}"
+    if scenario.startswith(("ingest", "notify")):
+        return f"{metrics['seen_per_s']:,.0f} NOTIFY/s, loss {metrics['loss_frac']:.2%}; {cpu}"
+    if scenario.startswith("latency"):
+        return (
+            f"p50 {metrics['p50_ms']:.2f} p95 {metrics['p95_ms']:.2f} "
+            f"p99 {metrics['p99_ms']:.2f} ms, loss {metrics['loss_frac']:.2%}; {cpu}"
+        )
+    steps = ", ".join(
+        f"{key[8:]}: {value:.0f} MiB"
+        for key, value in metrics.items()
+        if key.startswith("rss_mib_")
+    )
+    return (
+        f"{metrics.get('sockets', 0):,.0f} sockets, {metrics.get('handshakes_per_s', 0):,.0f} "
+        f"handshakes/s, {metrics.get('kib_per_socket', 0):.1f} KiB/socket ({steps}); "
+        f"failed {metrics.get('failed', 0):.0f}"
+    )
+
+
+async def wait_ready(process: asyncio.subprocess.Process, port: int, log: Path) -> None:
+    """Retry a WebSocket handshake until one succeeds; fail if the server exits or never does."""
+    path = "/" + make_token(SECRET, {"mode": "r", "channels": [CHANNEL]})
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READY_TIMEOUT
+    while loop.time() < deadline:
+        if process.returncode is not None:
+            raise ScenarioError(f"server exited with {process.returncode}: {tail(log)}")
+        with contextlib.suppress(OSError, TimeoutError, asyncio.IncompleteReadError):
+            if await probe("127.0.0.1", port, path, within=2.0) == 101:
+                return
+        await asyncio.sleep(0.1)
+    raise ScenarioError(f"server not ready after {READY_TIMEOUT:.0f} s: {tail(log)}")
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log, for error messages."""
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --- the suite ---------------------------------------------------------------------------------
+
+
+async def run_kind(bench: Bench, target: Target, kind: str, rep: int) -> None:
+    """Start one server and run every configuration of one scenario kind against it."""
+    plan = bench.plan
+    try:
+        async with bench.server(target, kind, rep) as (process, port):
+            pid = process.pid
+            if kind == "connections":
+                steps = ["--steps", *map(str, plan.connection_steps)]
+                await bench.measured(target.name, kind, rep, pid, port, kind, steps)
+            elif kind == "fanout":
+                for readers in plan.fanout_readers:
+                    await bench.measured(
+                        target.name,
+                        f"fanout-{readers}",
+                        rep,
+                        pid,
+                        port,
+                        kind,
+                        [f"--readers={readers}"],
+                    )
+            elif kind == "ingest":
+                for writers in plan.ingest_writers:
+                    await bench.measured(
+                        target.name,
+                        f"ingest-{writers}",
+                        rep,
+                        pid,
+                        port,
+                        kind,
+                        [f"--writers={writers}"],
+                    )
+            elif kind == "latency":
+                for rate in plan.latency_rates:
+                    await bench.measured(
+                        target.name,
+                        f"latency-{rate}",
+                        rep,
+                        pid,
+                        port,
+                        kind,
+                        [f"--rate={rate}", f"--readers={plan.latency_readers}"],
+                    )
+    except ScenarioError as exc:
+        bench.runs.append({"target": target.name, "scenario": kind, "rep": rep, "error": str(exc)})
+        print(f"  {target.name}-{kind}-{rep}: ERROR {exc}")
+
+
+async def run_suite(bench: Bench, targets: Sequence[Target]) -> None:
+    """Every repetition of every scenario; targets alternate order so drift hits both alike."""
+    plan = bench.plan
+    for rep in range(1, plan.reps + 1):
+        print(f"repetition {rep}/{plan.reps}")
+        order = list(targets) if rep % 2 else list(reversed(targets))
+        for kind in plan.kinds:
+            if kind == "notify":
+                await bench.measured(
+                    RAW_PG,
+                    "notify",
+                    rep,
+                    None,
+                    0,
+                    "notify",
+                    [f"--connections={plan.notify_connections}"],
+                )
+                continue
+            for target in order:
+                await run_kind(bench, target, kind, rep)
+
+
+def table_rows(plan: Plan) -> list[report.Row]:
+    """The rows of the report, with the issue's targets where it sets one."""
+    rows: list[report.Row] = []
+    fanout_goals = {1000: 0.8, 5000: 0.7}
+    for readers in plan.fanout_readers:
+        key = f"fanout-{readers}"
+        label = f"fan-out, {readers:,} readers"
+        rows += [
+            report.Row(
+                scenario=key,
+                label=label,
+                metric="delivered_per_s",
+                metric_label="delivered msg/s",
+                unit="rate",
+                baseline_target=BASELINE,
+                baseline_scenario=key,
+                better="higher",
+                goal=fanout_goals.get(readers),
+            ),
+            report.Row(
+                scenario=key,
+                label=label,
+                metric="server_cpu_pct",
+                metric_label="server CPU",
+                unit="pct",
+                baseline_target=BASELINE,
+                baseline_scenario=key,
+                chart=False,
+            ),
+            report.Row(
+                scenario=key,
+                label=label,
+                metric="loss_frac",
+                metric_label="loss",
+                unit="loss",
+                baseline_target=BASELINE,
+                baseline_scenario=key,
+                chart=False,
+            ),
+        ]
+    for writers in plan.ingest_writers:
+        key = f"ingest-{writers}"
+        label = f"ingest, {writers:,} writer sockets"
+        rows += [
+            report.Row(
+                scenario=key,
+                label=label,
+                metric="seen_per_s",
+                metric_label="NOTIFY/s seen by LISTEN",
+                unit="rate",
+                baseline_target=RAW_PG,
+                baseline_scenario="notify",
+                better="higher",
+                goal=0.7 if writers == 100 else None,
+            ),
+            report.Row(
+                scenario=key,
+                label=label,
+                metric="loss_frac",
+                metric_label="loss",
+                unit="loss",
+                baseline_target=RAW_PG,
+                baseline_scenario="notify",
+                chart=False,
+            ),
+        ]
+    for rate in plan.latency_rates:
+        key = f"latency-{rate}"
+        label = f"latency, {rate:,} msg/s to {plan.latency_readers} readers"
+        for quantile in ("p50", "p95", "p99"):
+            rows.append(
+                report.Row(
+                    scenario=key,
+                    label=label,
+                    metric=f"{quantile}_ms",
+                    metric_label=f"{quantile} ms",
+                    unit="ms",
+                    baseline_target=BASELINE,
+                    baseline_scenario=key,
+                    better="lower",
+                    goal=2.0 if quantile == "p99" and rate == 1000 else None,
+                )
+            )
+    label = "idle sockets"
+    for step in plan.connection_steps:
+        rows.append(
+            report.Row(
+                scenario="connections",
+                label=label,
+                metric=f"rss_mib_{step}",
+                metric_label=f"server RSS MiB, {step:,} sockets",
+                unit="mib",
+                baseline_target=BASELINE,
+                baseline_scenario="connections",
+                better="lower",
+            )
+        )
+    rows += [
+        report.Row(
+            scenario="connections",
+            label=label,
+            metric="kib_per_socket",
+            metric_label="KiB per idle socket",
+            unit="kib",
+            baseline_target=BASELINE,
+            baseline_scenario="connections",
+            better="lower",
+            goal=1.3,
+        ),
+        report.Row(
+            scenario="connections",
+            label=label,
+            metric="handshakes_per_s",
+            metric_label="handshakes/s (token checked)",
+            unit="rate",
+            baseline_target=BASELINE,
+            baseline_scenario="connections",
+            better="higher",
+            goal=0.7,
+        ),
+    ]
+    return rows
+
+
+# --- machine -----------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """What this ran on."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("websockets", "psycopg", "psycopg-binary", "uvloop", "orjson", "python-jose"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=10,
+    ).stdout.strip()
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "cpus_allowed": sorted(os.sched_getaffinity(0)),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": versions,
+        "commit": commit,
+        "hostname": platform.node(),
+    }
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages."""
+    return os.getloadavg()
+
+
+def placement_from(args: argparse.Namespace) -> tuple[Placement, list[str]]:
+    """Choose CPUs: server on the first allowed one, load generator and PostgreSQL on the next."""
+    notes: list[str] = []
+    allowed = sorted(os.sched_getaffinity(0))
+
+    def parse(text: str | None) -> tuple[int, ...] | None:
+        if text is None or text == "any":
+            return None
+        return tuple(int(part) for part in text.split(","))
+
+    if args.no_pin or shutil.which("taskset") is None:
+        if not args.no_pin:
+            notes.append("taskset not found: nothing is pinned")
+        return Placement(None, None, None), notes
+    if len(allowed) < 2 and args.server_cpus is None:
+        notes.append(f"only {len(allowed)} CPU allowed: nothing is pinned")
+        return Placement(None, None, None), notes
+    server = parse(args.server_cpus) if args.server_cpus else (allowed[0],)
+    loadgen = parse(args.loadgen_cpus) if args.loadgen_cpus else (allowed[1],)
+    postgres = loadgen if args.pg_cpus == "loadgen" else parse(args.pg_cpus)
+    return Placement(server, loadgen, postgres), notes
+
+
+def pin_postgres(postmaster: int | None, cpus: tuple[int, ...] | None) -> None:
+    """Pin the postmaster and its processes; backends forked later inherit it."""
+    if cpus is None:
+        return
+    for process in process_tree(postmaster):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            process.cpu_affinity(list(cpus))
+
+
+def busy_warnings(
+    runs: Sequence[dict[str, Any]], before: Sequence[float], after: Sequence[float], cpus: int
+) -> list[str]:
+    """Say when the machine was busy with something else, or the load generator was the limit."""
+    notes = []
+    if before[0] > BUSY_LOAD * cpus:
+        notes.append(
+            f"the machine was busy before the run: load average {before[0]:.2f} on {cpus} CPUs"
+        )
+    measured = [run for run in runs if "metrics" in run and "other_cpu_pct" in run["metrics"]]
+    noisy = [run for run in measured if run["metrics"]["other_cpu_pct"] > BUSY_OTHER_PCT]
+    if noisy:
+        worst = max(run["metrics"]["other_cpu_pct"] for run in noisy)
+        notes.append(
+            f"{len(noisy)} of {len(measured)} measurements had other processes using more than "
+            f"{BUSY_OTHER_PCT:.0f}% of a core (worst {worst:.0f}%): those figures are noisy"
+        )
+    steal = [run for run in measured if run["metrics"].get("steal_pct", 0) > 5]
+    if steal:
+        notes.append(f"{len(steal)} measurements saw CPU steal above 5% (a busy VM host)")
+    bound = [
+        f"{run['target']} {run['scenario']} ({run['metrics']['loadgen_cpu_pct']:.0f}%)"
+        for run in measured
+        if run["metrics"].get("loadgen_cpu_pct", 0) > LOADGEN_LIMIT_PCT
+    ]
+    if bound:
+        notes.append(
+            f"the load generator used more than {LOADGEN_LIMIT_PCT:.0f}% of its core in "
+            f"{len(bound)} measurements, so it may have been the limit there: "
+            + ", ".join(bound[:8])
+            + (" …" if len(bound) > 8 else "")
+        )
+    errors = [run for run in runs if run.get("error")]
+    if errors:
+        notes.append(
+            f"{len(errors)} runs failed: "
+            + "; ".join(f"{run['target']} {run['scenario']}: {run['error']}" for run in errors[:5])
+        )
+    del after  # reported, not judged: our own load raises it
+    return notes
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def write_results(
+    *,
+    out: Path,
+    bench: Bench,
+    target: Target,
+    machine: dict[str, Any],
+    notes: list[str],
+    command: str,
+    started: datetime.datetime,
+    load_before: Sequence[float],
+    load_after: Sequence[float],
+) -> str:
+    """Write latest.md, latest.json and latest.png; return the markdown."""
+    summary = report.aggregate(bench.runs)
+    rows = table_rows(bench.plan)
+    when = started.strftime("%Y-%m-%d %H:%M UTC")
+    machine_line = (
+        f"{machine['cpu_model']}, {machine['cpus']} CPUs, {machine['memory_gib']} GiB, "
+        f"Linux {machine['kernel']}, Python {machine['python']}, "
+        + ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
+    )
+    plan = bench.plan
+    lines = [
+        f"# pgws benchmark: {when}",
+        "",
+        f"- command: `{command}`",
+        f"- server under test: `{shlex.join(target.command)}` (commit {machine['commit']})",
+        f"- baselines: {BASELINE} = `python -m bench.raw_gateway` (LISTEN → orjson → "
+        f"broadcast), {RAW_PG} = pipelined psycopg NOTIFY, {plan.notify_connections} connections",
+        f"- machine: {machine_line}",
+        f"- placement: {bench.placement.describe()}",
+        f"- load average before {fmt_load(load_before)}, after {fmt_load(load_after)}",
+        f"- {plan.reps} runs of each; {plan.warmup:g} s warm-up, {plan.duration:g} s measured; "
+        "cells are median ±half the min-max range",
+        "",
+    ]
+    if notes:
+        lines += ["**Warnings**", "", *(f"- {note}" for note in notes), ""]
+    lines += [
+        report.table(rows, summary, target.name),
+        "",
+        "Ratio = server under test / baseline (medians); ✓/✗ against the issue's goal.",
+        "",
+        "CPU during the measured windows (% of one core):",
+        "",
+        report.diagnostics(summary),
+        "",
+    ]
+    markdown = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.md").write_text(markdown)
+    charted = report.chart(
+        rows,
+        summary,
+        target.name,
+        out / "latest.png",
+        f"{target.name} vs baselines, {when}, {machine['cpu_model']} x{machine['cpus']}",
+    )
+    if not charted:
+        (out / "latest.png").unlink(missing_ok=True)
+    document = {
+        "started": started.isoformat(),
+        "command": command,
+        "target": dataclasses.asdict(target),
+        "machine": machine,
+        "placement": dataclasses.asdict(bench.placement),
+        "plan": dataclasses.asdict(bench.plan),
+        "load_average": {"before": list(load_before), "after": list(load_after)},
+        "warnings": notes,
+        "rows": report.rows_json(rows, summary, target.name),
+        "summary": report.summary_json(summary),
+        "runs": bench.runs,
+    }
+    (out / "latest.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+    return markdown
+
+
+def fmt_load(values: Sequence[float]) -> str:
+    """Load averages as `0.12 / 0.30 / 0.25`."""
+    return " / ".join(f"{value:.2f}" for value in values)
+
+
+def update_readme(markdown: str) -> None:
+    """Replace the block between the markers in bench/README.md with the latest results."""
+    path = REPO / "bench" / "README.md"
+    start, end = "<!-- latest-results:start -->", "<!-- latest-results:end -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        print(f"note: {path} has no results markers; not updated")
+        return
+    head, _, rest = text.partition(start)
+    _, _, foot = rest.partition(end)
+    body = markdown.replace("# pgws benchmark:", "Latest run:", 1)
+    path.write_text(f"{head}{start}\n{body}\n{end}{foot}")
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 2 minutes)")
+    parser.add_argument("--reps", type=int, help="runs of each scenario (median and spread)")
+    parser.add_argument("--duration", type=float, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, help="seconds of load before measuring")
+    parser.add_argument(
+        "--only", help=f"comma-separated scenario kinds, from: {', '.join(SCENARIO_KINDS)}"
+    )
+    parser.add_argument("--fanout-readers", help="comma-separated, e.g. 100,1000,5000")
+    parser.add_argument("--ingest-writers", help="comma-separated, e.g. 10,100")
+    parser.add_argument("--latency-rates", help="comma-separated msg/s, e.g. 100,1000")
+    parser.add_argument("--connection-steps", help="comma-separated, e.g. 1000,5000,10000")
+    parser.add_argument("--notify-connections", type=int, help="raw psycopg NOTIFY connections")
+    parser.add_argument(
+        "--server-cmd", default=f"{sys.executable} -m pgws serve", help="the server under test"
+    )
+    parser.add_argument("--server-name", default="pgws")
+    parser.add_argument(
+        "--server-env", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+    )
+    parser.add_argument(
+        "--baseline-cmd",
+        default=f"{sys.executable} -m bench.raw_gateway",
+        help="the raw gateway (add --send-loop to try that variant)",
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="measure the server under test only"
+    )
+    parser.add_argument(
+        "--baseline-only", action="store_true", help="measure the baselines only (no pgws)"
+    )
+    parser.add_argument("--pool-size", type=int, default=10, help="PGWS_POOL_SIZE")
+    parser.add_argument("--server-cpus", help="e.g. 0 or 0,1 (default: the first allowed CPU)")
+    parser.add_argument("--loadgen-cpus", help="default: the second allowed CPU")
+    parser.add_argument(
+        "--pg-cpus", default="loadgen", help="'loadgen' (default), 'any' or a list such as 1"
+    )
+    parser.add_argument("--no-pin", action="store_true", help="pin nothing")
+    parser.add_argument("--db-uri", help="use this PostgreSQL instead of a throwaway one")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.* go")
+    parser.add_argument("--readme", action="store_true", help="copy the table into the README")
+    return parser.parse_args(argv)
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    """The plan: FULL or QUICK, then the options on top."""
+    plan = QUICK if args.quick else FULL
+
+    def numbers(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+        return default if text is None else tuple(int(part) for part in text.split(","))
+
+    kinds = plan.kinds
+    if args.only:
+        kinds = tuple(kind for kind in SCENARIO_KINDS if kind in args.only.split(","))
+        unknown = set(args.only.split(",")) - set(SCENARIO_KINDS)
+        if unknown:
+            raise SystemExit(f"--only: unknown scenario kinds: {', '.join(sorted(unknown))}")
+    return dataclasses.replace(
+        plan,
+        reps=args.reps or plan.reps,
+        duration=args.duration or plan.duration,
+        warmup=args.warmup if args.warmup is not None else plan.warmup,
+        fanout_readers=numbers(args.fanout_readers, plan.fanout_readers),
+        ingest_writers=numbers(args.ingest_writers, plan.ingest_writers),
+        latency_rates=numbers(args.latency_rates, plan.latency_rates),
+        connection_steps=numbers(args.connection_steps, plan.connection_steps),
+        notify_connections=args.notify_connections or plan.notify_connections,
+        kinds=kinds if not args.no_baseline else tuple(k for k in kinds if k != "notify"),
+    )
+
+
+@contextlib.contextmanager
+def database(uri: str | None) -> Iterator[tuple[str, int | None]]:
+    """The PostgreSQL to use: a given URI (no CPU accounting), or a throwaway cluster."""
+    if uri:
+        yield uri, None
+        return
+    from pgws.devdb import ThrowawayPostgres
+
+    with ThrowawayPostgres() as postgres:
+        yield postgres.uri, postgres.postmaster_pid()
+
+
+async def main_async(args: argparse.Namespace, command: str) -> int:
+    """Run the suite and write the results; the exit status says whether every run worked."""
+    plan = plan_from(args)
+    placement, notes = placement_from(args)
+    under_test = Target(args.server_name, tuple(shlex.split(args.server_cmd)))
+    baseline = Target(BASELINE, tuple(shlex.split(args.baseline_cmd)))
+    targets = [under_test, baseline]
+    if args.no_baseline:
+        targets = [under_test]
+    if args.baseline_only:
+        targets = [baseline]
+    biggest = max([*plan.connection_steps, *plan.fanout_readers, 0])
+    raise_nofile_limit(biggest + 4096)  # the children inherit it
+    started = datetime.datetime.now(datetime.UTC)
+    raw_dir = args.out / "raw" / started.strftime("%Y%m%d-%H%M%S")
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    load_before = load_average()
+    print(f"machine: {machine['cpu_model']} x{machine['cpus']}; load {fmt_load(load_before)}")
+    print(f"placement: {placement.describe()}; logs in {raw_dir}")
+    with database(args.db_uri) as (db_uri, postmaster):
+        pin_postgres(postmaster, placement.postgres)
+        bench = Bench(
+            db_uri=db_uri,
+            postmaster=postmaster,
+            placement=placement,
+            plan=plan,
+            raw_dir=raw_dir,
+            pool_size=args.pool_size,
+            server_env=dict(item.split("=", 1) for item in args.server_env),
+        )
+        try:
+            await run_suite(bench, targets)
+        finally:
+            (raw_dir / "runs.json").write_text(json.dumps(bench.runs, indent=1, default=str))
+    load_after = load_average()
+    notes += busy_warnings(bench.runs, load_before, load_after, machine["cpus"] or 1)
+    markdown = write_results(
+        out=args.out,
+        bench=bench,
+        target=under_test if not args.baseline_only else baseline,
+        machine=machine,
+        notes=notes,
+        command=command,
+        started=started,
+        load_before=load_before,
+        load_after=load_after,
+    )
+    if args.readme:
+        update_readme(markdown)
+    print()
+    print(markdown)
+    print(f"written: {args.out / 'latest.md'}, latest.json, latest.png")
+    return 1 if any(run.get("error") for run in bench.runs) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run, and make sure no child outlives us whatever happens."""
+    args = parse_args(argv)
+    command = shlex.join(["python", "-m", "bench.run", *(argv or sys.argv[1:])])
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return asyncio.run(main_async(args, command))
+    except KeyboardInterrupt:
+        print("interrupted: stopping every process we started", file=sys.stderr)
+        return 130
+    finally:
+        _kill_groups()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
