@@ -6,8 +6,11 @@ This is the only module that imports psycopg.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -24,6 +27,8 @@ log = structlog.get_logger("pgws.database")
 NOTIFY = "SELECT pg_notify(%s, %s)"
 # How long a NOTIFY may wait for a pool connection before the client is told the database is gone.
 POOL_WAIT = 5.0
+# How long one NOTIFY round trip may take before its connection is presumed dead.
+NOTIFY_TIMEOUT = 5.0
 # Keep the LISTEN connection alive through idle firewalls and notice a dead peer without traffic.
 _KEEPALIVES = {
     "keepalives": "1",
@@ -100,6 +105,30 @@ async def with_retries(
             )
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def sever(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Shut the connection's socket down under it, so whatever awaits it fails at once.
+
+    Cancelling a psycopg query instead would send a cancel request over a new connection, which
+    hangs on exactly the frozen backends and silent networks this is for.
+    """
+    with contextlib.suppress(OSError, psycopg.Error, ValueError):
+        duplicate = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            duplicate.shutdown(socket.SHUT_RDWR)
+        finally:
+            duplicate.close()
+
+
+@contextlib.asynccontextmanager
+async def severed_after(conn: psycopg.AsyncConnection[Any], seconds: float) -> AsyncIterator[None]:
+    """Bound a database round trip: past `seconds` the connection is severed (OperationalError)."""
+    timer = asyncio.get_running_loop().call_later(seconds, sever, conn)
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 class Listener:
@@ -191,17 +220,15 @@ class Listener:
                 on_notify(notify.payload)
             # Only reached with an interval: probe the link, so a frozen backend or a silent
             # network path is noticed within about two intervals, not never.
-            async with asyncio.timeout(max(interval or 0.0, 1.0)):
+            async with severed_after(conn, max(interval or 0.0, 1.0)):
                 await conn.execute("SELECT 1")
 
     async def _discard(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and not conn.closed:
-            try:
-                async with asyncio.timeout(1.0):
-                    await conn.close()
-            except (psycopg.Error, TimeoutError, OSError):
-                conn.pgconn.finish()  # the peer is gone or frozen: drop the socket ourselves
+            sever(conn)  # the peer may be frozen: never wait on it to say goodbye
+            with contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()
 
     async def close(self) -> None:
         """Close the connection (the task running listen_forever is cancelled separately)."""
@@ -215,15 +242,20 @@ class Notifier:
     def __init__(self, config: Config) -> None:
         self._channel = config.listen_channel
         self._retries = config.retries
+        self._conninfo = config.db_uri
+        self._connect_kwargs = {
+            "autocommit": True,
+            **connection_kwargs(config.db_uri, "pgws-notify"),
+        }
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             config.db_uri,
             min_size=config.pool_size,
             max_size=config.pool_size,
-            kwargs={"autocommit": True, **connection_kwargs(config.db_uri, "pgws-notify")},
+            kwargs=self._connect_kwargs,
             open=False,
             name="pgws-notify",
-            reconnect_timeout=0,  # keep trying for as long as we run: the database may come back
         )
+        self._checking: asyncio.Task[None] | None = None
         self.sent = 0
         self.failed = 0
         self.queue_usage: float | None = None  # pg_notification_queue_usage(), when sampled
@@ -237,22 +269,39 @@ class Notifier:
         await with_retries("pool", self._retries, attempt)
 
     async def notify(self, payload: str) -> None:
-        """NOTIFY one payload; a dead pooled connection costs one retry, not the message."""
+        """NOTIFY one payload; a dead pooled connection costs one retry, not the message.
+
+        The retry uses a fresh connection of its own: after a database restart every pooled
+        connection is dead, and the pool only finds out one failure at a time.
+        """
         try:
-            await self._notify_once(payload)
+            async with (
+                self._pool.connection(timeout=POOL_WAIT) as conn,
+                severed_after(conn, NOTIFY_TIMEOUT),
+            ):
+                await conn.execute(NOTIFY, (self._channel, payload))
         except psycopg.OperationalError:
-            await self._pool.check()  # drop every dead connection, so the retry gets a live one
+            self._check_pool_soon()
             try:
-                await self._notify_once(payload)
-            except (psycopg.Error, PoolTimeout) as exc:
+                await self._notify_on_fresh_connection(payload)
+            except (psycopg.Error, OSError, TimeoutError) as exc:
                 self._fail(exc)
         except (psycopg.Error, PoolTimeout) as exc:
             self._fail(exc)
         self.sent += 1
 
-    async def _notify_once(self, payload: str) -> None:
-        async with self._pool.connection(timeout=POOL_WAIT) as conn:
+    async def _notify_on_fresh_connection(self, payload: str) -> None:
+        async with asyncio.timeout(POOL_WAIT):
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._connect_kwargs)
+        async with conn, severed_after(conn, NOTIFY_TIMEOUT):
             await conn.execute(NOTIFY, (self._channel, payload))
+
+    def _check_pool_soon(self) -> None:
+        """Have the pool test its idle connections in the background (one check at a time)."""
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.get_running_loop().create_task(
+                self._pool.check(), name="pool-check"
+            )
 
     async def sample_queue_usage_forever(self, interval: float) -> None:
         """Keep `queue_usage` current: a full queue makes every NOTIFY in the database fail."""
@@ -273,4 +322,10 @@ class Notifier:
 
     async def close(self) -> None:
         """Close the pool; NOTIFYs in flight finish first (bounded by the pool's timeout)."""
-        await self._pool.close(timeout=5.0)
+        if self._checking is not None:
+            self._checking.cancel()
+            with contextlib.suppress(asyncio.CancelledError, psycopg.Error):
+                await self._checking
+        # Sockets are closed by now, so nothing is in flight; workers stuck connecting to a
+        # database that is down must not hold the shutdown past its budget.
+        await self._pool.close(timeout=1.0)

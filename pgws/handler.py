@@ -7,6 +7,7 @@ turn each frame into one NOTIFY per granted channel.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import time
@@ -78,6 +79,25 @@ class Connection(ServerConnection):
             return int(self.transport.get_write_buffer_size())
         except (AttributeError, RuntimeError):
             return -1
+
+
+def tracked_connection_class(tracked: set[ServerConnection]) -> type[Connection]:
+    """A Connection class whose instances sit in `tracked` from TCP accept to TCP close.
+
+    websockets only lists connections once their handshake is done; shutdown must also be able
+    to abort clients that connected and never sent a request.
+    """
+
+    class TrackedConnection(Connection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            tracked.add(self)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            tracked.discard(self)
+            super().connection_lost(exc)
+
+    return TrackedConnection
 
 
 def deliver(connections: Iterable[ServerConnection], message: str) -> None:

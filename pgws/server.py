@@ -23,7 +23,7 @@ from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.database import Listener, Notifier, db_host
 from pgws.errors import ConfigError
-from pgws.handler import Connection, Handler, deliver
+from pgws.handler import Handler, deliver, tracked_connection_class
 from pgws.registry import Registry
 from pgws.systemd import SystemdNotifier
 
@@ -140,6 +140,7 @@ class Gateway:
             metrics=metrics.exposition(self),
         )
         self.server: Server | None = None
+        self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
 
     def is_ready(self) -> bool:
         """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""
@@ -169,7 +170,7 @@ class Gateway:
                 self.handler.handle,
                 sock=sock,
                 process_request=self.handler.check_request,
-                create_connection=Connection,
+                create_connection=tracked_connection_class(self._connections),
                 compression="deflate" if config.compression else None,
                 max_size=config.max_message_size,
                 write_limit=config.client_max_buffer,
@@ -215,18 +216,27 @@ class Gateway:
             sampling.cancel()
 
     async def _close_sockets(self, server: Server) -> None:
-        """Close every socket with 1001; abort the ones that do not go in time."""
+        """Close every socket with 1001; abort the ones that do not go in time.
+
+        The budget is PGWS_SHUTDOWN_TIMEOUT in all: most of it for closing handshakes, the rest
+        for aborting stragglers (stalled readers, clients that never finished their handshake)
+        and closing the database connections.
+        """
+        budget = self.config.shutdown_timeout
         server.close()
         try:
-            async with asyncio.timeout(self.config.shutdown_timeout):
+            async with asyncio.timeout(max(budget - 1.0, budget / 2)):
                 await server.wait_closed()
         except TimeoutError:
-            stuck = [conn for conn in server.connections]
+            stuck = list(self._connections)
             log.warning("sockets_aborted", count=len(stuck))
             for conn in stuck:
                 conn.transport.abort()
-            async with asyncio.timeout(1.0):
-                await server.wait_closed()
+            try:
+                async with asyncio.timeout(0.5):
+                    await server.wait_closed()
+            except TimeoutError:
+                log.error("sockets_left_open", count=len(self._connections))
 
 
 async def run(config: Config, systemd: SystemdNotifier | None = None) -> None:
