@@ -94,6 +94,15 @@ class Tally:
             self._wake_at = math.inf
         return True
 
+    async def wait_progress(self, target: float, idle: float) -> bool:
+        """Wait until the value reaches `target`; False only once it stops moving for `idle` s."""
+        while True:
+            before = self.value
+            if await self.wait_for(target, within=idle):
+                return True
+            if self.value == before:
+                return False
+
     async def wait_quiet(self, quiet: float, within: float, target: float = math.inf) -> None:
         """Wait until the value reaches `target` or stops changing for `quiet` seconds."""
         loop = asyncio.get_running_loop()
@@ -371,7 +380,7 @@ async def probe_until(send: Callable[[], None], tally: Tally, target: int, what:
     for _ in range(_PROBE_TRIES):
         send()
         if await tally.wait_for(target, within=0.5):
-            await tally.wait_quiet(quiet=0.3, within=3)
+            await tally.wait_quiet(quiet=0.2, within=3)
             return
     raise RuntimeError(f"{what}: nothing came through after {_PROBE_TRIES} probes")
 
@@ -416,7 +425,7 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(window - outstanding):
                 send_one()
             target = (sent - sent0 - window // 2) * count + frames0 - credit
-            if not await tally.wait_for(target, within=args.stall_timeout) and running:
+            if not await tally.wait_progress(target, idle=args.stall_timeout) and running:
                 stalls += 1
                 credit = (sent - sent0) * count - (tally.value - frames0)
 
@@ -475,7 +484,7 @@ async def _closed_loop(
                 send(sent)
                 sent += 1
             target = seen0 + sent - credit - window // 2
-            if not await seen.wait_for(target, args.stall_timeout) and running:
+            if not await seen.wait_progress(target, idle=args.stall_timeout) and running:
                 stalls += 1
                 credit = sent - (seen.value - seen0)
 
@@ -692,7 +701,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--stall-timeout",
         type=float,
         default=1.0,
-        help="a closed loop gives up waiting after this and writes the rest off",
+        help="a closed loop that sees no progress for this long writes the rest off",
     )
     common.add_argument("--payload-size", type=int, default=150, help="bytes of filler")
     common.add_argument("--connect-concurrency", type=int, default=64)
@@ -705,7 +714,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     fan.add_argument(
         "--window-frames",
         type=int,
-        default=20000,
+        default=100000,
         help="frames in flight: window = this / readers messages, at least 2",
     )
     ing = sub.add_parser("ingest", parents=[common])

@@ -167,8 +167,9 @@ def table(rows: Sequence[Row], summary: Summary, target: str) -> str:
 def diagnostics(summary: Summary) -> str:
     """Where the CPU went in each scenario: one line per target and scenario."""
     lines = [
-        "| target | scenario | server CPU | loadgen CPU | PostgreSQL CPU | other CPU | steal |",
-        "|---|---|---|---|---|---|---|",
+        "| target | scenario | server CPU | server waited | loadgen CPU | loadgen waited "
+        "| PostgreSQL CPU | other CPU | steal |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for target, scenarios in summary.items():
         for scenario, metrics in scenarios.items():
@@ -180,7 +181,9 @@ def diagnostics(summary: Summary) -> str:
                     cell(metrics.get(name), "pct")
                     for name in (
                         "server_cpu_pct",
+                        "server_wait_pct",
                         "loadgen_cpu_pct",
+                        "loadgen_wait_pct",
                         "pg_cpu_pct",
                         "other_cpu_pct",
                         "steal_pct",

@@ -6,7 +6,7 @@ one core, drives them with `bench.loadgen` pinned to another, and samples CPU an
 every process involved. Raw psycopg NOTIFY (no gateway) is measured alongside. Writes
 bench/results/latest.{md,json,png}; logs and per-run records go to bench/results/raw/.
 
-    python -m bench.run                 # full suite, about 8 minutes
+    python -m bench.run                 # full suite, about 7 minutes
     python -m bench.run --quick         # every scenario, shorter and fewer runs, under 2 minutes
     python -m bench.run --server-cmd "pgws serve" --only fanout,latency --reps 5
 """
@@ -55,7 +55,8 @@ STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 SETTLE = 0.5  # seconds for a server to finish its work on new sockets before measuring memory
 BUSY_LOAD = 0.5  # 1-minute load average per core above which the machine counts as busy
 BUSY_OTHER_PCT = 15.0  # CPU % (of one core) used by processes not ours during a measurement
-LOADGEN_LIMIT_PCT = 85.0  # above this the load generator may itself be the limit
+BUSY_WAIT_PCT = 5.0  # % of a measurement the server was runnable but not running
+LOADGEN_LIMIT_PCT = 90.0  # loadgen CPU + run-queue wait above this: it may be the limit
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,7 +87,7 @@ FULL = Plan(
     notify_connections=2,
     kinds=SCENARIO_KINDS,
 )
-QUICK = dataclasses.replace(FULL, reps=2, warmup=0.5, duration=1.0)
+QUICK = dataclasses.replace(FULL, reps=2, warmup=0.3, duration=1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +218,20 @@ def cpu_by_pid(pid: int | None) -> dict[int, float]:
     return result
 
 
+def runqueue_wait(pid: int | None) -> float:
+    """Seconds the threads of a process tree spent runnable but waiting for a CPU.
+
+    From /proc/<pid>/task/<tid>/schedstat (second field, ns): on a pinned process this is
+    time taken by someone else on its core, the most direct sign of a busy machine.
+    """
+    total = 0
+    for process in process_tree(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for task in Path(f"/proc/{process.pid}/task").iterdir():
+                total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def rss_bytes(pid: int | None) -> int:
     """Resident memory of a process tree."""
     total = 0
@@ -237,6 +252,8 @@ class Snapshot:
     runner: float
     busy: float  # user + nice + system over all CPUs (irq and softirq left out)
     steal: float
+    server_wait: float
+    loadgen_wait: float
 
 
 class Sampler:
@@ -258,6 +275,8 @@ class Sampler:
             runner=runner.user + runner.system,
             busy=system.user + system.nice + system.system,
             steal=getattr(system, "steal", 0.0),
+            server_wait=runqueue_wait(server),
+            loadgen_wait=runqueue_wait(loadgen),
         )
 
     @staticmethod
@@ -268,6 +287,7 @@ class Sampler:
             return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
         wall = server = postgres = loadgen = runner = busy = steal = 0.0
+        server_wait = loadgen_wait = 0.0
         for start, end in windows:
             wall += end.wall - start.wall
             server += used(start.server, end.server)
@@ -276,6 +296,8 @@ class Sampler:
             runner += end.runner - start.runner
             busy += end.busy - start.busy
             steal += end.steal - start.steal
+            server_wait += end.server_wait - start.server_wait
+            loadgen_wait += end.loadgen_wait - start.loadgen_wait
         ours = server + postgres + loadgen + runner
         return {
             "server_cpu_pct": 100 * server / wall,
@@ -283,6 +305,8 @@ class Sampler:
             "loadgen_cpu_pct": 100 * loadgen / wall,
             "other_cpu_pct": max(0.0, 100 * (busy - ours) / wall),
             "steal_pct": 100 * steal / wall,
+            "server_wait_pct": 100 * server_wait / wall,
+            "loadgen_wait_pct": 100 * loadgen_wait / wall,
         }
 
 
@@ -471,9 +495,11 @@ def connection_metrics(rss_before: int, checkpoints: list[dict[str, Any]]) -> di
 def headline(scenario: str, metrics: dict[str, Any]) -> str:
     """A short progress line for one run."""
     cpu = (
-        f"server {metrics.get('server_cpu_pct', 0):.0f}% "
+        f"CPU: server {metrics.get('server_cpu_pct', 0):.0f}% "
+        f"(+{metrics.get('server_wait_pct', 0):.0f}% waiting), "
         f"loadgen {metrics.get('loadgen_cpu_pct', 0):.0f}% "
-        f"pg {metrics.get('pg_cpu_pct', 0):.0f}% other {metrics.get('other_cpu_pct', 0):.0f}%"
+        f"(+{metrics.get('loadgen_wait_pct', 0):.0f}%), "
+        f"pg {metrics.get('pg_cpu_pct', 0):.0f}%, other {metrics.get('other_cpu_pct', 0):.0f}%"
     )
     if scenario.startswith("fanout"):
         return f"{metrics['delivered_per_s']:,.0f} msg/s, loss {metrics['loss_frac']:.2%}; {cpu}"
@@ -805,18 +831,32 @@ def busy_warnings(
             f"{len(noisy)} of {len(measured)} measurements had other processes using more than "
             f"{BUSY_OTHER_PCT:.0f}% of a core (worst {worst:.0f}%): those figures are noisy"
         )
+    waiting = [run for run in measured if run["metrics"].get("server_wait_pct", 0) > BUSY_WAIT_PCT]
+    if waiting:
+        worst = max(run["metrics"]["server_wait_pct"] for run in waiting)
+        notes.append(
+            f"in {len(waiting)} of {len(measured)} measurements the server waited for its CPU "
+            f"more than {BUSY_WAIT_PCT:.0f}% of the time (worst {worst:.0f}%): something else "
+            "ran on its core, so its figures there are low"
+        )
     steal = [run for run in measured if run["metrics"].get("steal_pct", 0) > 5]
     if steal:
         notes.append(f"{len(steal)} measurements saw CPU steal above 5% (a busy VM host)")
+
+    def loadgen_busy(run: dict[str, Any]) -> float:
+        metrics = run["metrics"]
+        return float(metrics.get("loadgen_cpu_pct", 0) + metrics.get("loadgen_wait_pct", 0))
+
     bound = [
-        f"{run['target']} {run['scenario']} ({run['metrics']['loadgen_cpu_pct']:.0f}%)"
+        f"{run['target']} {run['scenario']} ({loadgen_busy(run):.0f}%)"
         for run in measured
-        if run["metrics"].get("loadgen_cpu_pct", 0) > LOADGEN_LIMIT_PCT
+        if loadgen_busy(run) > LOADGEN_LIMIT_PCT
     ]
     if bound:
         notes.append(
-            f"the load generator used more than {LOADGEN_LIMIT_PCT:.0f}% of its core in "
-            f"{len(bound)} measurements, so it may have been the limit there: "
+            f"the load generator was running or waiting to run more than "
+            f"{LOADGEN_LIMIT_PCT:.0f}% of the time in {len(bound)} measurements (its core is "
+            "shared with PostgreSQL), so it may have been the limit there: "
             + ", ".join(bound[:8])
             + (" …" if len(bound) > 8 else "")
         )
