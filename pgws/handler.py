@@ -147,6 +147,8 @@ class Handler:
         """Requests that are not upgrades: health, readiness, metrics, then static files."""
         path = request.path.split("?", 1)[0]
         head = request.method == "HEAD"
+        if path in ("/health", "/ready", "/metrics") and request.method not in ("GET", "HEAD"):
+            return web.serve_plain(None, request)  # the 405 static files get
         if path == "/health":
             return web.text(HTTPStatus.OK, "ok\n", head=head)
         if path == "/ready":

@@ -17,8 +17,9 @@ from typing import Any
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
 
-from pgws import __version__, metrics
+from pgws import __version__, metrics, web
 from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.database import Listener, Notifier, db_host
@@ -120,6 +121,35 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+# asyncio reports a failed accept (a TLS handshake included) with this message, in debug mode.
+_ACCEPT_FAILED = "Error on transport creation for incoming connection"
+
+
+def quiet_tls_failures(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Loop exception handler: a client's failed TLS handshake is one INFO line, not an ERROR.
+
+    A plain ws:// client or an HTTP probe on the wss:// port is the client's mistake; every other
+    error goes to the default handler unchanged.
+    """
+    exc = context.get("exception")
+    if context.get("message") == _ACCEPT_FAILED and isinstance(exc, ssl.SSLError | ConnectionError):
+        reason = exc.reason if isinstance(exc, ssl.SSLError) else type(exc).__name__
+        log.info("tls_handshake_failed", error=reason)
+        return
+    loop.default_exception_handler(context)
+
+
+def add_security_headers(
+    connection: ServerConnection, request: Request, response: Response
+) -> Response:
+    """process_response: websockets' own refusals (400, 414, 431…) get pgws's headers too."""
+    if response.status_code != 101:
+        for name, value in web.SECURITY_HEADERS.items():
+            if name not in response.headers:
+                response.headers[name] = value
+    return response
+
+
 class Gateway:
     """The running parts of one pgws process, exposed for the CLI, health checks and tests."""
 
@@ -163,6 +193,9 @@ class Gateway:
         # Bound first, so a taken port fails at once rather than after the database retries;
         # connections are only accepted once serve() listens, after the database is up.
         sock = listen_socket(config.host, config.port)
+        loop = asyncio.get_running_loop()
+        previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(quiet_tls_failures)
         try:
             await self.listener.connect()
             await self.notifier.open()
@@ -170,6 +203,7 @@ class Gateway:
                 self.handler.handle,
                 sock=sock,
                 process_request=self.handler.check_request,
+                process_response=add_security_headers,
                 create_connection=tracked_connection_class(self._connections),
                 compression="deflate" if config.compression else None,
                 max_size=config.max_message_size,
@@ -187,6 +221,7 @@ class Gateway:
                     log.info("server_stopping", sockets=len(server.connections))
                     await self._close_sockets(server)
         finally:
+            loop.set_exception_handler(previous_handler)
             sock.close()  # already closed by the server if it got that far
             await self.notifier.close()
             await self.listener.close()

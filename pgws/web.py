@@ -18,7 +18,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 # Tokens travel in URLs: never leak them to other sites through the Referer header.
-_SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 _MAX_FILE = 16 * 1024 * 1024
 _ALLOWED_METHODS = ("GET", "HEAD")
 # Fixed, so a file is served the same on every machine (mimetypes reads /etc/mime.types).
@@ -58,7 +58,7 @@ def respond(
             "Content-Type": content_type,
             "Content-Length": str(len(body)),
             "Connection": "close",
-            **_SECURITY_HEADERS,
+            **SECURITY_HEADERS,
             **(extra or {}),
         }
     )

@@ -97,13 +97,13 @@ def test_only_a_certificate_file_exits_78(tmp_path: Path) -> None:
 
 
 def test_unloadable_tls_files_exit_78_before_touching_the_database(tmp_path: Path) -> None:
-    """TLS files that are not a certificate and key exit 78 naming PGWS_KEY_FILE, not 69."""
+    """TLS files that are not a certificate and key exit 78 naming the bad file, not 69."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_text("not a certificate\n")
     key.write_text("not a key\n")
     env = {**BASE, "PGWS_CERTIFICATE_FILE": str(cert), "PGWS_KEY_FILE": str(key)}
     line = config_error_line(pgws("serve", env=env))
-    assert line.startswith("Error: PGWS_KEY_FILE: ")
+    assert line.startswith("Error: PGWS_CERTIFICATE_FILE: ")
 
 
 def test_public_key_as_plain_secret_exits_78() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -9,6 +10,7 @@ import psycopg
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import (
+    TIMEOUT,
     Running,
     StartGateway,
     channel_name,
@@ -118,3 +120,34 @@ async def test_reserved_paths_win_over_static_files(
     gateway: Running = await start_gateway(root_path=tmp_path.resolve())
     status, _, body = await http_get(gateway, "/health")
     assert (status, body) == (200, b"ok\n")
+
+
+async def raw_request(gateway: Running, request: bytes) -> bytes:
+    """Send raw bytes, return the raw response (the server closes after it)."""
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.gateway.port)
+        writer.write(request)
+        await writer.drain()
+        response = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    return response
+
+
+async def test_reserved_paths_take_only_get_and_head(gateway: Running) -> None:
+    """POST /metrics is 405 like any other non-GET request."""
+    response = await raw_request(gateway, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 405")
+
+
+async def test_websockets_own_refusals_carry_the_security_headers(gateway: Running) -> None:
+    """A broken upgrade refused by websockets itself still gets nosniff and no-referrer."""
+    token = make_token({"mode": "r"})
+    request = (
+        f"GET /x/{token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    response = await raw_request(gateway, request.encode())  # no Sec-WebSocket-Key: 400
+    head = response.partition(b"\r\n\r\n")[0].decode().lower()
+    assert head.startswith("http/1.1 400")
+    assert "x-content-type-options: nosniff" in head
+    assert "referrer-policy: no-referrer" in head

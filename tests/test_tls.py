@@ -199,15 +199,7 @@ async def test_leaf_without_its_intermediate_does_not_verify(
     "debug",
     [
         False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="asyncio debug mode logs 'Error on transport creation for incoming "
-                "connection' at ERROR with a traceback; needs a loop exception handler in "
-                "Gateway.run (reported, outside this file's scope)",
-            ),
-        ),
+        True,
     ],
     ids=["normal", "asyncio-debug"],
 )
