@@ -34,6 +34,12 @@ _ASYMMETRIC = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
 )  # fmt: skip
 INVALID = "invalid token"
+DEFAULT_MAX_CHANNELS = 100
+
+
+def token_shaped(value: str) -> bool:
+    """Whether `value` has a JWT's compact shape (three base64url parts), without verifying it."""
+    return len(value) <= MAX_TOKEN_LENGTH and _TOKEN_SHAPE.fullmatch(value) is not None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,28 +68,43 @@ class _Key:
     algorithm: str
     key: Any  # a jose Key, prepared once
     can_sign: bool
+    secret_size: int | None = None  # bytes of an HMAC secret
 
 
 class Verifier:
     """Checks tokens against the configured key(s); built once at start-up from PGWS_JWT_SECRET."""
 
-    def __init__(self, keys: Sequence[_Key]) -> None:
+    def __init__(
+        self, keys: Sequence[_Key], *, audience: str | None = None, issuer: str | None = None
+    ) -> None:
         if not keys:
             raise ConfigError("PGWS_JWT_SECRET", "holds no usable key")
         self._keys = tuple(keys)
+        self._audience = audience
+        self._issuer = issuer
 
     @classmethod
-    def from_secret(cls, secret: bytes) -> Verifier:
+    def from_secret(
+        cls, secret: bytes, *, audience: str | None = None, issuer: str | None = None
+    ) -> Verifier:
         """A plain secret is an HS256 key; a JSON object is a JWK, or a JWKS with `keys`."""
         document = _json_object(secret)
         if document is None:
-            return cls([_hmac_key(secret, None, "HS256")])
-        if "keys" in document:
+            keys = [_hmac_key(secret, None, "HS256")]
+        elif "keys" in document:
             entries = document["keys"]
             if not isinstance(entries, list) or not entries:
                 raise ConfigError("PGWS_JWT_SECRET", "a JWKS needs a non-empty list of keys")
-            return cls([_jwk_key(entry, index) for index, entry in enumerate(entries)])
-        return cls([_jwk_key(document, None)])
+            keys = [_jwk_key(entry, index) for index, entry in enumerate(entries)]
+        else:
+            keys = [_jwk_key(document, None)]
+        return cls(keys, audience=audience, issuer=issuer)
+
+    @property
+    def weakest_secret(self) -> int | None:
+        """Bytes in the shortest HMAC secret (RFC 7518 wants at least 32 for HS256), if any."""
+        sizes = [key.secret_size for key in self._keys if key.secret_size is not None]
+        return min(sizes) if sizes else None
 
     @property
     def algorithms(self) -> tuple[str, ...]:
@@ -100,7 +121,7 @@ class Verifier:
 
     def verify(self, token: str, now: float | None = None) -> dict[str, Any]:
         """Return the token's claims; raise Unauthorized (or TokenExpired) when it does not hold."""
-        if len(token) > MAX_TOKEN_LENGTH or not _TOKEN_SHAPE.fullmatch(token):
+        if not token_shaped(token):
             raise Unauthorized(INVALID)
         try:
             header = jws.get_unverified_header(token)
@@ -127,28 +148,56 @@ class Verifier:
         if claims is None:
             raise Unauthorized(INVALID)
         _check_times(claims, time.time() if now is None else now)
+        if self._audience is not None and not _has_audience(claims, self._audience):
+            raise Unauthorized(INVALID)
+        if self._issuer is not None and claims.get("iss") != self._issuer:
+            raise Unauthorized(INVALID)
         return claims
 
 
-def authorize(verifier: Verifier, path: str, now: float | None = None) -> Grant:
-    """Turn a request path (`/<jwt>` or `/<channel>/<jwt>`, query ignored) into a Grant.
+def _has_audience(claims: Mapping[str, Any], audience: str) -> bool:
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        return aud == audience
+    return isinstance(aud, list) and audience in aud
 
-    Raises BadRequest (400) for a malformed path, Unauthorized (401) for a token that does not
-    verify and Forbidden (403) for a valid token that grants nothing here (SPEC 2).
+
+def authorize(
+    verifier: Verifier,
+    path: str,
+    now: float | None = None,
+    *,
+    header_token: str | None = None,
+    max_channels: int = DEFAULT_MAX_CHANNELS,
+) -> Grant:
+    """Turn a request into a Grant: the path, plus a token from a header when there is one.
+
+    Paths are `/<jwt>` or `/<channel>/<jwt>` (query ignored); with `header_token` (Authorization
+    or Sec-WebSocket-Protocol) they are `/` or `/<channel>`. Raises BadRequest (400) for a
+    malformed path, Unauthorized (401) for a token that does not verify and Forbidden (403) for a
+    valid token that grants nothing here (SPEC 2).
     """
-    requested, token = parse_path(path)
+    if header_token is None:
+        requested, token = parse_path(path)
+    else:
+        requested, token = parse_channel_path(path), header_token
     claims = verifier.verify(token, now)
-    return grant_for(claims, requested)
+    return grant_for(claims, requested, max_channels)
 
 
-def parse_path(path: str) -> tuple[str | None, str]:
-    """Split a request path into (channel or None, token); raise BadRequest when malformed."""
+def _segments(path: str) -> list[str]:
     path = path.split("?", 1)[0].split("#", 1)[0]
     if not path.startswith("/"):
         raise BadRequest("bad request: the path must start with /")
     segments = path[1:].split("/")
     if len(segments) > 1 and segments[-1] == "":
         segments.pop()  # a trailing slash
+    return segments
+
+
+def parse_path(path: str) -> tuple[str | None, str]:
+    """Split a request path into (channel or None, token); raise BadRequest when malformed."""
+    segments = _segments(path)
     if len(segments) == 1:
         if not segments[0]:
             raise Unauthorized(INVALID)
@@ -158,7 +207,19 @@ def parse_path(path: str) -> tuple[str | None, str]:
     return _decode_channel(segments[0]), segments[1]
 
 
-def grant_for(claims: Mapping[str, Any], requested: str | None) -> Grant:
+def parse_channel_path(path: str) -> str | None:
+    """The channel of a path when the token came in a header: `/` (None) or `/<channel>`."""
+    segments = _segments(path)
+    if segments == [""]:
+        return None
+    if len(segments) != 1:
+        raise BadRequest("bad request: with a token header the path is / or /<channel>")
+    return _decode_channel(segments[0])
+
+
+def grant_for(
+    claims: Mapping[str, Any], requested: str | None, max_channels: int = DEFAULT_MAX_CHANNELS
+) -> Grant:
     """Apply SPEC 2 rules 2-5 to verified claims and the channel named in the path, if any."""
     if "mode" not in claims:
         raise Forbidden("missing mode")
@@ -173,6 +234,8 @@ def grant_for(claims: Mapping[str, Any], requested: str | None) -> Grant:
     else:
         if not allowed:
             raise Forbidden("no channels")
+        if len(allowed) > max_channels:
+            raise Forbidden(f"too many channels: at most {max_channels}")
         channels = allowed
     exp = claims.get("exp")
     return Grant(
@@ -243,7 +306,7 @@ def _hmac_key(secret: bytes, kid: str | None, algorithm: str) -> _Key:
         key = jwk.construct(secret, algorithm)
     except JOSEError:
         raise ConfigError("PGWS_JWT_SECRET", "is not a usable HMAC secret") from None
-    return _Key(kid=kid, algorithm=algorithm, key=key, can_sign=True)
+    return _Key(kid=kid, algorithm=algorithm, key=key, can_sign=True, secret_size=len(secret))
 
 
 def _jwk_key(entry: object, index: int | None) -> _Key:
@@ -265,7 +328,8 @@ def _jwk_key(entry: object, index: int | None) -> _Key:
     except (JOSEError, ValueError, TypeError, KeyError):
         raise ConfigError("PGWS_JWT_SECRET", f"{where} is not a valid {algorithm} key") from None
     can_sign = kty == "oct" or "d" in entry
-    return _Key(kid=kid, algorithm=algorithm, key=key, can_sign=can_sign)
+    size = len(getattr(key, "prepared_key", b"")) if kty == "oct" else None  # HMACKey's secret
+    return _Key(kid=kid, algorithm=algorithm, key=key, can_sign=can_sign, secret_size=size)
 
 
 def _looks_like_public_key(secret: bytes) -> bool:

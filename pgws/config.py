@@ -13,6 +13,7 @@ import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dotenv.parser import parse_stream
 
@@ -75,6 +76,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("PGWS_COMPRESSION", "false", "offer permessage-deflate (costs ~50 KiB per socket)"),
     Setting("PGWS_SHUTDOWN_TIMEOUT", "5", "seconds allowed for a clean shutdown"),
+    Setting("PGWS_MAX_CHANNELS", "100", "most channels one socket may use"),
+    Setting("PGWS_MAX_CONNECTIONS", None, "most open sockets; more get HTTP 503"),
+    Setting("PGWS_JWT_AUDIENCE", None, "required `aud` of every token"),
+    Setting("PGWS_JWT_ISSUER", None, "required `iss` of every token"),
+    Setting(
+        "PGWS_ALLOWED_ORIGINS",
+        None,
+        "comma-separated Origins browsers may connect from (e.g. https://app.example.com)",
+    ),
 )
 
 
@@ -98,6 +108,11 @@ class Config:
     client_max_buffer: int = 1024 * 1024
     compression: bool = False
     shutdown_timeout: float = 5.0
+    max_channels: int = 100
+    max_connections: int | None = None  # None = no limit
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    allowed_origins: frozenset[str] | None = None  # None = any Origin
 
     @property
     def tls(self) -> bool:
@@ -133,6 +148,11 @@ class Config:
             ),
             compression=_bool(env, "PGWS_COMPRESSION", default=False),
             shutdown_timeout=_seconds(env, "PGWS_SHUTDOWN_TIMEOUT", 5.0),
+            max_channels=_int(env, "PGWS_MAX_CHANNELS", 100, minimum=1, maximum=100_000),
+            max_connections=_optional_int(env, "PGWS_MAX_CONNECTIONS", minimum=1),
+            jwt_audience=_raw(env, "PGWS_JWT_AUDIENCE"),
+            jwt_issuer=_raw(env, "PGWS_JWT_ISSUER"),
+            allowed_origins=_origins(env, "PGWS_ALLOWED_ORIGINS"),
         )
 
 
@@ -223,6 +243,30 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maxim
     if not minimum <= number <= maximum:
         raise ConfigError(name, f"must be between {minimum} and {maximum}, got {number}")
     return number
+
+
+def _optional_int(env: Mapping[str, str], name: str, *, minimum: int) -> int | None:
+    if _raw(env, name) is None:
+        return None
+    return _int(env, name, minimum, minimum=minimum, maximum=10_000_000)
+
+
+def _origins(env: Mapping[str, str], name: str) -> frozenset[str] | None:
+    """Origins as browsers send them: scheme://host[:port], compared case-insensitively."""
+    value = _raw(env, name)
+    if value is None:
+        return None
+    origins = set()
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        parsed = urlsplit(item)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path.strip("/"):
+            raise ConfigError(name, f"expected origins like https://app.example.com, got {item!r}")
+        origins.add(f"{parsed.scheme}://{parsed.netloc}".lower())
+    if not origins:
+        raise ConfigError(name, "lists no origin")
+    return frozenset(origins)
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

@@ -51,6 +51,12 @@ class Forbidden(HandshakeRefused):
     status = 403
 
 
+class ServiceUnavailable(HandshakeRefused):
+    """The server cannot take another socket right now (PGWS_MAX_CONNECTIONS)."""
+
+    status = 503
+
+
 class MessageRefused(PgwsError):
     """A client frame that cannot become a NOTIFY; the socket is closed with `close_code`."""
 

@@ -11,7 +11,7 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import cast
 
@@ -20,12 +20,19 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.typing import Subprotocol
 
 from pgws import web
-from pgws.claims import Grant, Verifier, authorize
+from pgws.claims import Grant, Verifier, authorize, token_shaped
 from pgws.config import Config
 from pgws.envelope import EnvelopeWriter
-from pgws.errors import HandshakeRefused, MessageRefused, MessageTooBig
+from pgws.errors import (
+    Forbidden,
+    HandshakeRefused,
+    MessageRefused,
+    MessageTooBig,
+    ServiceUnavailable,
+)
 from pgws.registry import Registry
 
 log = structlog.get_logger("pgws.handler")
@@ -131,7 +138,15 @@ class Handler:
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return self._plain(request)
         try:
-            grant = authorize(self._verifier, request.path, self._clock())
+            self._check_origin(request)
+            self._check_capacity()
+            grant = authorize(
+                self._verifier,
+                request.path,
+                self._clock(),
+                header_token=token_from_headers(request),
+                max_channels=self._config.max_channels,
+            )
         except HandshakeRefused as exc:
             self.stats.rejected[_reason_label(exc)] += 1
             log.info(
@@ -142,6 +157,20 @@ class Handler:
         conn.grant = grant
         conn.stats = self.stats
         return None
+
+    def _check_origin(self, request: Request) -> None:
+        """PGWS_ALLOWED_ORIGINS: browsers elsewhere are refused (clients sending none are not)."""
+        allowed = self._config.allowed_origins
+        if allowed is None:
+            return
+        origins = request.headers.get_all("Origin")
+        if origins and any(origin.strip().lower().rstrip("/") not in allowed for origin in origins):
+            raise Forbidden("origin not allowed")
+
+    def _check_capacity(self) -> None:
+        limit = self._config.max_connections
+        if limit is not None and sum(self.stats.open_by_mode.values()) >= limit:
+            raise ServiceUnavailable("too many connections")
 
     def _plain(self, request: Request) -> Response:
         """Requests that are not upgrades: health, readiness, metrics, then static files."""
@@ -227,13 +256,50 @@ class Handler:
             log.warning("meta_event_failed", meta_event=event, error=str(exc))
 
 
+def token_from_headers(request: Request) -> str | None:
+    """A token sent outside the URL: `Authorization: Bearer <jwt>`, or a JWT-shaped value of
+    Sec-WebSocket-Protocol (what browsers can send). URLs end up in proxy logs; headers less so.
+    """
+    for value in request.headers.get_all("Authorization"):
+        scheme, _, credentials = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    for offered in _offered_subprotocols(request):
+        if token_shaped(offered):
+            return offered
+    return None
+
+
+def select_subprotocol(
+    connection: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """websockets' select_subprotocol: answer a token-carrying offer, as browsers require.
+
+    `new WebSocket(url, ["jwt", token])` gets "jwt" back; `new WebSocket(url, [token])` gets its
+    own value back. Offers without a token negotiate nothing.
+    """
+    if not any(token_shaped(value) for value in offered):
+        return None
+    if "jwt" in offered:
+        return Subprotocol("jwt")
+    return next(value for value in offered if token_shaped(value))
+
+
+def _offered_subprotocols(request: Request) -> list[str]:
+    return [
+        item.strip()
+        for header in request.headers.get_all("Sec-WebSocket-Protocol")
+        for item in header.split(",")
+        if item.strip()
+    ]
+
+
 def _reason_label(exc: HandshakeRefused) -> str:
     """A bounded label for the rejection metric (reasons can hold channel names)."""
     text = str(exc)
-    if text.startswith("not allowed"):
-        return "not_allowed"
-    if text.startswith("bad request"):
-        return "bad_request"
+    for prefix in ("not allowed", "bad request", "too many channels"):
+        if text.startswith(prefix):
+            return prefix.replace(" ", "_")
     return text.replace(" ", "_")
 
 

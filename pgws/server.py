@@ -24,7 +24,7 @@ from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.database import Listener, Notifier, db_host
 from pgws.errors import ConfigError
-from pgws.handler import Handler, deliver, tracked_connection_class
+from pgws.handler import Handler, deliver, select_subprotocol, tracked_connection_class
 from pgws.registry import Registry
 from pgws.systemd import SystemdNotifier
 
@@ -155,7 +155,9 @@ class Gateway:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.verifier = Verifier.from_secret(config.jwt_secret)
+        self.verifier = Verifier.from_secret(
+            config.jwt_secret, audience=config.jwt_audience, issuer=config.jwt_issuer
+        )
         self.ssl = tls_context(config)
         self.notifier = Notifier(config)
         self.registry: Registry[ServerConnection] = Registry(
@@ -193,6 +195,9 @@ class Gateway:
         # Bound first, so a taken port fails at once rather than after the database retries;
         # connections are only accepted once serve() listens, after the database is up.
         sock = listen_socket(config.host, config.port)
+        weakest = self.verifier.weakest_secret
+        if weakest is not None and weakest < 32:
+            log.warning("jwt_secret_weak", bytes=weakest, advice="use at least 32 random bytes")
         loop = asyncio.get_running_loop()
         previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(quiet_tls_failures)
@@ -204,6 +209,7 @@ class Gateway:
                 sock=sock,
                 process_request=self.handler.check_request,
                 process_response=add_security_headers,
+                select_subprotocol=select_subprotocol,
                 create_connection=tracked_connection_class(self._connections),
                 compression="deflate" if config.compression else None,
                 max_size=config.max_message_size,
