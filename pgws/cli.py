@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+import structlog
 
 from pgws import __version__, logs
 from pgws.claims import Verifier, issue_token
 from pgws.config import SETTINGS, Config, parse_env_file, read_jwt_secret
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
-from pgws.server import run
+from pgws.server import run, tls_context
 from pgws.systemd import SystemdNotifier
+from pgws.workers import supervise, worker_id
 
 
 def _settings_help() -> str:
@@ -69,19 +71,51 @@ env_file_option = click.option(
     default=None,
     help="Log format (default: JSON unless stderr is a terminal).",
 )
-def serve(env_file: Path | None, json_logs: bool | None) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Processes sharing the port (overrides PGWS_WORKERS).",
+)
+def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) -> None:
     """Run the gateway."""
     try:
-        config = Config.from_env(load_env(env_file))
+        env = load_env(env_file)
+        if workers is not None:
+            env["PGWS_WORKERS"] = str(workers)
+        config = Config.from_env(env)
+        ident = worker_id(os.environ)
+        if config.workers > 1 and ident is None:
+            # Everything a worker would refuse is refused here, once, before any process starts.
+            Verifier.from_secret(config.jwt_secret)
+            tls_context(config)
     except ConfigError as exc:
         fail(exc)
     logs.configure(json=json_logs)
+    systemd = SystemdNotifier.from_env(os.environ)
     try:
-        asyncio.run(run(config, SystemdNotifier.from_env(os.environ)))
+        if config.workers > 1 and ident is None:
+            sys.exit(asyncio.run(supervise(config, env, systemd)))
+        if ident is not None:
+            structlog.contextvars.bind_contextvars(worker=ident)
+        with event_loop_runner(config.uvloop) as runner:
+            runner.run(run(config, systemd, reuse_port=ident is not None))
     except (PgwsError, BaseExceptionGroup) as exc:
         if (error := first_pgws_error(exc)) is None:
             raise
         fail(error)
+
+
+def event_loop_runner(use_uvloop: bool) -> asyncio.Runner:
+    """An asyncio runner on uvloop when it is installed and wanted, else the default loop."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return asyncio.Runner()
 
 
 def _parse_claim(text: str) -> tuple[str, Any]:

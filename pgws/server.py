@@ -153,8 +153,9 @@ def add_security_headers(
 class Gateway:
     """The running parts of one pgws process, exposed for the CLI, health checks and tests."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
         self.config = config
+        self._reuse_port = reuse_port  # a worker sharing the port with its siblings
         self.verifier = Verifier.from_secret(
             config.jwt_secret, audience=config.jwt_audience, issuer=config.jwt_issuer
         )
@@ -194,7 +195,7 @@ class Gateway:
         config = self.config
         # Bound first, so a taken port fails at once rather than after the database retries;
         # connections are only accepted once serve() listens, after the database is up.
-        sock = listen_socket(config.host, config.port)
+        sock = listen_socket(config.host, config.port, reuse_port=self._reuse_port)
         weakest = self.verifier.weakest_secret
         if weakest is not None and weakest < 32:
             log.warning("jwt_secret_weak", bytes=weakest, advice="use at least 32 random bytes")
@@ -248,6 +249,7 @@ class Gateway:
                 tls=self.ssl is not None,
                 db_host=db_host(self.config.db_uri),
                 listen_channel=self.config.listen_channel,
+                event_loop=type(asyncio.get_running_loop()).__module__,
                 version=__version__,
             )
             if on_ready is not None:
@@ -280,10 +282,12 @@ class Gateway:
                 log.error("sockets_left_open", count=len(self._connections))
 
 
-async def run(config: Config, systemd: SystemdNotifier | None = None) -> None:
+async def run(
+    config: Config, systemd: SystemdNotifier | None = None, *, reuse_port: bool = False
+) -> None:
     """Run pgws until SIGTERM/SIGINT (or a fatal error, which propagates)."""
     systemd = systemd or SystemdNotifier(None)
-    gateway = Gateway(config)
+    gateway = Gateway(config, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
