@@ -29,11 +29,12 @@ from pgws.workers import supervise, worker_id
 def _settings_help() -> str:
     lines = ["\b", "Settings (environment variables; the environment wins over --env-file):"]
     for setting in SETTINGS:
-        default = (
-            "required"
-            if setting.default is None and "required" in setting.help
-            else (f"default {setting.default}" if setting.default is not None else "unset")
-        )
+        if setting.required:
+            default = "required"
+        elif setting.default is not None:
+            default = f"default {setting.default}"
+        else:
+            default = "unset by default"
         lines.append(f"  {setting.name:<30} {setting.help} ({default})")
     return "\n".join(lines)
 

@@ -36,14 +36,16 @@ class Setting:
     name: str
     default: str | None
     help: str
+    required: bool = False
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("PGWS_DB_URI", None, "libpq URI or conninfo (required; @FILE reads it from a file)"),
+    Setting("PGWS_DB_URI", None, "libpq URI or conninfo; @FILE reads it from a file", True),
     Setting(
         "PGWS_JWT_SECRET",
         None,
-        "HS256 secret, or a JWK / JWKS JSON object (required; @FILE reads it from a file)",
+        "HS256 secret, or a JWK / JWKS JSON object; @FILE reads it from a file",
+        True,
     ),
     Setting("PGWS_JWT_SECRET_BASE64", "false", "the secret is base64/base64url encoded"),
     Setting("PGWS_HOST", "*4", "bind address: *4 all IPv4, *6 or * all IPv6 + IPv4, or a host"),
@@ -82,8 +84,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PGWS_UVLOOP", "true", "use uvloop when installed (pip install 'pgws[fast]')"),
     Setting("PGWS_MAX_CHANNELS", "100", "most channels one socket may use"),
     Setting("PGWS_MAX_CONNECTIONS", None, "most open sockets; more get HTTP 503"),
-    Setting("PGWS_JWT_AUDIENCE", None, "required `aud` of every token"),
-    Setting("PGWS_JWT_ISSUER", None, "required `iss` of every token"),
+    Setting("PGWS_JWT_AUDIENCE", None, "when set, every token's `aud` must include it"),
+    Setting("PGWS_JWT_ISSUER", None, "when set, every token's `iss` must equal it"),
     Setting(
         "PGWS_ALLOWED_ORIGINS",
         None,
