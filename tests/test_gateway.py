@@ -421,3 +421,33 @@ async def test_port_in_use_is_a_one_line_config_error(start_gateway: StartGatewa
         port = holder.getsockname()[1]
         with pytest.raises(ConfigError, match=f"PGWS_PORT: port {port} is already in use"):
             await start_gateway(port=port)
+
+
+async def test_readme_trigger_sends_inserted_rows_to_sockets(gateway: Running, db: DB) -> None:
+    """The README's INSERT trigger (with this gateway's listen channel) reaches readers."""
+    chat, table = channel_name(), f"messages_{channel_name().replace('-', '_')}"
+    listen = gateway.config.listen_channel
+    await db.execute(
+        f"""
+        CREATE TABLE {table} (id bigserial PRIMARY KEY, channel text NOT NULL, body text NOT NULL);
+        CREATE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          PERFORM pg_notify('{listen}', json_build_object(
+            'event', 'WebsocketMessage', 'channel', NEW.channel, 'payload', NEW.body)::text);
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER {table}_notify AFTER INSERT ON {table}
+          FOR EACH ROW EXECUTE FUNCTION {table}_notify();
+        """
+    )
+    try:
+        async with gateway.connect(f"/{chat}/{make_token({'mode': 'r'})}") as ws:
+            await subscribed(gateway, chat)
+            await db.execute(f"INSERT INTO {table} (channel, body) VALUES (%s, 'row one')", (chat,))
+            assert await recv_json(ws) == {
+                "event": "WebsocketMessage",
+                "channel": chat,
+                "payload": "row one",
+            }
+    finally:
+        await db.execute(f"DROP TABLE {table}; DROP FUNCTION {table}_notify()")
