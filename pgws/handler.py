@@ -200,8 +200,10 @@ class Handler:
         )
         stats.open_by_mode[grant.mode] += 1
         writer = EnvelopeWriter(grant.claims)
+        seen = 0
         if grant.can_read:
             self._registry.subscribe(ws, grant.channels)
+            seen = self._registry.published(grant.channels)
         expiry = None
         if grant.expires_at is not None:
             delay = grant.expires_at - self._clock()
@@ -232,7 +234,9 @@ class Handler:
         finally:
             if expiry is not None:
                 expiry.cancel()
+            messages_out = 0
             if grant.can_read:
+                messages_out = self._registry.published(grant.channels) - seen
                 self._registry.unsubscribe(ws, grant.channels)
             stats.open_by_mode[grant.mode] -= 1
             log.info(
@@ -240,6 +244,7 @@ class Handler:
                 code=ws.close_code,
                 reason=ws.close_reason,
                 frames_in=conn.frames_in,
+                messages_out=messages_out,
                 seconds=round(self._clock() - conn.opened_at, 3),
             )
         await self._announce(writer, "ConnectionClose", grant)

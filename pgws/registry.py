@@ -26,6 +26,7 @@ class Registry(Generic[S]):
         self._deliver = deliver
         self._send_out = send_out
         self._channels: dict[str, set[S]] = {}
+        self._published: dict[str, int] = {}  # per channel with readers: notifications so far
         self.delivered = 0  # messages handed to sockets, for metrics
 
     def subscribe(self, subscriber: S, channels: Iterable[str]) -> None:
@@ -41,6 +42,7 @@ class Registry(Generic[S]):
                 subscribers.discard(subscriber)
                 if not subscribers:
                     del self._channels[channel]
+                    self._published.pop(channel, None)
 
     def publish_in(self, raw: str) -> int:
         """Deliver a notification's raw text to the readers of its channel; return how many.
@@ -49,9 +51,12 @@ class Registry(Generic[S]):
         channel named like the listen channel (SPEC 3).
         """
         channel = route_channel(raw)
-        subscribers = self._channels.get(self._listen_channel if channel is None else channel)
+        if channel is None:
+            channel = self._listen_channel
+        subscribers = self._channels.get(channel)
         if not subscribers:
             return 0
+        self._published[channel] = self._published.get(channel, 0) + 1
         self._deliver(subscribers, raw)
         self.delivered += len(subscribers)
         return len(subscribers)
@@ -59,6 +64,12 @@ class Registry(Generic[S]):
     async def publish_out(self, envelope: str) -> None:
         """Send an envelope to the database, which brings it back to every pgws reading it."""
         await self._send_out(envelope)
+
+    def published(self, channels: Iterable[str]) -> int:
+        """Notifications delivered on `channels` so far; a reader's count is the difference
+        between its open and its close (one counter per channel, nothing per message per socket).
+        """
+        return sum(self._published.get(channel, 0) for channel in channels)
 
     def subscribers(self, channel: str) -> frozenset[S]:
         """The current readers of `channel` (a copy)."""

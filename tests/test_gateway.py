@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from jose import jwt
+from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -451,3 +452,24 @@ async def test_readme_trigger_sends_inserted_rows_to_sockets(gateway: Running, d
             }
     finally:
         await db.execute(f"DROP TABLE {table}; DROP FUNCTION {table}_notify()")
+
+
+async def test_disconnect_log_line_counts_frames_in_and_messages_out(
+    gateway: Running, db: DB
+) -> None:
+    """client_disconnected says how many frames came in and how many messages went out."""
+    chat = channel_name()
+    with capture_logs() as logs:
+        async with gateway.connect(f"/{chat}/{make_token({'mode': 'rw'})}") as ws:
+            await subscribed(gateway, chat)
+            await ws.send("one")
+            await recv_json(ws)
+            for index in range(2):
+                await gateway.notify(db, {"channel": chat, "payload": index})
+                await recv_json(ws)
+        registry = gateway.gateway.registry
+        await until(lambda: not registry.subscribers(chat), "the socket to be forgotten")
+    ends = [entry for entry in logs if entry["event"] == "client_disconnected"]
+    assert len(ends) == 1
+    assert (ends[0]["frames_in"], ends[0]["messages_out"]) == (1, 3)
+    assert ends[0]["code"] == 1000

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 from structlog.testing import capture_logs
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from pgws.config import Config
 from pgws.errors import ConfigError
@@ -200,3 +200,46 @@ def test_new_settings_are_validated(name: str, value: str, problem: str) -> None
     with pytest.raises(ConfigError, match=problem) as caught:
         Config.from_env(env)
     assert caught.value.name == name
+
+
+async def test_text_frame_with_invalid_utf8_closes_with_1007(gateway: Running) -> None:
+    """A text frame that is not UTF-8 is a protocol error: close 1007, nothing sent."""
+    async with gateway.connect(f"/{channel_name()}/{make_token({'mode': 'w'})}") as ws:
+        await ws.send(b"\xff\xfe", text=True)
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(TIMEOUT):
+                await ws.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1007
+
+
+async def test_a_flooding_writer_does_not_hold_up_other_channels(gateway: Running, db: DB) -> None:
+    """While one socket floods frames as fast as it can, a reader elsewhere still gets its news."""
+    flood, quiet = channel_name(), channel_name()
+    stop = asyncio.Event()
+
+    async def flood_forever(ws: Any) -> int:
+        sent = 0
+        while not stop.is_set():
+            await ws.send(f"flood {sent}")
+            sent += 1
+            if sent % 100 == 0:
+                await asyncio.sleep(0)  # let the rest of this test run on the shared loop
+        return sent
+
+    async with (
+        gateway.connect(f"/{flood}/{make_token({'mode': 'w'})}") as writer,
+        gateway.connect(f"/{quiet}/{make_token({'mode': 'r'})}") as reader,
+    ):
+        await subscribed(gateway, quiet)
+        flooding = asyncio.create_task(flood_forever(writer))
+        try:
+            for index in range(5):
+                await gateway.notify(db, {"channel": quiet, "payload": f"news {index}"})
+                assert (await recv_json(reader))["payload"] == f"news {index}"
+        finally:
+            stop.set()
+            sent = await flooding
+    assert sent > 100
+    # Backpressure, not buffering: the server has sent about as much as the client has written.
+    assert gateway.gateway.notifier.sent >= gateway.gateway.handler.stats.frames_in - 64
