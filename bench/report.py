@@ -126,12 +126,12 @@ _FORMATS: dict[str, Callable[[float], str]] = {
 }
 
 
-def cell(stat: Stat | None, unit: str) -> str:
+def cell(stat: Stat | None, unit: str, *, spread: bool = True) -> str:
     """Median and spread, e.g. `242.4k ±2%`; `n/a` when not measured."""
     if stat is None or not stat.values:
         return "n/a"
     text = _FORMATS[unit](stat.median)
-    if unit != "loss" and not math.isnan(stat.spread):
+    if spread and unit != "loss" and not math.isnan(stat.spread):
         text += f" ±{100 * stat.spread:.0f}%"
     return text
 
@@ -165,7 +165,7 @@ def table(rows: Sequence[Row], summary: Summary, target: str) -> str:
 
 
 def diagnostics(summary: Summary) -> str:
-    """Where the CPU went in each scenario: one line per target and scenario."""
+    """Where the CPU went in each scenario (medians): one line per target and scenario."""
     lines = [
         "| target | scenario | server CPU | server waited | loadgen CPU | loadgen waited "
         "| PostgreSQL CPU | other CPU | steal |",
@@ -178,7 +178,7 @@ def diagnostics(summary: Summary) -> str:
             lines.append(
                 f"| {target} | {scenario} | "
                 + " | ".join(
-                    cell(metrics.get(name), "pct")
+                    cell(metrics.get(name), "pct", spread=False)
                     for name in (
                         "server_cpu_pct",
                         "server_wait_pct",
@@ -199,6 +199,7 @@ def chart(rows: Sequence[Row], summary: Summary, target: str, path: Path, title:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
 
     shown: list[tuple[Row, float]] = []
@@ -209,7 +210,7 @@ def chart(rows: Sequence[Row], summary: Summary, target: str, path: Path, title:
     if not shown:
         return False
     height = 0.9 + 0.32 * len(shown)
-    figure, axes = plt.subplots(figsize=(9, height))
+    figure, axes = plt.subplots(figsize=(11, height))
     labels = [f"{row.label}: {row.metric_label} ({row.better} is better)" for row, _ in shown]
     values = [value for _, value in shown]
     colors = [
@@ -217,16 +218,34 @@ def chart(rows: Sequence[Row], summary: Summary, target: str, path: Path, title:
         for row, value in shown
     ]
     positions = list(range(len(shown)))[::-1]
-    axes.barh(positions, values, color=colors, height=0.6)
+    # Ratios are multiplicative: a log axis shows 0.5 and 2 as equally far from parity, and bars
+    # grow from 1 so that a slower server points left whatever its size.
+    axes.barh(positions, [value - 1 for value in values], left=1, color=colors, height=0.6)
     for position, (row, value) in zip(positions, shown, strict=True):
-        axes.text(value, position, f" {value:.2f}", va="center", fontsize=8)
+        axes.text(
+            value,
+            position,
+            f" {value:.2f} ",
+            va="center",
+            fontsize=8,
+            ha="left" if value >= 1 else "right",
+        )
         if row.goal is not None:
             axes.plot([row.goal, row.goal], [position - 0.4, position + 0.4], color="black", lw=1.5)
-    axes.axvline(1.0, color="grey", lw=1, ls="--")
+    axes.axvline(1.0, color="grey", lw=1)
+    axes.set_xscale("log")
+    axes.set_xlim(min(0.5, min(values) / 2.5), max(2.0, max(values) * 4))
     axes.set_yticks(positions, labels, fontsize=8)
-    axes.set_xlabel(f"{target} / baseline (median of runs); black tick: the issue's target")
+    axes.set_xlabel(f"{target} / baseline, medians (log scale); black tick: the issue's goal")
     axes.set_title(title, fontsize=9)
-    axes.set_xlim(0, max(2.0, max(values) * 1.15))
+    axes.legend(
+        handles=[
+            matplotlib.patches.Patch(color="#2e7d32", label="as good as the baseline or better"),
+            matplotlib.patches.Patch(color="#c62828", label="worse than the baseline"),
+        ],
+        fontsize=7,
+        loc="lower right",
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -675,6 +675,16 @@ def table_rows(plan: Plan) -> list[report.Row]:
             report.Row(
                 scenario=key,
                 label=label,
+                metric="seen_per_s",
+                metric_label="NOTIFY/s, against the raw gateway",
+                unit="rate",
+                baseline_target=BASELINE,
+                baseline_scenario=key,
+                better="higher",
+            ),
+            report.Row(
+                scenario=key,
+                label=label,
                 metric="loss_frac",
                 metric_label="loss",
                 unit="loss",
@@ -916,7 +926,7 @@ def write_results(
         "",
         "Ratio = server under test / baseline (medians); ✓/✗ against the issue's goal.",
         "",
-        "CPU during the measured windows (% of one core):",
+        "CPU during the measured windows, median % of one core (waited: runnable but not running):",
         "",
         report.diagnostics(summary),
         "",
@@ -975,7 +985,7 @@ def update_readme(markdown: str) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 2 minutes)")
     parser.add_argument("--reps", type=int, help="runs of each scenario (median and spread)")
@@ -1124,6 +1134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C works even when started from a shell that ignores SIGINT in background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return asyncio.run(main_async(args, command))
     except KeyboardInterrupt:
