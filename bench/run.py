@@ -997,6 +997,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fanout-readers", help="comma-separated, e.g. 100,1000,5000")
     parser.add_argument("--ingest-writers", help="comma-separated, e.g. 10,100")
     parser.add_argument("--latency-rates", help="comma-separated msg/s, e.g. 100,1000")
+    parser.add_argument("--latency-readers", type=int, help="readers in latency (default 100)")
     parser.add_argument("--connection-steps", help="comma-separated, e.g. 1000,5000,10000")
     parser.add_argument("--notify-connections", type=int, help="raw psycopg NOTIFY connections")
     parser.add_argument(
@@ -1051,6 +1052,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         fanout_readers=numbers(args.fanout_readers, plan.fanout_readers),
         ingest_writers=numbers(args.ingest_writers, plan.ingest_writers),
         latency_rates=numbers(args.latency_rates, plan.latency_rates),
+        latency_readers=args.latency_readers or plan.latency_readers,
         connection_steps=numbers(args.connection_steps, plan.connection_steps),
         notify_connections=args.notify_connections or plan.notify_connections,
         kinds=kinds if not args.no_baseline else tuple(k for k in kinds if k != "notify"),
