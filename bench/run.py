@@ -30,16 +30,26 @@ import platform
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from importlib import metadata
-from typing import IO, Any
+from typing import Any
 
 import psutil
 
 from bench import report
+from bench.procs import (
+    Sampler,
+    Snapshot,
+    free_port,
+    kill_groups,
+    pinned,
+    process_tree,
+    rss_bytes,
+    spawn,
+    stop,
+)
 from bench.wire import make_token, probe, raise_nofile_limit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +61,6 @@ BASELINE = "raw-gw"
 RAW_PG = "raw-pg"
 SCENARIO_KINDS = ("connections", "fanout", "ingest", "latency", "notify")
 READY_TIMEOUT = 30.0  # seconds for a server to accept a WebSocket
-STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 SETTLE = 0.5  # seconds for a server to finish its work on new sockets before measuring memory
 BUSY_LOAD = 0.5  # 1-minute load average per core above which the machine counts as busy
 BUSY_OTHER_PCT = 15.0  # CPU % (of one core) used by processes not ours during a measurement
@@ -120,194 +129,6 @@ class Placement:
 
 class ScenarioError(RuntimeError):
     """A scenario could not produce a result."""
-
-
-# --- processes ---------------------------------------------------------------------------------
-
-_GROUPS: set[int] = set()  # process groups we started and have not reaped yet
-
-
-def _kill_groups() -> None:
-    """Last resort (atexit, signals): SIGKILL every process group still registered."""
-    for pgid in list(_GROUPS):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-        _GROUPS.discard(pgid)
-
-
-def pinned(cpus: tuple[int, ...] | None, command: Sequence[str]) -> list[str]:
-    """Prefix `command` with taskset when pinning is asked for."""
-    if cpus is None:
-        return list(command)
-    return ["taskset", "-c", ",".join(map(str, cpus)), *command]
-
-
-async def spawn(
-    command: Sequence[str], *, env: dict[str, str] | None, log: IO[bytes], stdio: bool = False
-) -> asyncio.subprocess.Process:
-    """Start a child in its own process group (so the whole tree can be stopped)."""
-    pipe = asyncio.subprocess.PIPE if stdio else asyncio.subprocess.DEVNULL
-    process = await asyncio.create_subprocess_exec(
-        *command,
-        stdin=pipe,
-        stdout=pipe if stdio else log,
-        stderr=log,
-        env=env,
-        cwd=REPO,
-        start_new_session=True,
-    )
-    _GROUPS.add(process.pid)
-    return process
-
-
-async def stop(process: asyncio.subprocess.Process, grace: float = STOP_TIMEOUT) -> int | None:
-    """SIGTERM the process group, SIGKILL it after `grace` seconds; return the exit status.
-
-    None means it had to be killed.
-    """
-    status: int | None = process.returncode
-    try:
-        if status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                async with asyncio.timeout(grace):
-                    status = await process.wait()
-            except TimeoutError:
-                status = None
-    finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)  # stragglers (workers), and the timed-out
-        if process.returncode is None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
-                    await process.wait()
-        _GROUPS.discard(process.pid)
-    return status
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-# --- measuring ---------------------------------------------------------------------------------
-
-
-def process_tree(pid: int | None) -> list[psutil.Process]:
-    """A process and all its descendants (empty if it is gone)."""
-    if pid is None:
-        return []
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def cpu_by_pid(pid: int | None) -> dict[int, float]:
-    """CPU seconds (user + system) of each process in a tree."""
-    result = {}
-    for process in process_tree(pid):
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            times = process.cpu_times()
-            result[process.pid] = times.user + times.system
-    return result
-
-
-def runqueue_wait(pid: int | None) -> float:
-    """Seconds the threads of a process tree spent runnable but waiting for a CPU.
-
-    From /proc/<pid>/task/<tid>/schedstat (second field, ns): on a pinned process this is
-    time taken by someone else on its core, the most direct sign of a busy machine.
-    """
-    total = 0
-    for process in process_tree(pid):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for task in Path(f"/proc/{process.pid}/task").iterdir():
-                total += int((task / "schedstat").read_text().split()[1])
-    return total / 1e9
-
-
-def rss_bytes(pid: int | None) -> int:
-    """Resident memory of a process tree."""
-    total = 0
-    for process in process_tree(pid):
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            total += process.memory_info().rss
-    return total
-
-
-@dataclasses.dataclass(frozen=True)
-class Snapshot:
-    """CPU counters at one instant."""
-
-    wall: float
-    server: dict[int, float]
-    postgres: dict[int, float]
-    loadgen: dict[int, float]
-    runner: float
-    busy: float  # user + nice + system over all CPUs (irq and softirq left out)
-    steal: float
-    server_wait: float
-    loadgen_wait: float
-
-
-class Sampler:
-    """Takes snapshots of the processes of one run and turns two of them into CPU shares."""
-
-    def __init__(self, server: int | None, postgres: int | None, loadgen: int | None) -> None:
-        self.pids = (server, postgres, loadgen)
-
-    def snapshot(self) -> Snapshot:
-        """Read every counter now."""
-        server, postgres, loadgen = self.pids
-        system = psutil.cpu_times()
-        runner = psutil.Process().cpu_times()
-        return Snapshot(
-            wall=time.perf_counter(),
-            server=cpu_by_pid(server),
-            postgres=cpu_by_pid(postgres),
-            loadgen=cpu_by_pid(loadgen),
-            runner=runner.user + runner.system,
-            busy=system.user + system.nice + system.system,
-            steal=getattr(system, "steal", 0.0),
-            server_wait=runqueue_wait(server),
-            loadgen_wait=runqueue_wait(loadgen),
-        )
-
-    @staticmethod
-    def shares(windows: Sequence[tuple[Snapshot, Snapshot]]) -> dict[str, float]:
-        """CPU used within the windows, in % of one core, per party."""
-
-        def used(before: dict[int, float], after: dict[int, float]) -> float:
-            return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
-
-        wall = server = postgres = loadgen = runner = busy = steal = 0.0
-        server_wait = loadgen_wait = 0.0
-        for start, end in windows:
-            wall += end.wall - start.wall
-            server += used(start.server, end.server)
-            postgres += used(start.postgres, end.postgres)
-            loadgen += used(start.loadgen, end.loadgen)
-            runner += end.runner - start.runner
-            busy += end.busy - start.busy
-            steal += end.steal - start.steal
-            server_wait += end.server_wait - start.server_wait
-            loadgen_wait += end.loadgen_wait - start.loadgen_wait
-        ours = server + postgres + loadgen + runner
-        return {
-            "server_cpu_pct": 100 * server / wall,
-            "pg_cpu_pct": 100 * postgres / wall,
-            "loadgen_cpu_pct": 100 * loadgen / wall,
-            "other_cpu_pct": max(0.0, 100 * (busy - ours) / wall),
-            "steal_pct": 100 * steal / wall,
-            "server_wait_pct": 100 * server_wait / wall,
-            "loadgen_wait_pct": 100 * loadgen_wait / wall,
-        }
 
 
 # --- one run -----------------------------------------------------------------------------------
@@ -620,134 +441,51 @@ async def run_suite(bench: Bench, targets: Sequence[Target]) -> None:
 def table_rows(plan: Plan) -> list[report.Row]:
     """The rows of the report, with the issue's targets where it sets one."""
     rows: list[report.Row] = []
+
+    def add(
+        scenario: str, label: str, metric: str, metric_label: str, unit: str, **kw: Any
+    ) -> None:
+        kw.setdefault("baseline_target", BASELINE)
+        kw.setdefault("baseline_scenario", scenario)
+        rows.append(
+            report.Row(
+                scenario=scenario,
+                label=label,
+                metric=metric,
+                metric_label=metric_label,
+                unit=unit,
+                **kw,
+            )
+        )
+
     fanout_goals = {1000: 0.8, 5000: 0.7}
     for readers in plan.fanout_readers:
-        key = f"fanout-{readers}"
-        label = f"fan-out, {readers:,} readers"
-        rows += [
-            report.Row(
-                scenario=key,
-                label=label,
-                metric="delivered_per_s",
-                metric_label="delivered msg/s",
-                unit="rate",
-                baseline_target=BASELINE,
-                baseline_scenario=key,
-                better="higher",
-                goal=fanout_goals.get(readers),
-            ),
-            report.Row(
-                scenario=key,
-                label=label,
-                metric="server_cpu_pct",
-                metric_label="server CPU",
-                unit="pct",
-                baseline_target=BASELINE,
-                baseline_scenario=key,
-                chart=False,
-            ),
-            report.Row(
-                scenario=key,
-                label=label,
-                metric="loss_frac",
-                metric_label="loss",
-                unit="loss",
-                baseline_target=BASELINE,
-                baseline_scenario=key,
-                chart=False,
-            ),
-        ]
+        key, label = f"fanout-{readers}", f"fan-out, {readers:,} readers"
+        goal = fanout_goals.get(readers)
+        add(key, label, "delivered_per_s", "delivered msg/s", "rate", better="higher", goal=goal)
+        add(key, label, "server_cpu_pct", "server CPU", "pct", chart=False)
+        add(key, label, "loss_frac", "loss", "loss", chart=False)
+    raw_pg = {"baseline_target": RAW_PG, "baseline_scenario": "notify"}
     for writers in plan.ingest_writers:
-        key = f"ingest-{writers}"
-        label = f"ingest, {writers:,} writer sockets"
-        rows += [
-            report.Row(
-                scenario=key,
-                label=label,
-                metric="seen_per_s",
-                metric_label="NOTIFY/s seen by LISTEN",
-                unit="rate",
-                baseline_target=RAW_PG,
-                baseline_scenario="notify",
-                better="higher",
-                goal=0.7 if writers == 100 else None,
-            ),
-            report.Row(
-                scenario=key,
-                label=label,
-                metric="seen_per_s",
-                metric_label="NOTIFY/s, against the raw gateway",
-                unit="rate",
-                baseline_target=BASELINE,
-                baseline_scenario=key,
-                better="higher",
-            ),
-            report.Row(
-                scenario=key,
-                label=label,
-                metric="loss_frac",
-                metric_label="loss",
-                unit="loss",
-                baseline_target=RAW_PG,
-                baseline_scenario="notify",
-                chart=False,
-            ),
-        ]
+        key, label = f"ingest-{writers}", f"ingest, {writers:,} writer sockets"
+        goal = 0.7 if writers == 100 else None
+        seen = "NOTIFY/s seen by LISTEN"
+        add(key, label, "seen_per_s", seen, "rate", better="higher", goal=goal, **raw_pg)
+        add(key, label, "seen_per_s", "NOTIFY/s, against the raw gateway", "rate", better="higher")
+        add(key, label, "loss_frac", "loss", "loss", chart=False, **raw_pg)
     for rate in plan.latency_rates:
         key = f"latency-{rate}"
         label = f"latency, {rate:,} msg/s to {plan.latency_readers} readers"
         for quantile in ("p50", "p95", "p99"):
-            rows.append(
-                report.Row(
-                    scenario=key,
-                    label=label,
-                    metric=f"{quantile}_ms",
-                    metric_label=f"{quantile} ms",
-                    unit="ms",
-                    baseline_target=BASELINE,
-                    baseline_scenario=key,
-                    better="lower",
-                    goal=2.0 if quantile == "p99" and rate == 1000 else None,
-                )
-            )
+            goal = 2.0 if quantile == "p99" and rate == 1000 else None
+            add(key, label, f"{quantile}_ms", f"{quantile} ms", "ms", better="lower", goal=goal)
     label = "idle sockets"
     for step in plan.connection_steps:
-        rows.append(
-            report.Row(
-                scenario="connections",
-                label=label,
-                metric=f"rss_mib_{step}",
-                metric_label=f"server RSS MiB, {step:,} sockets",
-                unit="mib",
-                baseline_target=BASELINE,
-                baseline_scenario="connections",
-                better="lower",
-            )
-        )
-    rows += [
-        report.Row(
-            scenario="connections",
-            label=label,
-            metric="kib_per_socket",
-            metric_label="KiB per idle socket",
-            unit="kib",
-            baseline_target=BASELINE,
-            baseline_scenario="connections",
-            better="lower",
-            goal=1.3,
-        ),
-        report.Row(
-            scenario="connections",
-            label=label,
-            metric="handshakes_per_s",
-            metric_label="handshakes/s (token checked)",
-            unit="rate",
-            baseline_target=BASELINE,
-            baseline_scenario="connections",
-            better="higher",
-            goal=0.7,
-        ),
-    ]
+        metric_label = f"server RSS MiB, {step:,} sockets"
+        add("connections", label, f"rss_mib_{step}", metric_label, "mib", better="lower")
+    kib, handshakes = "KiB per idle socket", "handshakes/s (token checked)"
+    add("connections", label, "kib_per_socket", kib, "kib", better="lower", goal=1.3)
+    add("connections", label, "handshakes_per_s", handshakes, "rate", better="higher", goal=0.7)
     return rows
 
 
@@ -1144,7 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: stopping every process we started", file=sys.stderr)
         return 130
     finally:
-        _kill_groups()
+        kill_groups()
 
 
 if __name__ == "__main__":
