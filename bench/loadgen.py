@@ -6,7 +6,8 @@ the writer put in the payload). Client frames use a zero mask, so writing costs 
 
 Each subcommand prints JSON lines on stdout: `measure_start` / `measure_end` around the
 measured window (the runner samples the server's CPU between them), `checkpoint` (connections:
-the runner measures memory, then writes a line on stdin to continue) and one final `result`.
+the runner measures memory) and one final `result`. With `--sync` it waits after `measure_end`
+and `checkpoint` until the runner has answered every marker with a line on stdin.
 
     python -m bench.loadgen fanout --port 3000 --secret s --db-uri URI --readers 1000
 """
@@ -348,6 +349,47 @@ class Pool:
         self.clients.clear()
 
 
+class Control:
+    """The runner's side channel: it answers every marker we print with one line on stdin.
+
+    Waiting for the answer to `measure_end` keeps every connection (and so every PostgreSQL
+    backend) alive until the runner has sampled CPU; at a checkpoint it is the runner's go-ahead.
+    Without `--sync` (by hand) nothing is awaited.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.marked = 0
+        self.answers = Tally()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Start reading stdin."""
+        self.enabled = True
+        stdin = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+
+        async def read_forever() -> None:
+            while await stdin.readline():
+                self.answers.add(1)
+
+        self._reader = asyncio.create_task(read_forever(), name="control")
+
+    def mark(self, event: str, **fields: Any) -> None:
+        """Print a marker the runner will answer."""
+        emit(event, **fields)
+        self.marked += 1
+
+    async def answered(self, within: float) -> None:
+        """Wait until every marker so far has been answered (or `within` seconds)."""
+        if self.enabled and not await self.answers.wait_for(self.marked, within=within):
+            raise TimeoutError(f"the runner did not answer within {within:.0f} s")
+
+
+CONTROL = Control()
+
+
 class Window:
     """The measured interval: wall time, this process's CPU, and the runner's markers."""
 
@@ -358,16 +400,17 @@ class Window:
         self._cpu = 0.0
 
     def start(self) -> None:
-        """Open the window and tell the runner."""
-        emit("measure_start")
+        """Open the window and tell the runner (without waiting: the load must go on)."""
+        CONTROL.mark("measure_start")
         self.started = time.perf_counter()
         self._cpu = cpu_seconds()
 
-    def stop(self) -> None:
-        """Close the window and tell the runner."""
+    async def stop(self) -> None:
+        """Close the window, tell the runner and wait until it has sampled."""
         self.seconds = time.perf_counter() - self.started
         self.cpu_pct = 100 * (cpu_seconds() - self._cpu) / self.seconds
-        emit("measure_end")
+        CONTROL.mark("measure_end")
+        await CONTROL.answered(within=10)
 
 
 def padding(size: int) -> bytes:
@@ -438,7 +481,7 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any]:
         measured.start()
         await asyncio.sleep(args.duration)
         frames_end = tally.value
-        measured.stop()
+        await measured.stop()
         after = [client.messages for client in readers]
         running = False
         producer.cancel()
@@ -496,7 +539,7 @@ async def _closed_loop(
         measured.start()
         await asyncio.sleep(args.duration)
         end = seen.value
-        measured.stop()
+        await measured.stop()
         running = False
         driver.cancel()
     await seen.wait_quiet(quiet=1.0, within=args.drain_timeout, target=seen0 + sent)
@@ -601,7 +644,7 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
     until = time.perf_counter_ns()
     for client in readers:
         client.until = until
-    measured.stop()
+    await measured.stop()
     expected = sent * count
     await tally.wait_quiet(quiet=1.0, within=args.drain_timeout, target=frames0 + expected)
     received = tally.value - frames0
@@ -633,14 +676,13 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
 
 async def connections(args: argparse.Namespace) -> dict[str, Any]:
     """Open idle readers in steps; at each step, pause for the runner to measure the server."""
-    loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     pool, tally = Pool(args), Tally()
     steps: list[dict[str, Any]] = []
     held = 0
     for step in sorted(args.steps):
-        emit("measure_start")  # the runner samples CPU while sockets open, until the checkpoint
+        CONTROL.mark(
+            "measure_start"
+        )  # the runner samples CPU while sockets open, until the checkpoint
         cpu = cpu_seconds()
         opened, seconds = await pool.open(step - held, "r", tally)
         held += len(opened)
@@ -654,9 +696,8 @@ async def connections(args: argparse.Namespace) -> dict[str, Any]:
             "loadgen_cpu_pct": 100 * (cpu_seconds() - cpu) / seconds if seconds else 0.0,
         }
         steps.append(record)
-        emit("checkpoint", **record)
-        async with asyncio.timeout(args.checkpoint_timeout):
-            await stdin.readline()
+        CONTROL.mark("checkpoint", **record)
+        await CONTROL.answered(within=args.checkpoint_timeout)
     opened_total = sum(record["opened"] for record in steps)
     seconds_total = sum(record["seconds"] for record in steps)
     result = {
@@ -707,6 +748,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument("--connect-concurrency", type=int, default=64)
     common.add_argument("--connect-timeout", type=float, default=10.0)
     common.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    common.add_argument(
+        "--sync", action="store_true", help="wait for a line on stdin after each marker (runner)"
+    )
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="scenario", required=True)
     fan = sub.add_parser("fanout", parents=[common])
@@ -739,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     limit = raise_nofile_limit(wanted)
 
     async def run() -> None:
+        if args.sync:
+            await CONTROL.open()
         try:
             result = await SCENARIOS[args.scenario](args)
         except (RuntimeError, OSError, TimeoutError) as exc:

@@ -237,6 +237,7 @@ class Bench:
             f"--listen-channel={LISTEN_CHANNEL}",
             f"--warmup={self.plan.warmup}",
             f"--duration={self.plan.duration}",
+            "--sync",
         ]
 
     async def measured(
@@ -269,9 +270,9 @@ class Bench:
             if event["event"] == "checkpoint":
                 await asyncio.sleep(SETTLE)
                 checkpoints.append({**event, "server_rss": rss_bytes(server_pid)})
-                assert process.stdin is not None
-                process.stdin.write(b"continue\n")
-                await process.stdin.drain()
+            assert process.stdin is not None
+            process.stdin.write(b"ok\n")  # every marker gets an answer (loadgen --sync)
+            await process.stdin.drain()
 
         record: dict[str, Any] = {"target": target, "scenario": scenario, "rep": rep}
         started = time.perf_counter()
