@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from importlib import metadata
@@ -65,6 +67,7 @@ SETTLE = 0.5  # seconds for a server to finish its work on new sockets before me
 BUSY_LOAD = 0.5  # 1-minute load average per core above which the machine counts as busy
 BUSY_OTHER_PCT = 15.0  # CPU % (of one core) used by processes not ours during a measurement
 BUSY_WAIT_PCT = 5.0  # % of a measurement the server was runnable but not running
+LOCK_FILE = Path(tempfile.gettempdir()) / "pgws-bench.lock"  # one benchmark at a time per machine
 LOADGEN_LIMIT_PCT = 90.0  # loadgen CPU + run-queue wait above this: it may be the limit
 
 
@@ -767,6 +770,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--db-uri", help="use this PostgreSQL instead of a throwaway one")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.* go")
     parser.add_argument("--readme", action="store_true", help="copy the table into the README")
+    parser.add_argument(
+        "--wait-lock",
+        type=float,
+        default=900.0,
+        help="seconds to wait for another benchmark run on this machine to finish",
+    )
     return parser.parse_args(argv)
 
 
@@ -799,6 +808,30 @@ def plan_from(args: argparse.Namespace) -> Plan:
 
 
 @contextlib.contextmanager
+def exclusive(path: Path, within: float) -> Iterator[None]:
+    """Hold a machine-wide lock, so two benchmark runs never share the cores they measure."""
+    with path.open("a") as handle:
+        deadline = time.monotonic() + within
+        told = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    message = f"another benchmark still holds {path} after {within:.0f} s"
+                    raise SystemExit(message) from None
+                if not told:
+                    print(f"waiting up to {within:.0f} s for another benchmark run ({path})")
+                    told = True
+                time.sleep(1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def database(uri: str | None) -> Iterator[tuple[str, int | None]]:
     """The PostgreSQL to use: a given URI (no CPU accounting), or a throwaway cluster."""
     if uri:
@@ -823,6 +856,21 @@ async def main_async(args: argparse.Namespace, command: str) -> int:
         targets = [baseline]
     biggest = max([*plan.connection_steps, *plan.fanout_readers, 0])
     raise_nofile_limit(biggest + 4096)  # the children inherit it
+    reported = baseline if args.baseline_only else under_test
+    with exclusive(LOCK_FILE, args.wait_lock):
+        return await measure(args, command, plan, placement, notes, targets, reported)
+
+
+async def measure(
+    args: argparse.Namespace,
+    command: str,
+    plan: Plan,
+    placement: Placement,
+    notes: list[str],
+    targets: list[Target],
+    reported: Target,
+) -> int:
+    """Everything that must not overlap another run: measure, then write the results."""
     started = datetime.datetime.now(datetime.UTC)
     raw_dir = args.out / "raw" / started.strftime("%Y%m%d-%H%M%S")
     raw_dir.mkdir(parents=True, exist_ok=True)
@@ -850,7 +898,7 @@ async def main_async(args: argparse.Namespace, command: str) -> int:
     markdown = write_results(
         out=args.out,
         bench=bench,
-        target=under_test if not args.baseline_only else baseline,
+        target=reported,
         machine=machine,
         notes=notes,
         command=command,
