@@ -47,5 +47,10 @@ check: lint types test
 bench: install
 	$(BIN)/python bench/run.py
 
+## soak: readers and writers for 60 s while the listener, the pool and the database are killed;
+##       lost outside the outage windows must be 0 (bench/soak.py --help; --quick: 20 s)
+soak: install
+	$(BIN)/python bench/soak.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
