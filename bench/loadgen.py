@@ -638,9 +638,9 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
                     client.since, client.until = since, 2**62
             writer.send_text(b"%d %s" % (time.perf_counter_ns(), pad))
             sent += 1
-        delay = started + sent / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        # uvloop's timers tick in whole milliseconds: a shorter sleep returns at once and the
+        # loop would spin, so wait at least 1 ms and send what has come due (1-2 at 1,000/s).
+        await asyncio.sleep(max(0.001, started + sent / rate - loop.time()))
     until = time.perf_counter_ns()
     for client in readers:
         client.until = until
