@@ -567,13 +567,18 @@ def pin_postgres(postmaster: int | None, cpus: tuple[int, ...] | None) -> None:
 
 
 def busy_warnings(
-    runs: Sequence[dict[str, Any]], before: Sequence[float], after: Sequence[float], cpus: int
+    runs: Sequence[dict[str, Any]], before: Sequence[float], idle_check: float, cpus: int
 ) -> list[str]:
-    """Say when the machine was busy with something else, or the load generator was the limit."""
+    """Say when the machine was busy with something else, or the load generator was the limit.
+
+    The load average lags by minutes (it still counts a benchmark that has just ended), so the
+    CPU use sampled just before the start is printed beside it.
+    """
     notes = []
     if before[0] > BUSY_LOAD * cpus:
         notes.append(
-            f"the machine was busy before the run: load average {before[0]:.2f} on {cpus} CPUs"
+            f"the machine looked busy before the run: load average {before[0]:.2f} on {cpus} "
+            f"CPUs ({idle_check:.0f}% of all CPUs in use in the second before the start)"
         )
     measured = [run for run in runs if "metrics" in run and "other_cpu_pct" in run["metrics"]]
     noisy = [run for run in measured if run["metrics"]["other_cpu_pct"] > BUSY_OTHER_PCT]
@@ -606,9 +611,9 @@ def busy_warnings(
     ]
     if bound:
         notes.append(
-            f"the load generator was running or waiting to run more than "
-            f"{LOADGEN_LIMIT_PCT:.0f}% of the time in {len(bound)} measurements (its core is "
-            "shared with PostgreSQL), so it may have been the limit there: "
+            f"the load generator was running or waiting for its core (shared with PostgreSQL "
+            f"and whatever else runs) more than {LOADGEN_LIMIT_PCT:.0f}% of the time in "
+            f"{len(bound)} measurements, so it may have been the limit there: "
             + ", ".join(bound[:8])
             + (" …" if len(bound) > 8 else "")
         )
@@ -618,7 +623,6 @@ def busy_warnings(
             f"{len(errors)} runs failed: "
             + "; ".join(f"{run['target']} {run['scenario']}: {run['error']}" for run in errors[:5])
         )
-    del after  # reported, not judged: our own load raises it
     return notes
 
 
@@ -876,6 +880,7 @@ async def measure(
     raw_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     load_before = load_average()
+    idle_check = psutil.cpu_percent(interval=1.0)
     print(f"machine: {machine['cpu_model']} x{machine['cpus']}; load {fmt_load(load_before)}")
     print(f"placement: {placement.describe()}; logs in {raw_dir}")
     with database(args.db_uri) as (db_uri, postmaster):
@@ -894,7 +899,7 @@ async def measure(
         finally:
             (raw_dir / "runs.json").write_text(json.dumps(bench.runs, indent=1, default=str))
     load_after = load_average()
-    notes += busy_warnings(bench.runs, load_before, load_after, machine["cpus"] or 1)
+    notes += busy_warnings(bench.runs, load_before, idle_check, machine["cpus"] or 1)
     markdown = write_results(
         out=args.out,
         bench=bench,
