@@ -153,7 +153,7 @@ def table(rows: Sequence[Row], summary: Summary, target: str) -> str:
         base = lookup(summary, row.baseline_target, row.baseline_scenario, row.metric)
         value = ratio(row, summary, target)
         verdict = meets(row, value)
-        ratio_text = "" if value is None else f"{value:.2f}"
+        ratio_text = "" if value is None else f"{value:.3f}" if value < 10 else f"{value:.0f}"
         if verdict is not None:
             ratio_text += " ✓" if verdict else " ✗"
         lines.append(
