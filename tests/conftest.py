@@ -48,7 +48,9 @@ def channel_name() -> str:
 @pytest.fixture(scope="session", autouse=True)
 def log_audit() -> Iterator[None]:
     """Route every pgws log line of the run to one buffer; at the end, no token may be in it."""
-    logs.configure(json=True, level=logging.DEBUG, stream=cast(TextIO, _Tee(LOG_LINES)))
+    logs.configure(
+        json=True, level=logging.DEBUG, stream=cast(TextIO, _Tee(LOG_LINES)), cache_loggers=False
+    )
     yield
     text = LOG_LINES.getvalue()
     leaked = [token for token in ISSUED_TOKENS if token in text]

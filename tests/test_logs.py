@@ -104,7 +104,7 @@ def test_configured_json_output_has_one_shape_and_no_secrets() -> None:
     """structlog and stdlib lines both come out as one JSON object per line, with no token."""
     stream = io.StringIO()
     try:
-        logs.configure(json=True, stream=stream)
+        logs.configure(json=True, stream=stream, cache_loggers=False)
         log = structlog.get_logger("pgws.test_logs")
         log.warning(
             "client_rejected",
@@ -121,6 +121,7 @@ def test_configured_json_output_has_one_shape_and_no_secrets() -> None:
             json=True,
             level=logging.DEBUG,
             stream=cast(TextIO, conftest._Tee(conftest.LOG_LINES)),
+            cache_loggers=False,
         )
     output = stream.getvalue()
     lines = output.splitlines()
