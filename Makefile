@@ -44,8 +44,10 @@ test-db: install
 
 check: lint types test
 
+## bench: the benchmark suite (about 7 minutes; BENCH_ARGS=--quick for under 2); see bench/README.md
 bench: install
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m pip install --quiet -e '.[dev,fast,bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 ## soak: readers and writers for 60 s while the listener, the pool and the database are killed;
 ##       lost outside the outage windows must be 0 (bench/soak.py --help; --quick: 20 s)
