@@ -50,6 +50,11 @@ class GatewayCollector(Collector):
         failed.add_metric(["database"], gateway.notifier.failed)
         yield failed
         yield CounterMetricFamily(
+            "pgws_notifies_resent",
+            "NOTIFYs sent again on a fresh connection after theirs died",
+            value=gateway.notifier.resent,
+        )
+        yield CounterMetricFamily(
             "pgws_notifications_received",
             "Notifications received on the LISTEN connection",
             value=gateway.listener.received,
