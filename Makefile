@@ -34,13 +34,14 @@ lint: install
 types: install
 	$(BIN)/mypy
 
-## test: the whole suite against a real PostgreSQL (a throwaway cluster unless PGWS_TEST_DB_URI)
+## test: the whole suite against a real PostgreSQL (a throwaway cluster unless PGWS_TEST_DB_URI),
+##       every event loop in asyncio debug mode (the in-process ones and the pgws subprocesses)
 test: install
-	PYTHONASYNCIODEBUG=1 $(BIN)/pytest
+	PYTHONASYNCIODEBUG=1 $(BIN)/pytest --asyncio-debug
 
 ## test-db: only the tests that talk to a database (CI runs them against a second PostgreSQL)
 test-db: install
-	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -m "not nodb"
+	PYTHONASYNCIODEBUG=1 $(BIN)/pytest --asyncio-debug -m "not nodb"
 
 check: lint types test
 
