@@ -243,3 +243,20 @@ async def test_a_flooding_writer_does_not_hold_up_other_channels(gateway: Runnin
     assert sent > 100
     # Backpressure, not buffering: the server has sent about as much as the client has written.
     assert gateway.gateway.notifier.sent >= gateway.gateway.handler.stats.frames_in - 64
+
+
+@pytest.mark.nodb
+def test_der_public_key_or_certificate_is_never_an_hmac_secret() -> None:
+    """A DER-encoded public key as PGWS_JWT_SECRET is refused: it must never verify HS256."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from pgws.claims import Verifier
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with pytest.raises(ConfigError, match="public key or certificate") as caught:
+        Verifier.from_secret(der)
+    assert caught.value.name == "PGWS_JWT_SECRET"
