@@ -231,6 +231,9 @@ class Handler:
             await ws.close(exc.close_code, str(exc))
         except ConnectionClosed:
             pass
+        except Exception:  # the task boundary: a bug costs this socket, never the server
+            log.exception("handler_crashed")
+            await ws.close(1011, "internal error")
         finally:
             if expiry is not None:
                 expiry.cancel()
