@@ -108,15 +108,16 @@ def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) ->
 
 
 def event_loop_runner(use_uvloop: bool) -> asyncio.Runner:
-    """An asyncio runner on uvloop when it is installed and wanted, else the default loop."""
-    if use_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            return asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    return asyncio.Runner()
+    """An asyncio runner: on uvloop with PGWS_UVLOOP=true, else on asyncio's own loop."""
+    if not use_uvloop:
+        return asyncio.Runner()
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigError(
+            "PGWS_UVLOOP", "is true but uvloop is not installed (pip install 'pgws[fast]')"
+        ) from None
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
 def _parse_claim(text: str) -> tuple[str, Any]:

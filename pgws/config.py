@@ -81,7 +81,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "PGWS_WORKERS", "1", "processes sharing the port (SO_REUSEPORT), each with its own LISTEN"
     ),
-    Setting("PGWS_UVLOOP", "true", "use uvloop when installed (pip install 'pgws[fast]')"),
+    Setting("PGWS_UVLOOP", "false", "run on uvloop (pip install 'pgws[fast]'); measure first"),
     Setting("PGWS_MAX_CHANNELS", "100", "most channels one socket may use"),
     Setting("PGWS_MAX_CONNECTIONS", None, "most open sockets; more get HTTP 503"),
     Setting("PGWS_JWT_AUDIENCE", None, "when set, every token's `aud` must include it"),
@@ -115,7 +115,7 @@ class Config:
     compression: bool = False
     shutdown_timeout: float = 5.0
     workers: int = 1
-    uvloop: bool = True
+    uvloop: bool = False  # asyncio's own loop measured as fast or faster (bench/README.md)
     max_channels: int = 100
     max_connections: int | None = None  # None = no limit
     jwt_audience: str | None = None
@@ -157,7 +157,7 @@ class Config:
             compression=_bool(env, "PGWS_COMPRESSION", default=False),
             shutdown_timeout=_seconds(env, "PGWS_SHUTDOWN_TIMEOUT", 5.0),
             workers=_int(env, "PGWS_WORKERS", 1, minimum=1, maximum=256),
-            uvloop=_bool(env, "PGWS_UVLOOP", default=True),
+            uvloop=_bool(env, "PGWS_UVLOOP", default=False),
             max_channels=_int(env, "PGWS_MAX_CHANNELS", 100, minimum=1, maximum=100_000),
             max_connections=_optional_int(env, "PGWS_MAX_CONNECTIONS", minimum=1),
             jwt_audience=_raw(env, "PGWS_JWT_AUDIENCE"),

@@ -83,9 +83,9 @@ async def test_separate_gateways_on_one_database_share_channels(serve_process: A
         assert await serving.wait_exit() == 0
 
 
-async def test_uvloop_is_used_when_installed_unless_turned_off(serve_process: Any) -> None:
-    """`pgws serve` runs on uvloop by default (the dev install has it), not with PGWS_UVLOOP=0."""
-    fast, _ = await serve_process()
-    plain, _ = await serve_process(PGWS_UVLOOP="false")
-    assert fast.events[-1]["event_loop"].startswith("uvloop")
+async def test_asyncio_loop_by_default_and_uvloop_on_request(serve_process: Any) -> None:
+    """`pgws serve` runs on asyncio's loop by default and on uvloop with PGWS_UVLOOP=true."""
+    plain, _ = await serve_process()
+    fast, _ = await serve_process(PGWS_UVLOOP="true")
     assert plain.events[-1]["event_loop"].startswith("asyncio")
+    assert fast.events[-1]["event_loop"].startswith("uvloop")
