@@ -260,3 +260,36 @@ def test_der_public_key_or_certificate_is_never_an_hmac_secret() -> None:
     with pytest.raises(ConfigError, match="public key or certificate") as caught:
         Verifier.from_secret(der)
     assert caught.value.name == "PGWS_JWT_SECRET"
+
+
+async def test_a_bug_in_one_handler_closes_that_socket_with_1011_only(
+    gateway: Running, db: DB
+) -> None:
+    """An unexpected exception in a socket's handler is logged and closes it 1011; others go on."""
+    handler = gateway.gateway.handler
+    real_clock = handler._clock
+    calls = 0
+
+    def clock_that_breaks_once() -> float:  # the clock is the one thing tests may replace
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # 1: token check, 2: socket opened, 3: the first frame's envelope
+            raise RuntimeError("simulated bug")
+        return real_clock()
+
+    chat = channel_name()
+    async with gateway.connect(f"/{chat}/{make_token({'mode': 'r'})}") as bystander:
+        await subscribed(gateway, chat)
+        handler._clock = clock_that_breaks_once
+        with capture_logs() as logs:
+            async with gateway.connect(f"/{channel_name()}/{make_token({'mode': 'w'})}") as ws:
+                await ws.send("trigger")
+                with pytest.raises(ConnectionClosed) as closed:
+                    async with asyncio.timeout(TIMEOUT):
+                        await ws.recv()
+        handler._clock = real_clock
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1011
+        assert any(entry["event"] == "handler_crashed" for entry in logs)
+        await gateway.notify(db, {"channel": chat, "payload": "still here"})
+        assert (await recv_json(bystander))["payload"] == "still here"
