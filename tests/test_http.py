@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 from websockets.exceptions import InvalidStatus
 
+from pgws.devdb import ThrowawayPostgres
 from tests.conftest import (
     TIMEOUT,
     Running,
@@ -54,8 +55,10 @@ async def test_ready_follows_the_listen_connection(gateway: Running) -> None:
     assert (status, body) == (503, b"not ready\n")
 
 
-async def test_ready_is_503_after_a_real_listener_loss(start_gateway: StartGateway, db: DB) -> None:
-    """Killing the LISTEN backend makes /ready 503 until it is replaced, then 200 again."""
+async def test_ready_is_200_again_once_a_killed_listener_is_replaced(
+    start_gateway: StartGateway, db: DB
+) -> None:
+    """After pg_terminate_backend on the LISTEN backend, /ready and the metrics show it back."""
     gateway: Running = await start_gateway(check_listener_interval=60.0)
     listener = gateway.gateway.listener
     pid = listener.backend_pid
@@ -66,6 +69,25 @@ async def test_ready_is_503_after_a_real_listener_loss(start_gateway: StartGatew
     text = await scrape(gateway)
     assert metric(text, "pgws_listener_reconnects_total") == 1
     assert metric(text, "pgws_listener_up") == 1
+
+
+async def test_ready_is_503_while_the_database_is_down(
+    start_gateway: StartGateway, cluster: ThrowawayPostgres
+) -> None:
+    """With PostgreSQL stopped for real, /ready is 503 (and listener_up 0) until it is back."""
+    gateway: Running = await start_gateway(db_uri=cluster.uri, check_listener_interval=0.5)
+    listener = gateway.gateway.listener
+    await asyncio.to_thread(cluster.stop, "fast")
+    await until(lambda: not listener.up.is_set(), "the listener to notice")
+    status, _, body = await http_get(gateway, "/ready")
+    assert (status, body) == (503, b"not ready\n")
+    assert metric(await scrape(gateway), "pgws_listener_up") == 0
+    status, _, _ = await http_get(gateway, "/health")
+    assert status == 200
+    await asyncio.to_thread(cluster.start)
+    await until(listener.up.is_set, "the listener to come back")
+    status, _, _ = await http_get(gateway, "/ready")
+    assert status == 200
 
 
 async def test_metrics_count_real_traffic_exactly(gateway: Running, db: DB) -> None:
