@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -324,3 +325,31 @@ async def test_file_descriptor_exhaustion_refuses_sockets_but_the_server_survive
     async with connect(f"ws://127.0.0.1:{port}/fd/{token}", open_timeout=TIMEOUT) as ws:
         assert ws.state.name == "OPEN"
     assert serving.process.returncode is None
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_connect_disconnect_churn_does_not_grow_the_servers_memory(
+    serve_process: Any,
+) -> None:
+    """After a warm-up, 2,000 more open/close cycles leave `pgws serve`'s RSS about where it was."""
+    serving, port = await serve_process()
+    token = make_token({"mode": "rw"})
+
+    async def cycles(count: int) -> None:
+        for index in range(count):
+            url = f"ws://127.0.0.1:{port}/churn-{index % 50}/{token}"
+            async with connect(url, open_timeout=TIMEOUT):
+                pass
+
+    await cycles(500)  # allocator pools, caches and prepared statements settle
+    before = rss_kib(serving.process.pid)
+    await cycles(2000)
+    after = rss_kib(serving.process.pid)
+    assert after - before < 4096, f"RSS grew by {after - before} KiB over 2,000 cycles"
