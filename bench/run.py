@@ -373,48 +373,26 @@ def tail(path: Path, lines: int = 5) -> str:
 # --- the suite ---------------------------------------------------------------------------------
 
 
+def configurations(plan: Plan, kind: str) -> list[tuple[str, list[str]]]:
+    """(scenario name, load generator arguments) for every configuration of one kind."""
+    if kind == "connections":
+        return [(kind, ["--steps", *map(str, plan.connection_steps)])]
+    if kind == "fanout":
+        return [(f"fanout-{n}", [f"--readers={n}"]) for n in plan.fanout_readers]
+    if kind == "ingest":
+        return [(f"ingest-{n}", [f"--writers={n}"]) for n in plan.ingest_writers]
+    if kind == "latency":
+        readers = f"--readers={plan.latency_readers}"
+        return [(f"latency-{rate}", [f"--rate={rate}", readers]) for rate in plan.latency_rates]
+    return []
+
+
 async def run_kind(bench: Bench, target: Target, kind: str, rep: int) -> None:
     """Start one server and run every configuration of one scenario kind against it."""
-    plan = bench.plan
     try:
         async with bench.server(target, kind, rep) as (process, port):
-            pid = process.pid
-            if kind == "connections":
-                steps = ["--steps", *map(str, plan.connection_steps)]
-                await bench.measured(target.name, kind, rep, pid, port, kind, steps)
-            elif kind == "fanout":
-                for readers in plan.fanout_readers:
-                    await bench.measured(
-                        target.name,
-                        f"fanout-{readers}",
-                        rep,
-                        pid,
-                        port,
-                        kind,
-                        [f"--readers={readers}"],
-                    )
-            elif kind == "ingest":
-                for writers in plan.ingest_writers:
-                    await bench.measured(
-                        target.name,
-                        f"ingest-{writers}",
-                        rep,
-                        pid,
-                        port,
-                        kind,
-                        [f"--writers={writers}"],
-                    )
-            elif kind == "latency":
-                for rate in plan.latency_rates:
-                    await bench.measured(
-                        target.name,
-                        f"latency-{rate}",
-                        rep,
-                        pid,
-                        port,
-                        kind,
-                        [f"--rate={rate}", f"--readers={plan.latency_readers}"],
-                    )
+            for scenario, arguments in configurations(bench.plan, kind):
+                await bench.measured(target.name, scenario, rep, process.pid, port, kind, arguments)
     except ScenarioError as exc:
         bench.runs.append({"target": target.name, "scenario": kind, "rep": rep, "error": str(exc)})
         print(f"  {target.name}-{kind}-{rep}: ERROR {exc}")
