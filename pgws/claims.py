@@ -19,13 +19,11 @@ from urllib.parse import unquote
 from jose import jwk, jws
 from jose.exceptions import JOSEError
 
+from pgws.config import MAX_CHANNEL_BYTES
 from pgws.errors import BadRequest, ConfigError, Forbidden, TokenExpired, Unauthorized
 
 Mode = Literal["r", "w", "rw"]
 MODES: frozenset[str] = frozenset({"r", "w", "rw"})
-# PostgreSQL identifiers are at most 63 bytes; channel names are only routing keys here, but a
-# longer name is almost certainly a mistake, and it bounds what one socket makes us keep.
-MAX_CHANNEL_BYTES = 63
 # Far above any real token, far below what would let a client make us do real work.
 MAX_TOKEN_LENGTH = 8192
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")

@@ -14,10 +14,11 @@ from typing import Any
 
 import orjson
 
+from pgws.config import NOTIFY_PAYLOAD_LIMIT
 from pgws.errors import MessageTooBig
 
-# PostgreSQL refuses NOTIFY payloads of 8000 bytes or more (default build).
-NOTIFY_PAYLOAD_LIMIT = 7999
+__all__ = ["NOTIFY_PAYLOAD_LIMIT", "EnvelopeWriter", "dump_json", "route_channel"]
+
 DELIVERED_AT = "message_delivered_at"
 
 

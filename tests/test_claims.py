@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from jose import jwk, jwt
 
 from pgws.claims import (
-    MAX_CHANNEL_BYTES,
     MODES,
     Grant,
     Verifier,
@@ -27,6 +26,7 @@ from pgws.claims import (
     issue_token,
     parse_path,
 )
+from pgws.config import MAX_CHANNEL_BYTES
 from pgws.errors import (
     BadRequest,
     ConfigError,
