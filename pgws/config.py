@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psycopg
 from dotenv.parser import parse_stream
+from psycopg.conninfo import conninfo_to_dict
 
 from pgws.errors import ConfigError
 
@@ -136,7 +138,7 @@ class Config:
             missing = "PGWS_KEY_FILE" if key_file is None else "PGWS_CERTIFICATE_FILE"
             raise ConfigError(missing, "must be set too: TLS needs both a certificate and a key")
         return cls(
-            db_uri=_read_at_file(env, "PGWS_DB_URI", _required(env, "PGWS_DB_URI")),
+            db_uri=_db_uri(_read_at_file(env, "PGWS_DB_URI", _required(env, "PGWS_DB_URI"))),
             jwt_secret=read_jwt_secret(env),
             host=_host(env),
             port=_int(env, "PGWS_PORT", 3000, minimum=0, maximum=65535),
@@ -187,6 +189,22 @@ def parse_env_file(path: Path) -> dict[str, str]:
 def _raw(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name)
     return None if value is None or value.strip() == "" else value.strip()
+
+
+def _db_uri(value: str) -> str:
+    """The connection string, if libpq can parse it; the error never repeats it (passwords)."""
+    try:
+        info = conninfo_to_dict(value)
+    except psycopg.ProgrammingError:
+        raise ConfigError(
+            "PGWS_DB_URI",
+            "not a valid connection string: expected postgresql://user:password@host:port/dbname"
+            " or key=value pairs (the value is not shown: it may hold a password)",
+        ) from None
+    for port in str(info.get("port") or "5432").split(","):
+        if not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError("PGWS_DB_URI", f"port {port!r} is not a number from 1 to 65535")
+    return value
 
 
 def _required(env: Mapping[str, str], name: str) -> str:

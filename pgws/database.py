@@ -20,7 +20,7 @@ from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict
 
 from pgws.config import Config
-from pgws.errors import DatabaseUnavailable, ListenerLost, NotifyFailed
+from pgws.errors import ConfigError, DatabaseUnavailable, ListenerLost, NotifyFailed
 
 log = structlog.get_logger("pgws.database")
 
@@ -43,6 +43,10 @@ _KEEPALIVES = {
     "keepalives_count": "3",
     "connect_timeout": "10",
 }
+
+
+# Notifications delivered between two yields to the event loop during a burst.
+YIELD_EVERY = 64
 
 
 class Backoff:
@@ -70,7 +74,11 @@ def connection_kwargs(db_uri: str, application_name: str) -> dict[str, Any]:
     except psycopg.ProgrammingError:
         given = {}  # a bad URI is reported by the connection attempt itself
     defaults = {**_KEEPALIVES, "application_name": application_name}
-    return {key: value for key, value in defaults.items() if key not in given}
+    kwargs = {key: value for key, value in defaults.items() if key not in given}
+    # Always UTF-8, whatever the role, the database or the URI say: with LATIN1 one writer's
+    # euro sign would break the LISTEN connection for everyone (SQL_ASCII passes bytes through).
+    kwargs["client_encoding"] = "UTF8"
+    return kwargs
 
 
 def db_host(db_uri: str) -> str:
@@ -80,6 +88,28 @@ def db_host(db_uri: str) -> str:
     except psycopg.ProgrammingError:
         return "?"
     return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}"
+
+
+# Connection failures that no retry can fix: refused credentials, a missing database or role,
+# a bad option. They end start-up at once (exit 78) instead of a restart loop.
+_PERMANENT_FAILURES = (
+    "password authentication failed",
+    "no password supplied",
+    "authentication failed",
+    "does not exist",
+    "invalid connection option",
+    "invalid sslmode",
+    "no pg_hba.conf entry",
+    "is not permitted to log in",
+    "invalid integer value",
+    "invalid value for parameter",
+)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a connection error says something about the settings rather than the network."""
+    text = str(exc).lower()
+    return any(marker in text for marker in _PERMANENT_FAILURES)
 
 
 def describe(exc: BaseException) -> str:
@@ -96,7 +126,12 @@ async def with_retries(
     for attempt in range(1, attempts + 1):
         try:
             return await connect()
+        except psycopg.ProgrammingError:
+            # Its text may quote the whole connection string, password included.
+            raise ConfigError("PGWS_DB_URI", "not a valid connection string") from None
         except (psycopg.OperationalError, OSError) as exc:
+            if is_permanent(exc):
+                raise ConfigError("PGWS_DB_URI", f"{what}: {describe(exc)}") from None
             if attempt == attempts:
                 raise DatabaseUnavailable(
                     f"cannot connect to the database after {attempts} attempts: {describe(exc)}"
@@ -190,7 +225,9 @@ class Listener:
     async def listen_forever(self) -> None:
         """Deliver notifications until cancelled; heal or raise ListenerLost when the link dies."""
         interval = self._config.check_listener_interval
-        backoff = Backoff(initial=0.5)
+        # Capped low: the listener was up before, and while it is down readers are blind and
+        # writers' messages are lost, so it must be back within seconds of the database.
+        backoff = Backoff(initial=0.5, cap=2.0)
         while True:
             if self._conn is None:
                 try:
@@ -224,6 +261,10 @@ class Listener:
             async for notify in conn.notifies(timeout=interval):
                 self.received += 1
                 on_notify(notify.payload)
+                # psycopg hands over everything queued during the probe at once (tens of
+                # thousands): yield now and then so /health, drops and other sockets run.
+                if self.received % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
             # Only reached with an interval: probe the link, so a frozen backend or a silent
             # network path is noticed within about two intervals, not never.
             async with severed_after(conn, max(interval or 0.0, 1.0)):
@@ -468,7 +509,6 @@ class Notifier:
         self._connect_kwargs: dict[str, Any] = {
             "autocommit": True,
             **connection_kwargs(config.db_uri, "pgws-notify"),
-            "client_encoding": "UTF8",  # payloads go out as UTF-8 bytes, whatever the URI says
         }
         self._queue: asyncio.Queue[_Message] = asyncio.Queue()
         self._connections: list[_NotifyConnection | None] = [None] * self._size

@@ -1,0 +1,109 @@
+"""How pgws connects: one client encoding whatever the role says, and start-up errors that no
+retry can fix (a mistyped URI, an unknown database) stop at once with one clean line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from tests.conftest import TIMEOUT, Running, StartGateway, channel_name, make_token, recv_json
+
+SECRET = "reallyreallyreallyreallyverysafe-test-secret"
+PASSWORD = "S3cretPW"
+EX_CONFIG = 78
+
+
+def serve(db_uri: str) -> subprocess.CompletedProcess[str]:
+    """`pgws serve` with only this database URI and a secret, bounded."""
+    return subprocess.run(
+        [sys.executable, "-m", "pgws", "serve"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PGWS_DB_URI": db_uri,
+            "PGWS_JWT_SECRET": SECRET,
+            "PGWS_PORT": "0",
+            "PGWS_RETRIES": "5",
+        },
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+@pytest.mark.nodb
+@pytest.mark.parametrize(
+    "db_uri",
+    [
+        f"postgress://app:{PASSWORD}@localhost/db",
+        f"postgresql://app:{PASSWORD}@localhost:notaport/db",
+        f"host=localhost password={PASSWORD} nosuchoption=1",
+        f"mysql://app:{PASSWORD}@localhost/db",
+    ],
+)
+def test_a_mistyped_database_uri_is_one_line_exit_78_without_the_password(db_uri: str) -> None:
+    """Before: exit 1 with a 60-line traceback quoting the URI, password included."""
+    result = serve(db_uri)
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "Traceback" not in result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: PGWS_DB_URI: ")
+
+
+def test_an_unknown_database_stops_at_once_with_exit_78_naming_it(dsn: str) -> None:
+    """Retrying cannot create a database: exit 78 on the first attempt, host and name shown."""
+    missing = f"pgws_missing_{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    result = serve(make_conninfo(dsn, dbname=missing, password=PASSWORD))
+    elapsed = time.monotonic() - started
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "Traceback" not in result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1, result.stderr
+    assert missing in error[0]
+    assert "database_unreachable" not in result.stderr  # no retry was made
+    assert elapsed < TIMEOUT
+
+
+@pytest.fixture
+async def latin1_dsn(dsn: str, db: psycopg.AsyncConnection[Any]) -> AsyncIterator[str]:
+    """A role whose sessions default to client_encoding LATIN1, as an operator may have set."""
+    role = f"pgws_latin1_{uuid.uuid4().hex[:8]}"
+    await db.execute(f"CREATE ROLE {role} LOGIN")
+    await db.execute(f"ALTER ROLE {role} SET client_encoding = 'LATIN1'")
+    try:
+        yield make_conninfo(dsn, user=role)
+    finally:
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+        )
+        await db.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+async def test_a_latin1_role_cannot_break_the_listener_with_a_euro_sign(
+    start_gateway: StartGateway, latin1_dsn: str
+) -> None:
+    """Before: the LISTEN connection (LATIN1) died on '€'; now every connection speaks UTF8."""
+    running: Running = await start_gateway(db_uri=latin1_dsn, check_listener_interval=1.0)
+    chat = channel_name()
+    token = make_token({"mode": "rw", "channels": [chat]})
+    async with running.connect(f"/{chat}/{token}") as ws:
+        for text in ["prix: 5 €", "café ✓ 😀"]:
+            await ws.send(text)
+            envelope = await recv_json(ws)
+            assert envelope["payload"] == text
+    assert running.gateway.is_ready()
+    assert json.dumps(envelope)  # a plain, decodable envelope
