@@ -59,10 +59,14 @@ class Connection(ServerConnection):
     stats: HandlerStats
     opened_at: float
     frames_in: int = 0
+    # Set once the buffer passed PGWS_CLIENT_MAX_BUFFER: deliver() writes nothing more to it, so
+    # the limit holds within one message even when a burst is delivered before the drop can run.
+    lagging: bool = False
 
     def pause_writing(self) -> None:
         """The transport buffer passed PGWS_CLIENT_MAX_BUFFER: this reader is too slow."""
         super().pause_writing()
+        self.lagging = True
         # Not from inside a broadcast: transport.write() is calling us.
         self.loop.call_soon(self.drop, 1008, "slow consumer")
 
@@ -108,8 +112,11 @@ def tracked_connection_class(tracked: set[ServerConnection]) -> type[Connection]
 
 
 def deliver(connections: Iterable[ServerConnection], message: str) -> None:
-    """Send one notification to many sockets: encoded once, written without waiting."""
-    broadcast(connections, message)
+    """Send one notification to many sockets: encoded once, written without waiting.
+
+    Readers already over their buffer limit are skipped; they are being dropped (1008).
+    """
+    broadcast([c for c in connections if not getattr(c, "lagging", False)], message)
 
 
 class Handler:
