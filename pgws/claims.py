@@ -7,6 +7,8 @@ happen. Everything a client can learn from a refusal is `invalid token` or `toke
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import math
@@ -36,8 +38,17 @@ DEFAULT_MAX_CHANNELS = 100
 
 
 def token_shaped(value: str) -> bool:
-    """Whether `value` has a JWT's compact shape (three base64url parts), without verifying it."""
-    return len(value) <= MAX_TOKEN_LENGTH and _TOKEN_SHAPE.fullmatch(value) is not None
+    """Whether `value` has a JWT's compact shape (three base64url parts, the first one a JSON
+    object), without verifying it. The JSON check keeps dotted subprotocol names such as
+    `wamp.2.json` from being taken for tokens, as the original never did."""
+    if len(value) > MAX_TOKEN_LENGTH or _TOKEN_SHAPE.fullmatch(value) is None:
+        return False
+    header = value.partition(".")[0]
+    try:
+        decoded = base64.urlsafe_b64decode(header + "=" * (-len(header) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return decoded.lstrip().startswith(b"{")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

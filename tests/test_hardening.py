@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
 
 from pgws.config import Config
 from pgws.errors import ConfigError
@@ -140,6 +141,19 @@ async def test_url_token_still_works_next_to_unrelated_subprotocols(gateway: Run
     async with gateway.connect(
         f"/chat/{make_token({'mode': 'r'})}",
         subprotocols=["chat.v1"],
+    ) as ws:
+        assert ws.subprotocol is None
+
+
+@pytest.mark.parametrize("offered", ["wamp.2.json", "v1.chat.proto", "a.b.c", "mqtt.v3.1"])
+async def test_dotted_subprotocols_next_to_a_url_token_are_not_taken_for_tokens(
+    gateway: Running, offered: str
+) -> None:
+    """Issue 8 item 14: `wamp.2.json` has three dotted parts, was read as a token and got 400.
+
+    The original accepts the socket and negotiates nothing; so does pgws."""
+    async with gateway.connect(
+        f"/chat/{make_token({'mode': 'r'})}", subprotocols=[Subprotocol(offered)]
     ) as ws:
         assert ws.subprotocol is None
 
