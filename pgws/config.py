@@ -10,6 +10,7 @@ import base64
 import binascii
 import dataclasses
 import io
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -234,6 +235,14 @@ def read_jwt_secret(env: Mapping[str, str]) -> bytes:
     """PGWS_JWT_SECRET as bytes: `@file` resolved, base64 decoded when PGWS_JWT_SECRET_BASE64."""
     name = "PGWS_JWT_SECRET"
     value = _read_at_file(env, name, _required(env, name))
+    if value.lstrip().startswith("{"):
+        # Meant as a JWK or JWKS: a typo there must not silently become an HMAC secret.
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                name, f"starts with '{{' but is not valid JSON (a JWK or JWKS): {exc.msg}"
+            ) from None
     if not _bool(env, "PGWS_JWT_SECRET_BASE64", default=False):
         return value.encode()
     compact = "".join(value.split())

@@ -73,6 +73,8 @@ def public_key_pem() -> bytes:
         ({"PGWS_CHECK_LISTENER_INTERVAL": "-5"}, "Error: PGWS_CHECK_LISTENER_INTERVAL: "),
         ({"PGWS_JWT_SECRET_BASE64": "maybe"}, "Error: PGWS_JWT_SECRET_BASE64: "),
         ({"PGWS_JWT_SECRET": "@/nonexistent/secret"}, "Error: PGWS_JWT_SECRET: "),
+        # Issue 8 item 19: a broken JWK was taken as a 12-byte HMAC secret.
+        ({"PGWS_JWT_SECRET": '{"kty": "oct",'}, "Error: PGWS_JWT_SECRET: starts with '{' but"),
         ({"PGWS_ROOT_PATH": "/nonexistent/www"}, "Error: PGWS_ROOT_PATH: "),
         ({"PGWS_LISTEN_CHANNEL": "c" * 64}, "Error: PGWS_LISTEN_CHANNEL: "),
     ],
