@@ -19,8 +19,7 @@ import psycopg
 import pytest
 
 from pgws.devdb import ThrowawayPostgres, find_bindir
-
-TIMEOUT = 10.0 * float(os.environ.get("PGWS_TEST_TIMEOUT_FACTOR", "1"))
+from tests.conftest import TIMEOUT
 
 
 def query_one(uri: str, sql: LiteralString) -> object:
