@@ -55,6 +55,19 @@ from bench.procs import (
 from bench.wire import make_token, probe, raise_nofile_limit
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def repo_relative(command: Sequence[str]) -> list[str]:
+    """The command as committed results show it: paths inside the repository made relative."""
+    shown = []
+    for word in command:
+        path = Path(word)
+        if path.is_absolute() and path.is_relative_to(REPO):
+            word = str(path.relative_to(REPO))
+        shown.append(word)
+    return shown
+
+
 RESULTS = REPO / "bench" / "results"
 SECRET = "pgws-bench-secret-0123456789abcdef"
 LISTEN_CHANNEL = "postgres-websockets-listener"
@@ -633,7 +646,8 @@ def write_results(
         f"# pgws benchmark: {when}",
         "",
         f"- command: `{command}`",
-        f"- server under test: `{shlex.join(target.command)}` (commit {machine['commit']})",
+        f"- server under test: `{shlex.join(repo_relative(target.command))}` "
+        f"(commit {machine['commit']})",
         f"- baselines: {BASELINE} = `python -m bench.raw_gateway` (LISTEN → orjson → "
         f"broadcast), {RAW_PG} = pipelined psycopg NOTIFY, {plan.notify_connections} connections",
         f"- machine: {machine_line}",
@@ -670,7 +684,7 @@ def write_results(
     document = {
         "started": started.isoformat(),
         "command": command,
-        "target": dataclasses.asdict(target),
+        "target": {**dataclasses.asdict(target), "command": repo_relative(target.command)},
         "machine": machine,
         "placement": dataclasses.asdict(bench.placement),
         "plan": dataclasses.asdict(bench.plan),
