@@ -116,7 +116,7 @@ def deliver(connections: Iterable[ServerConnection], message: str) -> None:
 
     Readers already over their buffer limit are skipped; they are being dropped (1008).
     """
-    broadcast([c for c in connections if not getattr(c, "lagging", False)], message)
+    broadcast((c for c in connections if not getattr(c, "lagging", False)), message)
 
 
 class Handler:

@@ -207,6 +207,13 @@ async def assert_nothing_received(ws: ClientConnection, within: float = 0.3) -> 
             raise AssertionError(f"unexpected message: {message!r}")
 
 
+async def drain_until_closed(ws: Any) -> None:
+    """Read everything until the connection ends (raises ConnectionClosed), bounded."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            await ws.recv()
+
+
 def now() -> float:
     return time.time()
 

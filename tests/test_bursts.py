@@ -19,6 +19,7 @@ from tests.conftest import (
     Running,
     StartGateway,
     channel_name,
+    drain_until_closed,
     http_get,
     make_token,
     subscribed,
@@ -92,7 +93,7 @@ async def test_a_burst_in_one_transaction_stops_at_the_buffer_limit_within_one_m
             probing.cancel()
         await until(lambda: len(gateway.gateway.registry.subscribers(chat)) == 1, "the drop")
         with pytest.raises(ConnectionClosed):
-            await drain(stalled)
+            await drain_until_closed(stalled)
     assert received == list(range(count))  # the fast reader: everything, in order
     buffers = lagging_buffers(log_start)
     assert len(buffers) == 1
@@ -100,10 +101,3 @@ async def test_a_burst_in_one_transaction_stops_at_the_buffer_limit_within_one_m
     assert buffers[0] <= LIMIT + PAYLOAD_BYTES + 200, buffers
     # Generous on purpose (shared machines); bench figures are the real measure.
     assert health_worst < TIMEOUT / 10, health_worst
-
-
-async def drain(ws: Any) -> None:
-    """Read until the connection ends (raises ConnectionClosed), bounded."""
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            await ws.recv()

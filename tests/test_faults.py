@@ -26,6 +26,7 @@ from tests.conftest import (
     Running,
     StartGateway,
     channel_name,
+    drain_until_closed,
     make_token,
     recv_json,
     subscribed,
@@ -223,13 +224,6 @@ async def test_slow_consumer_is_dropped_and_a_fast_reader_misses_nothing(
     # drain them within the grace period the server aborts, and no close frame arrives at all.
     if closed.value.rcvd is not None:
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "slow consumer")
-
-
-async def drain_until_closed(ws: Any) -> None:
-    """Read everything until the connection ends (raises ConnectionClosed), bounded."""
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            await ws.recv()
 
 
 @contextlib.asynccontextmanager
