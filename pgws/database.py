@@ -16,11 +16,11 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg import pq, sql
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
 from pgws.config import Config
-from pgws.errors import ConfigError, DatabaseUnavailable, ListenerLost, NotifyFailed
+from pgws.errors import ConfigError, DatabaseUnavailable, NotifyFailed
 
 log = structlog.get_logger("pgws.database")
 
@@ -43,10 +43,6 @@ _KEEPALIVES = {
     "keepalives_count": "3",
     "connect_timeout": "10",
 }
-
-
-# Notifications delivered between two yields to the event loop during a burst.
-YIELD_EVERY = 64
 
 
 class Backoff:
@@ -170,117 +166,6 @@ async def severed_after(conn: psycopg.AsyncConnection[Any], seconds: float) -> A
         yield
     finally:
         timer.cancel()
-
-
-class Listener:
-    """The one connection that LISTENs on the listen channel and hands payloads to `on_notify`.
-
-    With `check_listener_interval` set it heals itself: a dead connection (noticed at once when the
-    socket closes, or by a probe with a timeout at every interval) is replaced, with back-off, while
-    sockets stay open. Without it, losing the connection raises ListenerLost.
-    """
-
-    def __init__(self, config: Config, on_notify: Callable[[str], object]) -> None:
-        self._config = config
-        self._on_notify = on_notify
-        self._listen = sql.SQL("LISTEN {}").format(sql.Identifier(config.listen_channel))
-        self._conn: psycopg.AsyncConnection[Any] | None = None
-        self.up = asyncio.Event()
-        self.reconnects = 0
-        self.received = 0
-
-    @property
-    def backend_pid(self) -> int | None:
-        """The server process behind the LISTEN connection, while there is one."""
-        conn = self._conn
-        return None if conn is None or conn.closed else conn.info.backend_pid
-
-    async def connect(self) -> None:
-        """Open the connection and LISTEN, with the start-up retries of SPEC 4."""
-        self._conn = await with_retries("listener", self._config.retries, self._open)
-
-    async def _open(self) -> psycopg.AsyncConnection[Any]:
-        conn = await psycopg.AsyncConnection.connect(
-            self._config.db_uri,
-            autocommit=True,
-            **connection_kwargs(self._config.db_uri, "pgws-listener"),
-        )
-        try:
-            # Servers with idle_session_timeout set would otherwise drop a quiet listener.
-            if conn.info.server_version >= 140000:
-                await conn.execute("SET idle_session_timeout = 0")
-            await conn.execute(self._listen)
-        except BaseException:
-            await conn.close()
-            raise
-        log.info(
-            "listener_connected",
-            db_host=db_host(self._config.db_uri),
-            channel=self._config.listen_channel,
-            backend_pid=conn.info.backend_pid,
-        )
-        self.up.set()
-        return conn
-
-    async def listen_forever(self) -> None:
-        """Deliver notifications until cancelled; heal or raise ListenerLost when the link dies."""
-        interval = self._config.check_listener_interval
-        # Capped low: the listener was up before, and while it is down readers are blind and
-        # writers' messages are lost, so it must be back within seconds of the database.
-        backoff = Backoff(initial=0.5, cap=2.0)
-        while True:
-            if self._conn is None:
-                try:
-                    self._conn = await self._open()
-                    self.reconnects += 1
-                    backoff.reset()
-                except psycopg.OperationalError as exc:
-                    delay = backoff.next()
-                    log.warning(
-                        "listener_reconnect_failed", error=describe(exc), retry_in=round(delay, 2)
-                    )
-                    await asyncio.sleep(delay)
-                    continue
-            try:
-                await self._serve(self._conn, interval)
-            except (psycopg.Error, TimeoutError) as exc:
-                self.up.clear()
-                await self._discard()
-                if interval is None:
-                    log.error("listener_lost", error=describe(exc), action="exit")
-                    raise ListenerLost(f"the LISTEN connection was lost: {describe(exc)}") from None
-                log.warning("listener_lost", error=describe(exc), action="reconnect")
-            except BaseException:
-                self.up.clear()
-                await self._discard()
-                raise
-
-    async def _serve(self, conn: psycopg.AsyncConnection[Any], interval: float | None) -> None:
-        on_notify = self._on_notify
-        while True:
-            async for notify in conn.notifies(timeout=interval):
-                self.received += 1
-                on_notify(notify.payload)
-                # psycopg hands over everything queued during the probe at once (tens of
-                # thousands): yield now and then so /health, drops and other sockets run.
-                if self.received % YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
-            # Only reached with an interval: probe the link, so a frozen backend or a silent
-            # network path is noticed within about two intervals, not never.
-            async with severed_after(conn, max(interval or 0.0, 1.0)):
-                await conn.execute("SELECT 1")
-
-    async def _discard(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.closed:
-            sever(conn)  # the peer may be frozen: never wait on it to say goodbye
-            with contextlib.suppress(psycopg.Error, OSError):
-                await conn.close()
-
-    async def close(self) -> None:
-        """Close the connection (the task running listen_forever is cancelled separately)."""
-        self.up.clear()
-        await self._discard()
 
 
 # psycopg 3.3 has no public way to end every statement of a pipeline with its own Sync without

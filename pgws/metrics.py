@@ -60,6 +60,11 @@ class GatewayCollector(Collector):
             value=gateway.listener.received,
         )
         yield CounterMetricFamily(
+            "pgws_notifications_undecodable",
+            "Notifications skipped because their payload was not UTF-8 (a SQL_ASCII database)",
+            value=gateway.listener.undecodable,
+        )
+        yield CounterMetricFamily(
             "pgws_messages_delivered",
             "Messages handed to sockets (one per socket per notification)",
             value=gateway.registry.delivered,

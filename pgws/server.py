@@ -22,9 +22,10 @@ from websockets.http11 import Request, Response
 from pgws import __version__, metrics, web
 from pgws.claims import Verifier
 from pgws.config import Config
-from pgws.database import Listener, Notifier, db_host
+from pgws.database import Notifier, db_host
 from pgws.errors import ConfigError
 from pgws.handler import Handler, deliver, select_subprotocol, tracked_connection_class
+from pgws.listener import Listener
 from pgws.registry import Registry
 from pgws.systemd import SystemdNotifier
 

@@ -15,7 +15,17 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from tests.conftest import TIMEOUT, Running, StartGateway, channel_name, make_token, recv_json
+from tests.conftest import (
+    LOG_LINES,
+    TIMEOUT,
+    Running,
+    StartGateway,
+    channel_name,
+    http_get,
+    make_token,
+    recv_json,
+    subscribed,
+)
 
 SECRET = "reallyreallyreallyreallyverysafe-test-secret"
 PASSWORD = "S3cretPW"
@@ -107,3 +117,52 @@ async def test_a_latin1_role_cannot_break_the_listener_with_a_euro_sign(
             assert envelope["payload"] == text
     assert running.gateway.is_ready()
     assert json.dumps(envelope)  # a plain, decodable envelope
+
+
+@pytest.fixture
+async def sql_ascii_dsn(dsn: str, db: psycopg.AsyncConnection[Any]) -> AsyncIterator[str]:
+    """A database created with SQL_ASCII: it stores and NOTIFYs whatever bytes it is given."""
+    name = f"pgws_sql_ascii_{uuid.uuid4().hex[:8]}"
+    await db.execute(
+        f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0"
+        " LC_COLLATE 'C' LC_CTYPE 'C'"
+    )
+    try:
+        yield make_conninfo(dsn, dbname=name)
+    finally:
+        await db.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def notify_bytes(dsn: str, channel: str, payload: bytes) -> None:
+    """NOTIFY exactly these bytes (SQL_ASCII passes them through unchecked)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as producer:
+        await producer.execute(
+            "SELECT pg_notify(%s, convert_from(%s, 'SQL_ASCII'))", (channel, payload)
+        )
+
+
+@pytest.mark.parametrize("interval", [None, 1.0], ids=["self-healing off", "self-healing on"])
+async def test_a_notification_that_is_not_utf8_is_counted_and_skipped(
+    sql_ascii_dsn: str, start_gateway: StartGateway, interval: float | None
+) -> None:
+    """Before: one LATIN1 byte on a SQL_ASCII database ended the LISTEN connection (exit 1 with a
+    traceback, or a reconnect losing what came meanwhile). Now: counted, logged once, skipped."""
+    running: Running = await start_gateway(db_uri=sql_ascii_dsn, check_listener_interval=interval)
+    chat = channel_name()
+    listen = running.config.listen_channel
+    log_start = len(LOG_LINES.getvalue())
+    async with running.connect(f"/{chat}/{make_token({'mode': 'rw', 'channels': [chat]})}") as ws:
+        await subscribed(running, chat)
+        for _ in range(2):
+            await notify_bytes(sql_ascii_dsn, listen, b"caf\xe9 from a LATIN1 producer")
+        await ws.send("prix: 5 € after the bad ones")  # UTF-8 through pgws itself still works
+        assert (await recv_json(ws))["payload"] == "prix: 5 € after the bad ones"
+    listener = running.gateway.listener
+    assert (listener.undecodable, listener.reconnects) == (2, 0)
+    assert running.gateway.is_ready()
+    logged = LOG_LINES.getvalue()[log_start:]
+    assert logged.count("notification_undecodable") == 1
+    assert "caf" not in logged  # the payload itself is not logged
+    status, _, body = await http_get(running, "/metrics")
+    assert status == 200
+    assert "pgws_notifications_undecodable_total 2.0" in body.decode()
