@@ -86,6 +86,15 @@ def db_host(db_uri: str) -> str:
     return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}"
 
 
+def db_target(db_uri: str) -> str:
+    """Host, port and database name, for error lines: never the user or password."""
+    try:
+        info = conninfo_to_dict(db_uri)
+    except psycopg.ProgrammingError:
+        return "?"
+    return f"{db_host(db_uri)}/{info.get('dbname', info.get('user', '?'))}"
+
+
 # Connection failures that no retry can fix: refused credentials, a missing database or role,
 # a bad option. They end start-up at once (exit 78) instead of a restart loop.
 _PERMANENT_FAILURES = (
@@ -115,9 +124,18 @@ def describe(exc: BaseException) -> str:
 
 
 async def with_retries(
-    what: str, attempts: int, connect: Callable[[], Awaitable[Any]], *, initial: float = 1.0
+    what: str,
+    attempts: int,
+    connect: Callable[[], Awaitable[Any]],
+    *,
+    where: str,
+    initial: float = 1.0,
 ) -> Any:
-    """Call `connect` up to `attempts` times with back-off (SPEC 4); raise DatabaseUnavailable."""
+    """Call `connect` up to `attempts` times with back-off (SPEC 4); raise DatabaseUnavailable.
+
+    `where` (db_target()) names the database in every line, since libpq's own text does not
+    always (a timeout says only "connection timeout expired").
+    """
     backoff = Backoff(initial=initial)
     for attempt in range(1, attempts + 1):
         try:
@@ -127,15 +145,18 @@ async def with_retries(
             raise ConfigError("PGWS_DB_URI", "not a valid connection string") from None
         except (psycopg.OperationalError, OSError) as exc:
             if is_permanent(exc):
-                raise ConfigError("PGWS_DB_URI", f"{what}: {describe(exc)}") from None
+                raise ConfigError("PGWS_DB_URI", f"{what} at {where}: {describe(exc)}") from None
             if attempt == attempts:
                 raise DatabaseUnavailable(
-                    f"cannot connect to the database after {attempts} attempts: {describe(exc)}"
+                    f"cannot connect to the database at {where} after {attempts}"
+                    f" attempt{'' if attempts == 1 else 's'}:"
+                    f" {describe(exc)}"
                 ) from None
             delay = backoff.next()
             log.warning(
                 "database_unreachable",
                 what=what,
+                database=where,
                 attempt=attempt,
                 error=describe(exc),
                 retry_in=round(delay, 2),
@@ -420,7 +441,9 @@ class Notifier:
                 raise failed[0]
             return list(opened)
 
-        self._connections = await with_retries("notifier", self._retries, attempt)
+        self._connections = await with_retries(
+            "notifier", self._retries, attempt, where=db_target(self._conninfo)
+        )
         loop = asyncio.get_running_loop()
         # Owned here, cancelled and awaited by close(): the gateway's task group never sees them.
         self._senders = [

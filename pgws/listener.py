@@ -30,6 +30,7 @@ from pgws.database import (
     Backoff,
     connection_kwargs,
     db_host,
+    db_target,
     describe,
     sever,
     with_retries,
@@ -127,7 +128,9 @@ class Listener:
 
     async def connect(self) -> None:
         """Open the connection and LISTEN, with the start-up retries of SPEC 4."""
-        await with_retries("listener", self._config.retries, self._open)
+        await with_retries(
+            "listener", self._config.retries, self._open, where=db_target(self._config.db_uri)
+        )
 
     async def _open(self) -> None:
         conn = await psycopg.AsyncConnection.connect(

@@ -3,7 +3,9 @@ retry can fix (a mistyped URI, an unknown database) stop at once with one clean 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from pgws.devdb import ThrowawayPostgres
 from tests.conftest import (
     LOG_LINES,
     TIMEOUT,
@@ -30,9 +33,12 @@ from tests.conftest import (
 SECRET = "reallyreallyreallyreallyverysafe-test-secret"
 PASSWORD = "S3cretPW"
 EX_CONFIG = 78
+EX_UNAVAILABLE = 69
+# What pgws gives each connection attempt when the URI sets no connect_timeout.
+CONNECT_TIMEOUT = 10
 
 
-def serve(db_uri: str) -> subprocess.CompletedProcess[str]:
+def serve(db_uri: str, retries: int = 5) -> subprocess.CompletedProcess[str]:
     """`pgws serve` with only this database URI and a secret, bounded."""
     return subprocess.run(
         [sys.executable, "-m", "pgws", "serve"],
@@ -41,11 +47,11 @@ def serve(db_uri: str) -> subprocess.CompletedProcess[str]:
             "PGWS_DB_URI": db_uri,
             "PGWS_JWT_SECRET": SECRET,
             "PGWS_PORT": "0",
-            "PGWS_RETRIES": "5",
+            "PGWS_RETRIES": str(retries),
         },
         capture_output=True,
         text=True,
-        timeout=TIMEOUT,
+        timeout=TIMEOUT + CONNECT_TIMEOUT * retries,
         stdin=subprocess.DEVNULL,
         check=False,
     )
@@ -86,6 +92,64 @@ def test_an_unknown_database_stops_at_once_with_exit_78_naming_it(dsn: str) -> N
     assert missing in error[0]
     assert "database_unreachable" not in result.stderr  # no retry was made
     assert elapsed < TIMEOUT
+
+
+def only_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a failed start-up prints, after checking it is clean."""
+    assert "Traceback" not in result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+async def test_a_wrong_password_stops_at_once_with_exit_78(cluster: ThrowawayPostgres) -> None:
+    """Before: retried like an outage and exit 69, which the unit restarts forever."""
+    role = f"pgws_pw_{uuid.uuid4().hex[:8]}"
+    hba = cluster.datadir / "pg_hba.conf"
+    rules = hba.read_text()
+    hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n{rules}")
+    async with await psycopg.AsyncConnection.connect(cluster.uri, autocommit=True) as admin:
+        await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'the-right-one'")
+        await admin.execute("SELECT pg_reload_conf()")
+    uri = make_conninfo(cluster.uri, user=role, password=PASSWORD)
+    started = time.monotonic()
+    result = await asyncio.to_thread(serve, uri)
+    elapsed = time.monotonic() - started
+    assert result.returncode == EX_CONFIG, result.stderr
+    line = only_line(result)
+    assert line.startswith("Error: PGWS_DB_URI: ")
+    assert f"127.0.0.1:{cluster.port}/postgres" in line
+    assert "password authentication failed" in line
+    assert elapsed < TIMEOUT  # the first attempt, not five with back-off
+
+
+@pytest.mark.nodb
+def test_a_database_that_accepts_and_never_answers_is_bounded_and_named() -> None:
+    """Before: 66 s for one attempt, and a line that did not say which database it was."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never says a word
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        result = serve(f"postgresql://app:{PASSWORD}@127.0.0.1:{port}/appdb", retries=1)
+        elapsed = time.monotonic() - started
+    assert result.returncode == EX_UNAVAILABLE, result.stderr
+    line = only_line(result)
+    assert f"at 127.0.0.1:{port}/appdb after 1 attempt: connection timeout expired" in line
+    assert elapsed < CONNECT_TIMEOUT + TIMEOUT
+
+
+async def test_a_role_that_may_not_log_in_stops_at_once_with_exit_78(
+    dsn: str, db: psycopg.AsyncConnection[Any]
+) -> None:
+    """NOLOGIN is a setting, not an outage: no retries."""
+    role = f"pgws_nologin_{uuid.uuid4().hex[:8]}"
+    await db.execute(f"CREATE ROLE {role} NOLOGIN")
+    try:
+        result = await asyncio.to_thread(serve, make_conninfo(dsn, user=role, password=PASSWORD))
+    finally:
+        await db.execute(f"DROP ROLE {role}")
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "is not permitted to log in" in only_line(result)
 
 
 @pytest.fixture
