@@ -173,3 +173,24 @@ async def test_websockets_own_refusals_carry_the_security_headers(gateway: Runni
     assert head.startswith("http/1.1 400")
     assert "x-content-type-options: nosniff" in head
     assert "referrer-policy: no-referrer" in head
+
+
+async def test_ready_flips_back_within_seconds_of_a_long_outage(
+    start_gateway: StartGateway, cluster: ThrowawayPostgres
+) -> None:
+    """Before: the listener's back-off grew to 32 s, so after 16 s down readers stayed blind (and
+    /ready 503) for ~15 s more once the database was back. Now retries are at most 2 s apart."""
+    gateway: Running = await start_gateway(db_uri=cluster.uri, check_listener_interval=0.5)
+    listener = gateway.gateway.listener
+    await asyncio.to_thread(cluster.stop, "fast")
+    await until(lambda: not listener.up.is_set(), "the listener to notice")
+    down = asyncio.get_running_loop().time()
+    await asyncio.sleep(16)  # the outage itself, not a synchronisation
+    await asyncio.to_thread(cluster.start)
+    back = asyncio.get_running_loop().time()
+    await until(listener.up.is_set, "the listener to come back")
+    blind = asyncio.get_running_loop().time() - back
+    status, _, _ = await http_get(gateway, "/ready")
+    assert status == 200
+    # Generous for a shared machine; the old schedule would retry only 31 s after `down`.
+    assert blind < 8.0, (blind, back - down)
