@@ -10,7 +10,7 @@ reasons measured on real bursts:
   cannot tell a dead link from one busy delivering megabytes; here any notification read counts
   as a sign of life, so a burst never gets the listener replaced (and the burst lost);
 - what one read of the socket brought is visible as one batch, delivered with a yield to the
-  event loop every YIELD_EVERY notifications so /health, slow-consumer drops and other sockets run.
+  event loop every DELIVERY_SLICE seconds so /health, slow-consumer drops and other sockets run.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from pgws.errors import ListenerLost
 
 log = structlog.get_logger("pgws.listener")
 
-# Notifications delivered between two yields to the event loop during a burst.
-YIELD_EVERY = 64
+# How long delivering a burst may hold the event loop before it lets everything else run.
+DELIVERY_SLICE = 0.01
 _PROBE = b"SELECT 1"
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.EMPTY_QUERY)
 
@@ -234,7 +234,11 @@ class Listener:
 
     async def _deliver(self, payloads: list[bytes]) -> None:
         on_notify = self._on_notify
-        for count, payload in enumerate(payloads, start=1):
+        loop = asyncio.get_running_loop()
+        # Fan-out cost grows with readers x notifications, so yield by time, not by count:
+        # /health, slow-consumer drops and other sockets wait at most one slice.
+        slice_ends = loop.time() + DELIVERY_SLICE
+        for payload in payloads:
             try:
                 text = payload.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -242,8 +246,9 @@ class Listener:
                 continue
             self.received += 1
             on_notify(text)
-            if count % YIELD_EVERY == 0:
+            if loop.time() >= slice_ends:
                 await asyncio.sleep(0)
+                slice_ends = loop.time() + DELIVERY_SLICE
 
     def _skip_undecodable(self, exc: UnicodeDecodeError) -> None:
         # A SQL_ASCII database passes whatever bytes a producer sent; no reader could use them.
