@@ -139,14 +139,17 @@ def quiet_tls_failures(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
     loop.default_exception_handler(context)
 
 
-def add_security_headers(
+async def finish_response(
     connection: ServerConnection, request: Request, response: Response
 ) -> Response:
-    """process_response: websockets' own refusals (400, 414, 431…) get pgws's headers too."""
+    """process_response: pgws's headers on websockets' own refusals (400, 414, 431…) too; and
+    a static file, its headers now final (Server included), streamed to the socket here."""
     if response.status_code != 101:
         for name, value in web.SECURITY_HEADERS.items():
             if name not in response.headers:
                 response.headers[name] = value
+    if isinstance(response, web.FileResponse):
+        await web.send_file(connection, response)  # closes the socket: websockets sends nothing
     return response
 
 
@@ -209,7 +212,7 @@ class Gateway:
                 self.handler.handle,
                 sock=sock,
                 process_request=self.handler.check_request,
-                process_response=add_security_headers,
+                process_response=finish_response,
                 select_subprotocol=select_subprotocol,
                 create_connection=tracked_connection_class(self._connections),
                 compression="deflate" if config.compression else None,
