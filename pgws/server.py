@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import signal
 import socket
 import ssl
@@ -286,9 +287,16 @@ class Gateway:
 
 
 async def run(
-    config: Config, systemd: SystemdNotifier | None = None, *, reuse_port: bool = False
+    config: Config,
+    systemd: SystemdNotifier | None = None,
+    *,
+    reuse_port: bool = False,
+    parent_pipe: int | None = None,
 ) -> None:
-    """Run pgws until SIGTERM/SIGINT (or a fatal error, which propagates)."""
+    """Run pgws until SIGTERM/SIGINT (or a fatal error, which propagates).
+
+    A worker passes `parent_pipe`: EOF on it (its supervisor is gone) stops it as SIGTERM does.
+    """
     systemd = systemd or SystemdNotifier(None)
     gateway = Gateway(config, reuse_port=reuse_port)
     stop = asyncio.Event()
@@ -301,6 +309,8 @@ async def run(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop)
+    if parent_pipe is not None:
+        watch_parent_pipe(loop, parent_pipe, request_stop)
 
     def ready(_: Gateway) -> None:
         systemd.notify("READY=1")
@@ -324,3 +334,26 @@ async def run(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if parent_pipe is not None:
+            loop.remove_reader(parent_pipe)
+
+
+def watch_parent_pipe(
+    loop: asyncio.AbstractEventLoop, fd: int, request_stop: Callable[[], None]
+) -> None:
+    """Call `request_stop` once `fd` reads EOF: the only holder of its write end has exited."""
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            if os.read(fd, 64):
+                return  # nobody writes to it; ignore anything that comes
+        except BlockingIOError:
+            return
+        except OSError:
+            pass  # as good as EOF
+        loop.remove_reader(fd)
+        log.warning("supervisor_gone", action="stop")
+        request_stop()
+
+    loop.add_reader(fd, readable)
