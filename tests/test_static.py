@@ -302,11 +302,13 @@ def unread_bytes(sock: socket.socket) -> int:
 
 
 async def test_a_file_of_many_mib_arrives_whole_and_head_gives_its_length(
-    start_gateway: StartGateway, big_root: tuple[Path, bytes]
+    start_gateway: StartGateway, big_root: tuple[Path, bytes], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A 20 MiB file comes byte for byte with its exact Content-Length; HEAD has GET's headers."""
+    """A 20 MiB file comes byte for byte with its exact Content-Length; HEAD has GET's headers.
+    Nothing is logged above INFO: websockets, finding the socket closed, sends nothing more."""
     root, data = big_root
     served: Running = await start_gateway(root_path=root)
+    caplog.set_level(logging.DEBUG)
     get = await request(served, "GET", "/big.bin")
     assert get.status == 200
     assert int(get.headers["content-length"]) == len(data)
@@ -314,6 +316,7 @@ async def test_a_file_of_many_mib_arrives_whole_and_head_gives_its_length(
     assert_security_headers(get)
     head = await request(served, "HEAD", "/big.bin")
     assert (head.status, head.headers, head.body) == (200, get.headers, b"")
+    assert not [r.getMessage() for r in caplog.records if r.levelno > logging.INFO]
 
 
 async def test_a_client_gone_mid_file_is_dropped_quietly_and_others_are_served(
