@@ -23,7 +23,7 @@ from pgws.config import SETTINGS, Config, parse_env_file, read_jwt_secret
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
 from pgws.server import run, tls_context
 from pgws.systemd import SystemdNotifier
-from pgws.workers import supervise, worker_id
+from pgws.workers import bind_to_supervisor, parent_pipe, supervise, worker_id
 
 
 def _settings_help() -> str:
@@ -99,8 +99,16 @@ def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) ->
             sys.exit(asyncio.run(supervise(config, env, systemd)))
         if ident is not None:
             structlog.contextvars.bind_contextvars(worker=ident)
+            bind_to_supervisor(os.environ)
         with event_loop_runner(config.uvloop) as runner:
-            runner.run(run(config, systemd, reuse_port=ident is not None))
+            runner.run(
+                run(
+                    config,
+                    systemd,
+                    reuse_port=ident is not None,
+                    parent_pipe=parent_pipe(os.environ),
+                )
+            )
     except (PgwsError, BaseExceptionGroup) as exc:
         if (error := first_pgws_error(exc)) is None:
             raise

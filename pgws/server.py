@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import signal
 import socket
 import ssl
@@ -140,14 +141,17 @@ def quiet_tls_failures(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
     loop.default_exception_handler(context)
 
 
-def add_security_headers(
+async def finish_response(
     connection: ServerConnection, request: Request, response: Response
 ) -> Response:
-    """process_response: websockets' own refusals (400, 414, 431…) get pgws's headers too."""
+    """process_response: pgws's headers on websockets' own refusals (400, 414, 431…) too; and
+    a static file, its headers now final (Server included), streamed to the socket here."""
     if response.status_code != 101:
         for name, value in web.SECURITY_HEADERS.items():
             if name not in response.headers:
                 response.headers[name] = value
+    if isinstance(response, web.FileResponse):
+        await web.send_file(connection, response)  # closes the socket: websockets sends nothing
     return response
 
 
@@ -210,7 +214,7 @@ class Gateway:
                 self.handler.handle,
                 sock=sock,
                 process_request=self.handler.check_request,
-                process_response=add_security_headers,
+                process_response=finish_response,
                 select_subprotocol=select_subprotocol,
                 create_connection=tracked_connection_class(self._connections),
                 compression="deflate" if config.compression else None,
@@ -284,9 +288,16 @@ class Gateway:
 
 
 async def run(
-    config: Config, systemd: SystemdNotifier | None = None, *, reuse_port: bool = False
+    config: Config,
+    systemd: SystemdNotifier | None = None,
+    *,
+    reuse_port: bool = False,
+    parent_pipe: int | None = None,
 ) -> None:
-    """Run pgws until SIGTERM/SIGINT (or a fatal error, which propagates)."""
+    """Run pgws until SIGTERM/SIGINT (or a fatal error, which propagates).
+
+    A worker passes `parent_pipe`: EOF on it (its supervisor is gone) stops it as SIGTERM does.
+    """
     systemd = systemd or SystemdNotifier(None)
     gateway = Gateway(config, reuse_port=reuse_port)
     stop = asyncio.Event()
@@ -299,6 +310,8 @@ async def run(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, request_stop)
+    if parent_pipe is not None:
+        watch_parent_pipe(loop, parent_pipe, request_stop)
 
     def ready(_: Gateway) -> None:
         systemd.notify("READY=1")
@@ -322,3 +335,26 @@ async def run(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if parent_pipe is not None:
+            loop.remove_reader(parent_pipe)
+
+
+def watch_parent_pipe(
+    loop: asyncio.AbstractEventLoop, fd: int, request_stop: Callable[[], None]
+) -> None:
+    """Call `request_stop` once `fd` reads EOF: the only holder of its write end has exited."""
+    os.set_blocking(fd, False)
+
+    def readable() -> None:
+        try:
+            if os.read(fd, 64):
+                return  # nobody writes to it; ignore anything that comes
+        except BlockingIOError:
+            return
+        except OSError:
+            pass  # as good as EOF
+        loop.remove_reader(fd)
+        log.warning("supervisor_gone", action="stop")
+        request_stop()
+
+    loop.add_reader(fd, readable)

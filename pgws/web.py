@@ -1,6 +1,8 @@
 """Plain HTTP on the WebSocket port: static files from PGWS_ROOT_PATH, or a short 200.
 
 websockets hands us every request before the upgrade; those that are not upgrades end here.
+A file's body is never held in memory: `serve_plain` answers with its headers only and
+`send_file` streams it in chunks, as fast as the client reads, from websockets' process_response.
 Static files are GET and HEAD only and never leave the root: the path is split into segments
 before percent-decoding, and every segment that could mean something other than one file name
 (`..`, an encoded `/`, a backslash, NUL, a dotfile, invalid UTF-8) is refused, then the resolved
@@ -9,17 +11,21 @@ file (symlinks followed) must still be inside the resolved root.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import mimetypes
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import unquote
 
+from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 # Tokens travel in URLs: never leak them to other sites through the Referer header.
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
-_MAX_FILE = 16 * 1024 * 1024
+# Read and written at a time; with the socket's write limit, what one download holds in memory.
+_CHUNK = 64 * 1024
 _ALLOWED_METHODS = ("GET", "HEAD")
 # Fixed, so a file is served the same on every machine (mimetypes reads /etc/mime.types).
 _CONTENT_TYPES = {
@@ -44,6 +50,14 @@ _CONTENT_TYPES = {
 }
 
 
+@dataclasses.dataclass
+class FileResponse(Response):
+    """A 200 for a static file: the headers, and the file `send_file` streams as its body."""
+
+    path: Path = Path()
+    size: int = 0  # Content-Length: exactly this many bytes are sent, or the socket is aborted
+
+
 def respond(
     status: HTTPStatus,
     body: bytes,
@@ -53,16 +67,20 @@ def respond(
     extra: dict[str, str] | None = None,
 ) -> Response:
     """An HTTP response with pgws's standard headers (HEAD: the headers of GET, no body)."""
-    headers = Headers(
+    headers = _headers(content_type, len(body), extra)
+    return Response(status.value, status.phrase, headers, b"" if head else body)
+
+
+def _headers(content_type: str, length: int, extra: dict[str, str] | None = None) -> Headers:
+    return Headers(
         {
             "Content-Type": content_type,
-            "Content-Length": str(len(body)),
+            "Content-Length": str(length),
             "Connection": "close",
             **SECURITY_HEADERS,
             **(extra or {}),
         }
     )
-    return Response(status.value, status.phrase, headers, b"" if head else body)
 
 
 def text(status: HTTPStatus, message: str, *, head: bool = False) -> Response:
@@ -86,12 +104,61 @@ def serve_plain(root: Path | None, request: Request) -> Response:
     if path is None:
         return text(HTTPStatus.NOT_FOUND, "not found\n", head=head)
     try:
-        if path.stat().st_size > _MAX_FILE:
-            return text(HTTPStatus.NOT_FOUND, "not found\n", head=head)
-        body = path.read_bytes()
+        size = path.stat().st_size
     except OSError:
         return text(HTTPStatus.NOT_FOUND, "not found\n", head=head)
-    return respond(HTTPStatus.OK, body, content_type(path.name), head=head)
+    headers = _headers(content_type(path.name), size)
+    if head:
+        return Response(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers)
+    return FileResponse(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers, path=path, size=size)
+
+
+async def send_file(connection: ServerConnection, response: FileResponse) -> None:
+    """Write `response` to the socket ourselves, headers then the file in chunks; then close it.
+
+    websockets only sends a body it holds in memory, so a file is written here, from
+    process_response, each chunk once the socket's write buffer is back under its limit
+    (PGWS_CLIENT_MAX_BUFFER): a download holds about that much memory, whatever the file's size
+    and however slowly the client reads. Closed here, the connection makes websockets send nothing
+    more. A client that has not taken the whole file within websockets' open timeout (10 s) is
+    cut off when that timeout cancels this, as when the body was one write.
+    """
+    transport = connection.transport
+    sent = 0
+    try:
+        transport.write(response.serialize())  # the headers: the body is empty
+        with response.path.open("rb") as file:
+            while sent < response.size and not transport.is_closing():
+                # A 64 KiB read from the page cache: cheaper in the loop than in a thread.
+                chunk = file.read(min(_CHUNK, response.size - sent))
+                if not chunk:
+                    break  # the file shrank since its stat(): abort rather than send too little
+                transport.write(chunk)
+                sent += len(chunk)
+                await connection.drain()
+    except asyncio.CancelledError:
+        transport.abort()  # websockets' open timeout: a client too slow to take the file
+        raise
+    except (OSError, RuntimeError):  # the file went away, the client reset or half-closed
+        sent = -1
+    await _close(connection, complete=sent == response.size)
+
+
+async def _close(connection: ServerConnection, *, complete: bool) -> None:
+    """End a streamed response; return once the connection is closed (websockets checks that)."""
+    transport = connection.transport
+    if not complete:
+        transport.abort()
+    elif transport.can_write_eof():
+        transport.write_eof()  # as websockets does: half-close, and let the client close
+    else:
+        transport.close()  # TLS: close_notify after the buffered data
+    try:
+        async with asyncio.timeout(connection.close_timeout):
+            await asyncio.shield(connection.connection_lost_waiter)
+    except TimeoutError:
+        transport.abort()
+        await asyncio.shield(connection.connection_lost_waiter)
 
 
 def content_type(name: str) -> str:

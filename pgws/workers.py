@@ -4,12 +4,19 @@ Each worker is a plain `pgws serve` with its own LISTEN connection and pool; the
 new connections across them (SO_REUSEPORT), and PostgreSQL, the bus, carries messages between
 them. The parent holds the port, restarts a worker that dies, reports readiness to systemd once
 every worker is ready (each reports to a notify socket of the parent's), and on SIGTERM stops all.
+
+Workers die with the supervisor even when it is SIGKILLed (else they would keep serving as orphans
+and share the port with the next instance): on Linux each asks the kernel for SIGTERM when its
+parent dies (PR_SET_PDEATHSIG), and everywhere each watches a pipe whose write end only the
+supervisor holds, whose EOF means the same. Either way the worker stops as on SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import os
 import signal
 import socket
 import sys
@@ -28,6 +35,9 @@ from pgws.systemd import SystemdNotifier
 log = structlog.get_logger("pgws.workers")
 
 WORKER_ID = "PGWS_WORKER_ID"  # set in a worker's environment: bind with SO_REUSEPORT, log the id
+SUPERVISOR_PID = "PGWS_SUPERVISOR_PID"  # a worker's expected parent
+PARENT_PIPE = "PGWS_PARENT_PIPE"  # a worker's fd of the pipe whose EOF means the supervisor is gone
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # A worker that dies this soon after starting, this many times in a row, is not restarted again.
 _QUICK_DEATH = 2.0
 _MAX_QUICK_DEATHS = 5
@@ -47,8 +57,8 @@ class Worker:
         self.quick_deaths = 0
         self.started_at = 0.0
 
-    async def start(self, env: Mapping[str, str]) -> None:
-        """Start (or restart) the process."""
+    async def start(self, env: Mapping[str, str], parent_pipe: int) -> None:
+        """Start (or restart) the process; it inherits `parent_pipe` (read end) and no other fd."""
         self.ready.clear()
         self.started_at = time.monotonic()
         self.process = await asyncio.create_subprocess_exec(
@@ -56,8 +66,15 @@ class Worker:
             "-m",
             "pgws",
             "serve",
-            env={**env, WORKER_ID: str(self.index), "NOTIFY_SOCKET": self.address},
+            env={
+                **env,
+                WORKER_ID: str(self.index),
+                "NOTIFY_SOCKET": self.address,
+                SUPERVISOR_PID: str(os.getpid()),
+                PARENT_PIPE: str(parent_pipe),
+            },
             stdin=asyncio.subprocess.DEVNULL,
+            pass_fds=(parent_pipe,),
         )
         log.info("worker_started", worker=self.index, pid=self.process.pid)
 
@@ -84,6 +101,9 @@ async def supervise(config: Config, env: Mapping[str, str], systemd: SystemdNoti
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     status = 0
+    # Only this process ever holds the write end (os.pipe fds are not inherited): when it dies,
+    # however it dies, every worker reads EOF.
+    parent_pipe, write_end = os.pipe()
     with tempfile.TemporaryDirectory(prefix="pgws-workers-") as folder:
         workers = [Worker(index, Path(folder)) for index in range(config.workers)]
         try:
@@ -93,11 +113,11 @@ async def supervise(config: Config, env: Mapping[str, str], systemd: SystemdNoti
                     for worker in workers
                 ]
                 for worker in workers:
-                    await worker.start(child_env)
+                    await worker.start(child_env, parent_pipe)
                 background.append(
                     tasks.create_task(_report_ready(workers, systemd, port), name="ready")
                 )
-                status = await _keep_running(workers, child_env, stop)
+                status = await _keep_running(workers, child_env, parent_pipe, stop)
                 systemd.notify("STOPPING=1")
                 await _stop_all(workers, config.shutdown_timeout)
                 for task in background:
@@ -108,6 +128,8 @@ async def supervise(config: Config, env: Mapping[str, str], systemd: SystemdNoti
                     worker.process.kill()
                 worker.inbox.close()
             holder.close()
+            os.close(parent_pipe)
+            os.close(write_end)
     log.info("workers_stopped", status=status)
     return status
 
@@ -119,7 +141,9 @@ async def _report_ready(workers: list[Worker], systemd: SystemdNotifier, port: i
     await systemd.watchdog_forever()
 
 
-async def _keep_running(workers: list[Worker], env: Mapping[str, str], stop: asyncio.Event) -> int:
+async def _keep_running(
+    workers: list[Worker], env: Mapping[str, str], parent_pipe: int, stop: asyncio.Event
+) -> int:
     """Restart workers that die until `stop`; return 78 if one reports a configuration error."""
     stopping = asyncio.create_task(stop.wait())
     try:
@@ -150,7 +174,7 @@ async def _keep_running(workers: list[Worker], env: Mapping[str, str], stop: asy
                     return 1
                 log.warning("worker_died", worker=worker.index, code=code, action="restart")
                 await asyncio.sleep(min(0.1 * 2**worker.quick_deaths, 5.0))
-                await worker.start(env)
+                await worker.start(env, parent_pipe)
     finally:
         stopping.cancel()
 
@@ -175,3 +199,39 @@ def worker_id(env: Mapping[str, str]) -> int | None:
     """This process's worker number when it runs under a supervisor, else None."""
     value = env.get(WORKER_ID, "")
     return int(value) if value.isdigit() else None
+
+
+def bind_to_supervisor(env: Mapping[str, str]) -> None:
+    """In a worker: on Linux, have the kernel send SIGTERM when the supervisor dies.
+
+    The supervisor may already be gone (killed between our fork and this call), and then the
+    signal will never come: the parent is checked again afterwards, and the worker leaves now.
+    """
+    expected = env.get(SUPERVISOR_PID, "")
+    if not expected.isdigit():
+        return
+    if sys.platform == "linux":
+        _set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != int(expected):
+        log.warning("supervisor_gone", supervisor=int(expected), action="exit")
+        sys.exit(0)
+
+
+def _set_parent_death_signal(sig: signal.Signals) -> None:
+    # The signal comes when the thread that forked us ends: the supervisor forks from its main
+    # thread (the event loop's), which lives as long as the process.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0) != 0:
+        log.warning("parent_death_signal_failed", error=os.strerror(ctypes.get_errno()))
+
+
+def parent_pipe(env: Mapping[str, str]) -> int | None:
+    """In a worker: the fd whose EOF means the supervisor is gone (None outside a supervisor)."""
+    value = env.get(PARENT_PIPE, "")
+    if not value.isdigit():
+        return None
+    try:
+        os.fstat(int(value))
+    except OSError:
+        return None
+    return int(value)

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
+import logging
 import os
+import socket
+import struct
+import termios
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -14,8 +20,8 @@ from hypothesis import strategies as st
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
-from pgws.web import content_type, resolve_static, serve_plain
-from tests.conftest import TIMEOUT, Running, StartGateway
+from pgws.web import FileResponse, content_type, resolve_static, serve_plain
+from tests.conftest import TIMEOUT, Running, StartGateway, until
 
 SECRET_TEXT = b"TOP SECRET: outside the root"
 SECURITY_HEADERS = {"x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
@@ -250,6 +256,124 @@ async def test_security_headers_are_on_plain_answers_without_a_root(gateway: Run
         assert_security_headers(answer)
 
 
+# --- big files: streamed as the client reads, never held in memory -------------------------------
+
+MIB = 1024 * 1024
+STALLED_CLIENTS = 12
+
+
+@pytest.fixture(scope="module")
+def big_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    """A root holding big.bin, 20 MiB of random bytes (far more than any socket buffer), and
+    mid.bin, its first 15 MiB (small enough for the 16 MiB cap pgws once had)."""
+    root = tmp_path_factory.mktemp("big")
+    data = os.urandom(20 * MIB)
+    (root / "big.bin").write_bytes(data)
+    (root / "mid.bin").write_bytes(data[: 15 * MIB])
+    return root, data
+
+
+async def fetch(port: int, target: str, *, method: str = "GET") -> Answer:
+    """`request`, by port: for a `pgws serve` subprocess."""
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        raw = await reader.read()
+        writer.close()
+    head_bytes, _, payload = raw.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    return Answer(int(lines[0].split()[1]), headers, payload)
+
+
+def proc_memory(pid: int, field: str) -> int:
+    """VmRSS (now) or VmHWM (the peak so far) of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """What the kernel holds for this socket that nobody has read (FIONREAD)."""
+    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, struct.pack("i", 0))
+    count: int = struct.unpack("i", raw)[0]
+    return count
+
+
+async def test_a_file_of_many_mib_arrives_whole_and_head_gives_its_length(
+    start_gateway: StartGateway, big_root: tuple[Path, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 20 MiB file comes byte for byte with its exact Content-Length; HEAD has GET's headers.
+    Nothing is logged above INFO: websockets, finding the socket closed, sends nothing more."""
+    root, data = big_root
+    served: Running = await start_gateway(root_path=root)
+    caplog.set_level(logging.DEBUG)
+    get = await request(served, "GET", "/big.bin")
+    assert get.status == 200
+    assert int(get.headers["content-length"]) == len(data)
+    assert get.body == data
+    assert_security_headers(get)
+    head = await request(served, "HEAD", "/big.bin")
+    assert (head.status, head.headers, head.body) == (200, get.headers, b"")
+    assert not [r.getMessage() for r in caplog.records if r.levelno > logging.INFO]
+
+
+async def test_a_client_gone_mid_file_is_dropped_quietly_and_others_are_served(
+    start_gateway: StartGateway, big_root: tuple[Path, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reset halfway through a download logs no error; the next download is whole."""
+    root, data = big_root
+    served: Running = await start_gateway(root_path=root)
+    caplog.set_level(logging.DEBUG)
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection("127.0.0.1", served.gateway.port)
+        writer.write(b"GET /big.bin HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await reader.readexactly(MIB)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()  # SO_LINGER 0: an RST, not a FIN
+    assert (await request(served, "GET", "/big.bin")).body == data
+    # (asyncio's debug mode reports the reset at DEBUG with a traceback: that is not pgws's.)
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    traced = [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG and r.exc_info]
+    assert not loud
+    assert not traced
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/<pid>/status")
+async def test_clients_stalled_on_a_big_file_cost_their_write_limit_not_the_file(
+    serve_process: Any, big_root: tuple[Path, bytes]
+) -> None:
+    """12 clients that ask for a 15 MiB file and never read hold about PGWS_CLIENT_MAX_BUFFER
+    (1 MiB) each in the server, not a copy of the file (or two) each: the peak RSS grows by less
+    than 2 MiB a client plus 32 MiB of slack, where a whole body each would be 180 MiB or more."""
+    root, data = big_root
+    serving, port = await serve_process(PGWS_ROOT_PATH=str(root))
+    before = proc_memory(serving.process.pid, "VmRSS")
+    loop = asyncio.get_running_loop()
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(STALLED_CLIENTS):
+            sock = socket.socket()
+            stalled.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+            sock.setblocking(False)
+            async with asyncio.timeout(TIMEOUT):
+                await loop.sock_connect(sock, ("127.0.0.1", port))
+                await loop.sock_sendall(sock, b"GET /mid.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: all(unread_bytes(s) > 0 for s in stalled), "every client answered")
+        assert all(s.recv(15, socket.MSG_PEEK) == b"HTTP/1.1 200 OK" for s in stalled)
+        # Served meanwhile, and long enough for the server to fill every stalled socket's buffer.
+        assert (await fetch(port, "/mid.bin")).body == data[: 15 * MIB]
+        growth = proc_memory(serving.process.pid, "VmHWM") - before
+    finally:
+        for sock in stalled:
+            sock.close()
+    limit = STALLED_CLIENTS * 2 * MIB + 32 * MIB
+    assert growth < limit, f"peak RSS grew by {growth / MIB:.0f} MiB (limit {limit / MIB:.0f})"
+
+
 # --- resolve_static and serve_plain directly ------------------------------------------------------
 
 
@@ -326,6 +450,9 @@ def test_serve_plain_answers_any_request_with_200_404_or_405(
     assert response.headers["Referrer-Policy"] == "no-referrer"
     assert SECRET_TEXT not in response.body
     if response.status_code == HTTPStatus.OK and method == "GET":
-        assert response.body in site.inside
+        assert isinstance(response, FileResponse)  # the body is streamed from this file
+        assert response.body == b""
+        assert response.path.read_bytes() in site.inside
+        assert int(response.headers["Content-Length"]) == response.size
     if method == "HEAD":
         assert response.body == b""

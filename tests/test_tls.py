@@ -235,6 +235,28 @@ async def test_plain_clients_on_the_tls_port_fail_quietly_and_the_server_keeps_s
     assert not traced, [r.getMessage() for r in traced]
 
 
+async def test_a_big_static_file_arrives_whole_over_tls(
+    start_gateway: StartGateway, pki: Pki, tmp_path: Path
+) -> None:
+    """Static files are streamed on a wss:// port too: 20 MiB arrive intact, then the close."""
+    data = os.urandom(20 * 1024 * 1024)
+    (tmp_path / "big.bin").write_bytes(data)
+    gateway: Running = await start_gateway(
+        root_path=tmp_path, certificate_file=pki.leaf, key_file=pki.leaf_key
+    )
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gateway.gateway.port, ssl=client_context(pki)
+        )
+        writer.write(b"GET /big.bin HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        raw = await reader.read()
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+    assert f"Content-Length: {len(data)}".encode() in head.split(b"\r\n")
+    assert body == data
+
+
 # --- start-up failures: one ConfigError naming the variable ------------------------------------
 
 
