@@ -35,6 +35,9 @@ _ASYMMETRIC = (
 )  # fmt: skip
 INVALID = "invalid token"
 DEFAULT_MAX_CHANNELS = 100
+# Deeper than any real JOSE header or claims set; bounds what may later be walked or re-serialised
+# (jose and the envelope writer recurse) so a hostile token is an `invalid token`, not a crash.
+MAX_JSON_DEPTH = 32
 
 
 def token_shaped(value: str) -> bool:
@@ -132,11 +135,9 @@ class Verifier:
         """Return the token's claims; raise Unauthorized (or TokenExpired) when it does not hold."""
         if not token_shaped(token):
             raise Unauthorized(INVALID)
-        try:
-            header = jws.get_unverified_header(token)
-        except JOSEError:
-            raise Unauthorized(INVALID) from None
-        if not isinstance(header, dict) or "crit" in header:
+        # Read here rather than by jose, whose json.loads has no depth bound (RecursionError).
+        header = _token_json(_b64url_decode(token.partition(".")[0]))
+        if header is None or "crit" in header:
             raise Unauthorized(INVALID)
         algorithm, kid = header.get("alg"), header.get("kid")
         candidates = [key for key in self._keys if key.algorithm == algorithm]
@@ -153,7 +154,7 @@ class Verifier:
                 continue
         if payload is None:
             raise Unauthorized(INVALID)
-        claims = _json_object(payload)
+        claims = _token_json(payload)
         if claims is None:
             raise Unauthorized(INVALID)
         _check_times(claims, time.time() if now is None else now)
@@ -306,6 +307,46 @@ def _json_object(data: bytes | str) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _token_json(data: bytes | str | None) -> dict[str, Any] | None:
+    """A JOSE header or claims set: a JSON object pgws can carry, or None (`invalid token`).
+
+    Refused: nesting deeper than MAX_JSON_DEPTH.
+    """
+    if data is None:
+        return None
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    if not isinstance(value, dict) or not _nesting_within(value, MAX_JSON_DEPTH):
+        return None
+    return value
+
+
+def _nesting_within(value: Any, limit: int) -> bool:
+    """Whether no list or object in `value` sits deeper than `limit` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def _b64url_decode(segment: str) -> bytes | None:
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _hmac_key(secret: bytes, kid: str | None, algorithm: str) -> _Key:

@@ -13,7 +13,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 import structlog
 from websockets.asyncio.server import ServerConnection, broadcast
@@ -27,6 +27,7 @@ from pgws.claims import Grant, Verifier, authorize, token_shaped
 from pgws.config import Config
 from pgws.envelope import EnvelopeWriter
 from pgws.errors import (
+    BadRequest,
     Forbidden,
     HandshakeRefused,
     MessageRefused,
@@ -39,6 +40,8 @@ log = structlog.get_logger("pgws.handler")
 
 # How long a socket we close on our own (slow consumer, expired token) may take to go.
 DROP_GRACE = 2.0
+# What a client may send after its request and before the answer; more and it is cut off.
+MAX_HELD_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass
@@ -99,7 +102,7 @@ def tracked_connection_class(tracked: set[ServerConnection]) -> type[Connection]
     to abort clients that connected and never sent a request.
     """
 
-    class TrackedConnection(Connection):
+    class TrackedConnection(HeldUntilAnswered, Connection):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             tracked.add(self)
@@ -109,6 +112,57 @@ def tracked_connection_class(tracked: set[ServerConnection]) -> type[Connection]
             super().connection_lost(exc)
 
     return TrackedConnection
+
+
+class HeldUntilAnswered(ServerConnection):
+    """Holds back what a client sends after its request until the request is answered.
+
+    websockets parses such bytes (a pipelined request, early frames) as frames while the
+    handshake is pending, fails the connection, then trips its own assertion when it answers: no
+    answer, and an ERROR logged. Held back, they are fed in after a 101 (early frames, in order)
+    or dropped with the connection after any other answer (pgws answers one request per TCP
+    connection).
+    """
+
+    _head_tail = b""  # the last bytes of the request head read so far, to find its end
+    _held: bytearray | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._held is None and (
+            self.protocol.state is not State.CONNECTING or self.protocol.eof_sent
+        ):
+            super().data_received(data)
+            return
+        if self._held is None and self.request is None:
+            seen = self._head_tail + data
+            end = seen.find(b"\r\n\r\n")
+            if end < 0:
+                self._head_tail = seen[-3:]
+                super().data_received(data)
+                return
+            cut = end + 4 - len(self._head_tail)
+            super().data_received(data[:cut])
+            data = data[cut:]
+            if self.protocol.eof_sent:  # not a request websockets could parse: it gave up
+                if data:
+                    super().data_received(data)
+                return
+        self._hold(data)
+
+    def _hold(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = bytearray()
+        self._held += data
+        if len(self._held) > MAX_HELD_BYTES:
+            self.transport.abort()  # no honest client sends this much before an answer
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            held, self._held = self._held, None
+            if held and self.protocol.state is State.OPEN:
+                super().data_received(bytes(held))
 
 
 def deliver(connections: Iterable[ServerConnection], message: str) -> None:
@@ -142,9 +196,9 @@ class Handler:
 
     def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            return self._plain(request)
         try:
+            if not wants_websocket(request):
+                return self._plain(request)
             self._check_origin(request)
             self._check_capacity()
             grant = authorize(
@@ -269,6 +323,20 @@ class Handler:
             await self._registry.publish_out(envelope)
         except MessageRefused as exc:
             log.warning("meta_event_failed", meta_event=event, error=str(exc))
+
+
+def wants_websocket(request: Request) -> bool:
+    """Whether the request asks to upgrade to WebSocket; raises BadRequest when ambiguous.
+
+    Two Upgrade lines are refused (400) rather than guessed between.
+    """
+    lines = request.headers.get_all("Upgrade")
+    offered = [item.strip().lower() for line in lines for item in line.split(",") if item.strip()]
+    if "websocket" not in offered:
+        return False
+    if len(lines) > 1:
+        raise BadRequest("bad request: more than one Upgrade header")
+    return True
 
 
 def token_from_headers(request: Request) -> str | None:

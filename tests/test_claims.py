@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jose import jwk, jwt
+from jose import jwk, jws, jwt
 
 from pgws.claims import (
     MODES,
@@ -590,3 +590,33 @@ channel_names = st.text(
 def test_quoted_channel_names_round_trip(name: str) -> None:
     """Any valid channel name, percent-encoded into the path, comes back unchanged."""
     assert parse_path("/" + urllib.parse.quote(name, safe="") + "/tok.en.x") == (name, "tok.en.x")
+
+
+def deep(depth: int) -> str:
+    """A JSON list nested `depth` levels deep."""
+    return "[" * depth + "]" * depth
+
+
+MAX_JSON_DEPTH = 32  # pgws.claims.MAX_JSON_DEPTH, spelled out so this runs on older code too
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, 990, 100_000])
+def test_a_token_header_nested_too_deep_is_invalid(depth: int) -> None:
+    """Before: RecursionError from jose's header parsing escaped `authorize` (issue 8, item 8)."""
+    header = b64url(('{"alg":"HS256","x":' + deep(depth) + "}").encode())
+    token = f"{header}.{segment({'mode': 'r'})}.{b64url(b'x' * 32)}"
+    assert_invalid(VERIFIER, "/" + token)
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, 500, 2000])
+def test_signed_claims_nested_too_deep_are_invalid(depth: int) -> None:
+    """Claims deeper than MAX_JSON_DEPTH are refused before anything walks or re-serialises them."""
+    payload = '{"mode":"r","channel":"a","x":' + deep(depth) + "}"
+    assert_invalid(VERIFIER, "/" + jws.sign(payload.encode(), SECRET, algorithm="HS256"))
+
+
+def test_claims_nested_to_the_limit_are_accepted() -> None:
+    """MAX_JSON_DEPTH levels in all (the claims object counts as one) still verify."""
+    payload = '{"mode":"r","channel":"a","x":' + deep(MAX_JSON_DEPTH - 1) + "}"
+    grant = authorize(VERIFIER, "/" + jws.sign(payload.encode(), SECRET, algorithm="HS256"))
+    assert grant.channels == ("a",)
