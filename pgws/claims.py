@@ -312,16 +312,28 @@ def _json_object(data: bytes | str) -> dict[str, Any] | None:
 def _token_json(data: bytes | str | None) -> dict[str, Any] | None:
     """A JOSE header or claims set: a JSON object pgws can carry, or None (`invalid token`).
 
-    Refused: nesting deeper than MAX_JSON_DEPTH.
+    Refused: nesting deeper than MAX_JSON_DEPTH, and numbers that are not finite (`NaN`,
+    `Infinity`, or `1e400`, which Python reads as inf): no envelope could carry them as JSON.
     """
     if data is None:
         return None
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     if not isinstance(value, dict) or not _nesting_within(value, MAX_JSON_DEPTH):
         return None
+    return value
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
     return value
 
 

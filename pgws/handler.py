@@ -59,6 +59,7 @@ class Connection(ServerConnection):
     """A server connection that carries its Grant and closes itself when it cannot keep up."""
 
     grant: Grant
+    writer: EnvelopeWriter
     stats: HandlerStats
     opened_at: float
     frames_in: int = 0
@@ -208,6 +209,7 @@ class Handler:
                 header_token=token_from_headers(request),
                 max_channels=self._config.max_channels,
             )
+            writer = _envelope_writer(grant)
         except HandshakeRefused as exc:
             self.stats.rejected[_reason_label(exc)] += 1
             log.info(
@@ -215,7 +217,7 @@ class Handler:
             )
             return web.text(HTTPStatus(exc.status), str(exc))
         conn = cast(Connection, connection)
-        conn.grant = grant
+        conn.grant, conn.writer = grant, writer
         conn.stats = self.stats
         return None
 
@@ -259,17 +261,19 @@ class Handler:
         log.info(
             "client_connected", remote=_remote(ws), channels=list(grant.channels), mode=grant.mode
         )
-        stats.open_by_mode[grant.mode] += 1
-        writer = EnvelopeWriter(grant.claims)
+        writer = conn.writer
         seen = 0
-        if grant.can_read:
-            self._registry.subscribe(ws, grant.channels)
-            seen = self._registry.published(grant.channels)
         expiry = None
-        if grant.expires_at is not None:
-            delay = grant.expires_at - self._clock()
-            expiry = conn.loop.call_later(max(delay, 0.0), conn.drop, 3001, "JWT expired")
+        # Counted here and uncounted first thing in the `finally` below, nothing between that can
+        # raise: PGWS_MAX_CONNECTIONS reads this count, and a leak would lock everyone out (503).
+        stats.open_by_mode[grant.mode] += 1
         try:
+            if grant.can_read:
+                self._registry.subscribe(ws, grant.channels)
+                seen = self._registry.published(grant.channels)
+            if grant.expires_at is not None:
+                delay = grant.expires_at - self._clock()
+                expiry = conn.loop.call_later(max(delay, 0.0), conn.drop, 3001, "JWT expired")
             await self._announce(writer, "ConnectionOpen", grant)
             async for frame in ws:
                 conn.frames_in += 1
@@ -296,13 +300,13 @@ class Handler:
             log.exception("handler_crashed")
             await ws.close(1011, "internal error")
         finally:
+            stats.open_by_mode[grant.mode] -= 1  # first: nothing below may skip it
             if expiry is not None:
                 expiry.cancel()
             messages_out = 0
             if grant.can_read:
                 messages_out = self._registry.published(grant.channels) - seen
                 self._registry.unsubscribe(ws, grant.channels)
-            stats.open_by_mode[grant.mode] -= 1
             log.info(
                 "client_disconnected",
                 code=ws.close_code,
@@ -337,6 +341,14 @@ def wants_websocket(request: Request) -> bool:
     if len(lines) > 1:
         raise BadRequest("bad request: more than one Upgrade header")
     return True
+
+
+def _envelope_writer(grant: Grant) -> EnvelopeWriter:
+    """The socket's envelope writer, built before the upgrade: claims it cannot carry are a 403."""
+    try:
+        return EnvelopeWriter(grant.claims)
+    except (TypeError, ValueError, RecursionError):
+        raise Forbidden("invalid claims: they cannot be serialised") from None
 
 
 def token_from_headers(request: Request) -> str | None:
@@ -380,7 +392,12 @@ def _offered_subprotocols(request: Request) -> list[str]:
 def _reason_label(exc: HandshakeRefused) -> str:
     """A bounded label for the rejection metric (reasons can hold channel names)."""
     text = str(exc)
-    for prefix in ("not allowed", "bad request", "too many channels"):
+    for prefix in (
+        "not allowed",
+        "bad request",
+        "too many channels",
+        "invalid claims",
+    ):
         if text.startswith(prefix):
             return prefix.replace(" ", "_")
     return text.replace(" ", "_")

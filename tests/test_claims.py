@@ -27,6 +27,7 @@ from pgws.claims import (
     parse_path,
 )
 from pgws.config import MAX_CHANNEL_BYTES
+from pgws.envelope import EnvelopeWriter
 from pgws.errors import (
     BadRequest,
     ConfigError,
@@ -620,3 +621,18 @@ def test_claims_nested_to_the_limit_are_accepted() -> None:
     payload = '{"mode":"r","channel":"a","x":' + deep(MAX_JSON_DEPTH - 1) + "}"
     grant = authorize(VERIFIER, "/" + jws.sign(payload.encode(), SECRET, algorithm="HS256"))
     assert grant.channels == ("a",)
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "NaN", "Infinity", "-Infinity"])
+def test_signed_claims_with_numbers_no_envelope_can_carry_are_invalid(number: str) -> None:
+    """Python reads these as inf/nan, which JSON cannot carry: the token is refused (item 9)."""
+    payload = f'{{"mode":"r","channel":"a","n":{number}}}'
+    assert_invalid(VERIFIER, "/" + jws.sign(payload.encode(), SECRET, algorithm="HS256"))
+
+
+def test_signed_claims_with_integers_beyond_64_bits_are_carried() -> None:
+    """Big integers are valid JSON and the envelope writer carries them (stdlib fallback)."""
+    payload = '{"mode":"r","channel":"a","n":18446744073709551616}'
+    grant = authorize(VERIFIER, "/" + jws.sign(payload.encode(), SECRET, algorithm="HS256"))
+    envelope = EnvelopeWriter(grant.claims).build("WebsocketMessage", "a", "hi", NOW)
+    assert json.loads(envelope)["claims"]["n"] == 2**64

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from jose import jws
+from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import (
     ISSUED_TOKENS,
@@ -21,8 +22,10 @@ from tests.conftest import (
     SECRET,
     TIMEOUT,
     Running,
+    StartGateway,
     channel_name,
     make_token,
+    subscribed,
 )
 
 DB = psycopg.AsyncConnection[Any]
@@ -146,3 +149,66 @@ async def test_pipelined_requests_get_one_answer_and_no_error_log(
     assert all(400 <= status < 500 or status == 200 for status in statuses(answer))
     assert errors_since(since) == []
     assert len([e for e in log_events(since) if e.get("level") == "info"]) <= 1
+
+
+# --- item 9: the open-socket count cannot leak ------------------------------------------------
+
+UNCARRIABLE_CLAIMS = {
+    "1e400 and 2**64": '"inf":1e400,"big":18446744073709551616',
+    "NaN and 2**64": '"nan":NaN,"big":18446744073709551616',
+    "Infinity": '"inf":-Infinity',
+    "nested 500 deep": '"x":' + "[" * 500 + "]" * 500,
+}
+
+
+@pytest.mark.parametrize("extra", UNCARRIABLE_CLAIMS.values(), ids=UNCARRIABLE_CLAIMS.keys())
+async def test_claims_no_envelope_can_carry_are_refused_and_leave_no_socket_counted(
+    start_gateway: StartGateway, extra: str
+) -> None:
+    """Before: the upgrade succeeded, the handler crashed after counting the socket (1011, ERROR)
+    and with PGWS_MAX_CONNECTIONS=3 three such sockets locked everyone out with 503."""
+    gateway: Running = await start_gateway(max_connections=3)
+    chat = channel_name()
+    since = len(LOG_LINES.getvalue())
+    for _ in range(3):
+        token = signed(f'{{"mode":"r","channel":"{chat}",{extra}}}')
+        answer = await exchange(gateway, upgrade_request(f"/{token}"))
+        assert statuses(answer) == [401]
+        assert answer.endswith(b"invalid token")
+    assert errors_since(since) == []
+    assert len(rejections(since)) == 3
+    async with gateway.connect(f"/{chat}/{make_token({'mode': 'r'})}"):
+        await subscribed(gateway, chat)
+
+
+async def test_a_handler_failing_right_after_counting_its_socket_still_uncounts_it(
+    start_gateway: StartGateway,
+) -> None:
+    """Before: a failure between counting and the handler's try (here the clock, the one thing
+    tests may replace) left the socket counted: the next client got 503 for good."""
+    gateway: Running = await start_gateway(max_connections=1)
+    handler = gateway.gateway.handler
+    real_clock = handler._clock
+    calls = 0
+
+    def clock_that_breaks_once() -> float:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # 1: token check, 2: socket opened, 3: the expiry timer, after counting
+            raise RuntimeError("simulated bug")
+        return real_clock()
+
+    chat = channel_name()
+    handler._clock = clock_that_breaks_once
+    expiring = make_token({"mode": "r", "exp": int(real_clock()) + 600})
+    try:
+        async with gateway.connect(f"/{chat}/{expiring}") as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(TIMEOUT):
+                    await ws.recv()
+    finally:
+        handler._clock = real_clock
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1011
+    async with gateway.connect(f"/{chat}/{make_token({'mode': 'r'})}"):
+        await subscribed(gateway, chat)
