@@ -14,6 +14,7 @@ import json
 import math
 import re
 import time
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -38,6 +39,17 @@ DEFAULT_MAX_CHANNELS = 100
 # Deeper than any real JOSE header or claims set; bounds what may later be walked or re-serialised
 # (jose and the envelope writer recurse) so a hostile token is an `invalid token`, not a crash.
 MAX_JSON_DEPTH = 32
+# Bidi formatting characters (ALM, LRM, RLM, LRE..RLO, LRI..PDI): they make a channel name print
+# as another one in logs and dashboards.
+_BIDI_CONTROLS = frozenset(
+    [
+        "\u061c",
+        "\u200e",
+        "\u200f",
+        *map(chr, range(0x202A, 0x202F)),
+        *map(chr, range(0x2066, 0x206A)),
+    ]
+)
 
 
 def token_shaped(value: str) -> bool:
@@ -269,6 +281,10 @@ def _allowed_channels(claims: Mapping[str, Any]) -> tuple[str, ...]:
         if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
             raise Forbidden("invalid channels claim")
         found.extend(channels)
+    for name in found:
+        if (problem := channel_problem(name)) is not None:
+            # The name itself stays out of the reason: it may not even be encodable.
+            raise Forbidden(f"invalid channel claim: {problem}")
     return tuple(dict.fromkeys(found))
 
 
@@ -277,13 +293,29 @@ def _decode_channel(segment: str) -> str:
         channel = unquote(segment, errors="strict")
     except UnicodeDecodeError:
         raise BadRequest("bad request: the channel is not valid UTF-8") from None
-    if not channel:
-        raise BadRequest("bad request: empty channel name")
-    if any(ord(char) < 32 or ord(char) == 127 for char in channel):
-        raise BadRequest("bad request: control characters in the channel name")
-    if len(channel.encode()) > MAX_CHANNEL_BYTES:
-        raise BadRequest(f"bad request: channel names are at most {MAX_CHANNEL_BYTES} bytes")
+    if (problem := channel_problem(channel)) is not None:
+        raise BadRequest(f"bad request: {problem}")
     return channel
+
+
+def channel_problem(name: str) -> str | None:
+    """Why `name` cannot be a channel, or None: one rule for path channels and claimed ones.
+
+    Channel names reach log lines, envelopes and the database, so each must be valid Unicode that
+    encodes to UTF-8 (no lone surrogates, which JSON claims can carry), printable as itself (no
+    control or bidi formatting characters) and short.
+    """
+    if not name:
+        return "empty channel name"
+    if any(0xD800 <= ord(char) <= 0xDFFF for char in name):
+        return "the channel name is not valid Unicode"
+    if any(unicodedata.category(char) == "Cc" for char in name):
+        return "control characters in the channel name"
+    if any(char in _BIDI_CONTROLS for char in name):
+        return "bidi control characters in the channel name"
+    if len(name.encode()) > MAX_CHANNEL_BYTES:
+        return f"channel names are at most {MAX_CHANNEL_BYTES} bytes"
+    return None
 
 
 def _check_times(claims: Mapping[str, Any], now: float) -> None:

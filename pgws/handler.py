@@ -396,6 +396,7 @@ def _reason_label(exc: HandshakeRefused) -> str:
         "not allowed",
         "bad request",
         "too many channels",
+        "invalid channel claim",
         "invalid claims",
     ):
         if text.startswith(prefix):

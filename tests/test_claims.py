@@ -580,8 +580,10 @@ def test_any_signed_claims_grant_or_refuse_cleanly(
         )
 
 
+BIDI_CONTROLS = ["\u061c", "\u200e", "\u200f", *map(chr, range(0x202A, 0x202F))]
+BIDI_CONTROLS += [*map(chr, range(0x2066, 0x206A))]
 channel_names = st.text(
-    st.characters(codec="utf-8", exclude_characters=[*map(chr, range(32)), "\x7f"]),
+    st.characters(codec="utf-8", exclude_categories=["Cc"], exclude_characters=BIDI_CONTROLS),
     min_size=1,
     max_size=MAX_CHANNEL_BYTES,
 ).filter(lambda name: len(name.encode()) <= MAX_CHANNEL_BYTES)
@@ -591,6 +593,33 @@ channel_names = st.text(
 def test_quoted_channel_names_round_trip(name: str) -> None:
     """Any valid channel name, percent-encoded into the path, comes back unchanged."""
     assert parse_path("/" + urllib.parse.quote(name, safe="") + "/tok.en.x") == (name, "tok.en.x")
+
+
+@settings(max_examples=300)
+@given(
+    name=st.text(st.characters(exclude_categories=()), max_size=70)  # lone surrogates too
+    | st.sampled_from(["", "a\x00b", "a" * 1000, "chat\u202egnp.exe", "a\ud800b", "a\x85b"]),
+    key=st.sampled_from(["channel", "channels"]),
+)
+def test_any_claimed_channel_is_granted_only_if_the_path_would_accept_it(
+    name: str, key: str
+) -> None:
+    """A claimed channel name is granted exactly when it could be named in the path; otherwise
+    the token is refused with 403 and a reason that does not repeat the name (issue 8, item 15)."""
+    claims: dict[str, Any] = {"mode": "r", key: name if key == "channel" else [name]}
+    quoted = urllib.parse.quote(name, safe="", errors="surrogatepass")
+    try:
+        path_accepts = parse_path(f"/{quoted}/t") == (name, "t")
+    except BadRequest:
+        path_accepts = False
+    if not path_accepts:
+        with pytest.raises(Forbidden) as refused:
+            grant_for(claims, None)
+        assert str(refused.value).startswith("invalid channel claim: ")
+        assert name not in str(refused.value) or not name
+        return
+    assert grant_for(claims, None).channels == (name,)
+    EnvelopeWriter(claims).build("WebsocketMessage", name, "hi", NOW).encode()
 
 
 def deep(depth: int) -> str:
