@@ -332,7 +332,9 @@ class Handler:
 def wants_websocket(request: Request) -> bool:
     """Whether the request asks to upgrade to WebSocket; raises BadRequest when ambiguous.
 
-    Two Upgrade lines are refused (400) rather than guessed between.
+    Upgrade is a list (RFC 9110 7.8): `websocket, h2c` offers both and the server picks one, so
+    it is an upgrade, not a static-file request. websockets' handshake accepts only a lone
+    `websocket`, so the header is narrowed to the protocol picked. Two Upgrade lines are refused.
     """
     lines = request.headers.get_all("Upgrade")
     offered = [item.strip().lower() for line in lines for item in line.split(",") if item.strip()]
@@ -340,6 +342,9 @@ def wants_websocket(request: Request) -> bool:
         return False
     if len(lines) > 1:
         raise BadRequest("bad request: more than one Upgrade header")
+    if offered != ["websocket"]:
+        del request.headers["Upgrade"]
+        request.headers["Upgrade"] = "websocket"
     return True
 
 

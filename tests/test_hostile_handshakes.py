@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -274,3 +275,31 @@ async def test_any_claimed_channel_is_accepted_and_works_or_refused_with_403(
         status = refused.response.status_code
     assert status in (101, 403)
     assert errors_since(since) == []
+
+
+# --- item 18: Upgrade is a list -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upgrade", ["websocket, h2c", "h2c, websocket", "WebSocket,foo/2"])
+async def test_an_upgrade_list_naming_websocket_is_upgraded(
+    start_gateway: StartGateway, db: DB, tmp_path: Path, upgrade: str
+) -> None:
+    """Before: a 404 from the static files (the header was compared whole with `websocket`)."""
+    gateway: Running = await start_gateway(root_path=tmp_path)
+    chat = channel_name()
+    request = upgrade_request(
+        f"/{chat}/{make_token({'mode': 'r'})}", upgrade=f"Upgrade: {upgrade}\r\n"
+    )
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.gateway.port)
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert statuses(head) == [101]
+        assert b"\r\nUpgrade: websocket\r\n" in head
+        await subscribed(gateway, chat)
+        await gateway.notify(db, {"channel": chat, "payload": "hi"})
+        first, size = await reader.readexactly(2)
+        assert first == 0x81  # FIN + text, unmasked from the server
+        message = json.loads(await reader.readexactly(size))
+        writer.close()
+    assert message["payload"] == "hi"
