@@ -14,6 +14,7 @@ import json
 import math
 import re
 import time
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -35,6 +36,20 @@ _ASYMMETRIC = (
 )  # fmt: skip
 INVALID = "invalid token"
 DEFAULT_MAX_CHANNELS = 100
+# Deeper than any real JOSE header or claims set; bounds what may later be walked or re-serialised
+# (jose and the envelope writer recurse) so a hostile token is an `invalid token`, not a crash.
+MAX_JSON_DEPTH = 32
+# Bidi formatting characters (ALM, LRM, RLM, LRE..RLO, LRI..PDI): they make a channel name print
+# as another one in logs and dashboards.
+_BIDI_CONTROLS = frozenset(
+    [
+        "\u061c",
+        "\u200e",
+        "\u200f",
+        *map(chr, range(0x202A, 0x202F)),
+        *map(chr, range(0x2066, 0x206A)),
+    ]
+)
 
 
 def token_shaped(value: str) -> bool:
@@ -132,11 +147,9 @@ class Verifier:
         """Return the token's claims; raise Unauthorized (or TokenExpired) when it does not hold."""
         if not token_shaped(token):
             raise Unauthorized(INVALID)
-        try:
-            header = jws.get_unverified_header(token)
-        except JOSEError:
-            raise Unauthorized(INVALID) from None
-        if not isinstance(header, dict) or "crit" in header:
+        # Read here rather than by jose, whose json.loads has no depth bound (RecursionError).
+        header = _token_json(_b64url_decode(token.partition(".")[0]))
+        if header is None or "crit" in header:
             raise Unauthorized(INVALID)
         algorithm, kid = header.get("alg"), header.get("kid")
         candidates = [key for key in self._keys if key.algorithm == algorithm]
@@ -153,7 +166,7 @@ class Verifier:
                 continue
         if payload is None:
             raise Unauthorized(INVALID)
-        claims = _json_object(payload)
+        claims = _token_json(payload)
         if claims is None:
             raise Unauthorized(INVALID)
         _check_times(claims, time.time() if now is None else now)
@@ -268,6 +281,10 @@ def _allowed_channels(claims: Mapping[str, Any]) -> tuple[str, ...]:
         if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
             raise Forbidden("invalid channels claim")
         found.extend(channels)
+    for name in found:
+        if (problem := channel_problem(name)) is not None:
+            # The name itself stays out of the reason: it may not even be encodable.
+            raise Forbidden(f"invalid channel claim: {problem}")
     return tuple(dict.fromkeys(found))
 
 
@@ -276,13 +293,29 @@ def _decode_channel(segment: str) -> str:
         channel = unquote(segment, errors="strict")
     except UnicodeDecodeError:
         raise BadRequest("bad request: the channel is not valid UTF-8") from None
-    if not channel:
-        raise BadRequest("bad request: empty channel name")
-    if any(ord(char) < 32 or ord(char) == 127 for char in channel):
-        raise BadRequest("bad request: control characters in the channel name")
-    if len(channel.encode()) > MAX_CHANNEL_BYTES:
-        raise BadRequest(f"bad request: channel names are at most {MAX_CHANNEL_BYTES} bytes")
+    if (problem := channel_problem(channel)) is not None:
+        raise BadRequest(f"bad request: {problem}")
     return channel
+
+
+def channel_problem(name: str) -> str | None:
+    """Why `name` cannot be a channel, or None: one rule for path channels and claimed ones.
+
+    Channel names reach log lines, envelopes and the database, so each must be valid Unicode that
+    encodes to UTF-8 (no lone surrogates, which JSON claims can carry), printable as itself (no
+    control or bidi formatting characters) and short.
+    """
+    if not name:
+        return "empty channel name"
+    if any(0xD800 <= ord(char) <= 0xDFFF for char in name):
+        return "the channel name is not valid Unicode"
+    if any(unicodedata.category(char) == "Cc" for char in name):
+        return "control characters in the channel name"
+    if any(char in _BIDI_CONTROLS for char in name):
+        return "bidi control characters in the channel name"
+    if len(name.encode()) > MAX_CHANNEL_BYTES:
+        return f"channel names are at most {MAX_CHANNEL_BYTES} bytes"
+    return None
 
 
 def _check_times(claims: Mapping[str, Any], now: float) -> None:
@@ -306,6 +339,58 @@ def _json_object(data: bytes | str) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _token_json(data: bytes | str | None) -> dict[str, Any] | None:
+    """A JOSE header or claims set: a JSON object pgws can carry, or None (`invalid token`).
+
+    Refused: nesting deeper than MAX_JSON_DEPTH, and numbers that are not finite (`NaN`,
+    `Infinity`, or `1e400`, which Python reads as inf): no envelope could carry them as JSON.
+    """
+    if data is None:
+        return None
+    try:
+        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    if not isinstance(value, dict) or not _nesting_within(value, MAX_JSON_DEPTH):
+        return None
+    return value
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def _nesting_within(value: Any, limit: int) -> bool:
+    """Whether no list or object in `value` sits deeper than `limit` (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def _b64url_decode(segment: str) -> bytes | None:
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _hmac_key(secret: bytes, kid: str | None, algorithm: str) -> _Key:

@@ -13,7 +13,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 import structlog
 from websockets.asyncio.server import ServerConnection, broadcast
@@ -27,6 +27,7 @@ from pgws.claims import Grant, Verifier, authorize, token_shaped
 from pgws.config import Config
 from pgws.envelope import EnvelopeWriter
 from pgws.errors import (
+    BadRequest,
     Forbidden,
     HandshakeRefused,
     MessageRefused,
@@ -39,6 +40,8 @@ log = structlog.get_logger("pgws.handler")
 
 # How long a socket we close on our own (slow consumer, expired token) may take to go.
 DROP_GRACE = 2.0
+# What a client may send after its request and before the answer; more and it is cut off.
+MAX_HELD_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass
@@ -56,6 +59,7 @@ class Connection(ServerConnection):
     """A server connection that carries its Grant and closes itself when it cannot keep up."""
 
     grant: Grant
+    writer: EnvelopeWriter
     stats: HandlerStats
     opened_at: float
     frames_in: int = 0
@@ -99,7 +103,7 @@ def tracked_connection_class(tracked: set[ServerConnection]) -> type[Connection]
     to abort clients that connected and never sent a request.
     """
 
-    class TrackedConnection(Connection):
+    class TrackedConnection(HeldUntilAnswered, Connection):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             tracked.add(self)
@@ -109,6 +113,57 @@ def tracked_connection_class(tracked: set[ServerConnection]) -> type[Connection]
             super().connection_lost(exc)
 
     return TrackedConnection
+
+
+class HeldUntilAnswered(ServerConnection):
+    """Holds back what a client sends after its request until the request is answered.
+
+    websockets parses such bytes (a pipelined request, early frames) as frames while the
+    handshake is pending, fails the connection, then trips its own assertion when it answers: no
+    answer, and an ERROR logged. Held back, they are fed in after a 101 (early frames, in order)
+    or dropped with the connection after any other answer (pgws answers one request per TCP
+    connection).
+    """
+
+    _head_tail = b""  # the last bytes of the request head read so far, to find its end
+    _held: bytearray | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._held is None and (
+            self.protocol.state is not State.CONNECTING or self.protocol.eof_sent
+        ):
+            super().data_received(data)
+            return
+        if self._held is None and self.request is None:
+            seen = self._head_tail + data
+            end = seen.find(b"\r\n\r\n")
+            if end < 0:
+                self._head_tail = seen[-3:]
+                super().data_received(data)
+                return
+            cut = end + 4 - len(self._head_tail)
+            super().data_received(data[:cut])
+            data = data[cut:]
+            if self.protocol.eof_sent:  # not a request websockets could parse: it gave up
+                if data:
+                    super().data_received(data)
+                return
+        self._hold(data)
+
+    def _hold(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = bytearray()
+        self._held += data
+        if len(self._held) > MAX_HELD_BYTES:
+            self.transport.abort()  # no honest client sends this much before an answer
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            held, self._held = self._held, None
+            if held and self.protocol.state is State.OPEN:
+                super().data_received(bytes(held))
 
 
 def deliver(connections: Iterable[ServerConnection], message: str) -> None:
@@ -142,9 +197,9 @@ class Handler:
 
     def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            return self._plain(request)
         try:
+            if not wants_websocket(request):
+                return self._plain(request)
             self._check_origin(request)
             self._check_capacity()
             grant = authorize(
@@ -154,6 +209,7 @@ class Handler:
                 header_token=token_from_headers(request),
                 max_channels=self._config.max_channels,
             )
+            writer = _envelope_writer(grant)
         except HandshakeRefused as exc:
             self.stats.rejected[_reason_label(exc)] += 1
             log.info(
@@ -161,7 +217,7 @@ class Handler:
             )
             return web.text(HTTPStatus(exc.status), str(exc))
         conn = cast(Connection, connection)
-        conn.grant = grant
+        conn.grant, conn.writer = grant, writer
         conn.stats = self.stats
         return None
 
@@ -205,17 +261,19 @@ class Handler:
         log.info(
             "client_connected", remote=_remote(ws), channels=list(grant.channels), mode=grant.mode
         )
-        stats.open_by_mode[grant.mode] += 1
-        writer = EnvelopeWriter(grant.claims)
+        writer = conn.writer
         seen = 0
-        if grant.can_read:
-            self._registry.subscribe(ws, grant.channels)
-            seen = self._registry.published(grant.channels)
         expiry = None
-        if grant.expires_at is not None:
-            delay = grant.expires_at - self._clock()
-            expiry = conn.loop.call_later(max(delay, 0.0), conn.drop, 3001, "JWT expired")
+        # Counted here and uncounted first thing in the `finally` below, nothing between that can
+        # raise: PGWS_MAX_CONNECTIONS reads this count, and a leak would lock everyone out (503).
+        stats.open_by_mode[grant.mode] += 1
         try:
+            if grant.can_read:
+                self._registry.subscribe(ws, grant.channels)
+                seen = self._registry.published(grant.channels)
+            if grant.expires_at is not None:
+                delay = grant.expires_at - self._clock()
+                expiry = conn.loop.call_later(max(delay, 0.0), conn.drop, 3001, "JWT expired")
             await self._announce(writer, "ConnectionOpen", grant)
             async for frame in ws:
                 conn.frames_in += 1
@@ -242,13 +300,13 @@ class Handler:
             log.exception("handler_crashed")
             await ws.close(1011, "internal error")
         finally:
+            stats.open_by_mode[grant.mode] -= 1  # first: nothing below may skip it
             if expiry is not None:
                 expiry.cancel()
             messages_out = 0
             if grant.can_read:
                 messages_out = self._registry.published(grant.channels) - seen
                 self._registry.unsubscribe(ws, grant.channels)
-            stats.open_by_mode[grant.mode] -= 1
             log.info(
                 "client_disconnected",
                 code=ws.close_code,
@@ -269,6 +327,33 @@ class Handler:
             await self._registry.publish_out(envelope)
         except MessageRefused as exc:
             log.warning("meta_event_failed", meta_event=event, error=str(exc))
+
+
+def wants_websocket(request: Request) -> bool:
+    """Whether the request asks to upgrade to WebSocket; raises BadRequest when ambiguous.
+
+    Upgrade is a list (RFC 9110 7.8): `websocket, h2c` offers both and the server picks one, so
+    it is an upgrade, not a static-file request. websockets' handshake accepts only a lone
+    `websocket`, so the header is narrowed to the protocol picked. Two Upgrade lines are refused.
+    """
+    lines = request.headers.get_all("Upgrade")
+    offered = [item.strip().lower() for line in lines for item in line.split(",") if item.strip()]
+    if "websocket" not in offered:
+        return False
+    if len(lines) > 1:
+        raise BadRequest("bad request: more than one Upgrade header")
+    if offered != ["websocket"]:
+        del request.headers["Upgrade"]
+        request.headers["Upgrade"] = "websocket"
+    return True
+
+
+def _envelope_writer(grant: Grant) -> EnvelopeWriter:
+    """The socket's envelope writer, built before the upgrade: claims it cannot carry are a 403."""
+    try:
+        return EnvelopeWriter(grant.claims)
+    except (TypeError, ValueError, RecursionError):
+        raise Forbidden("invalid claims: they cannot be serialised") from None
 
 
 def token_from_headers(request: Request) -> str | None:
@@ -312,7 +397,13 @@ def _offered_subprotocols(request: Request) -> list[str]:
 def _reason_label(exc: HandshakeRefused) -> str:
     """A bounded label for the rejection metric (reasons can hold channel names)."""
     text = str(exc)
-    for prefix in ("not allowed", "bad request", "too many channels"):
+    for prefix in (
+        "not allowed",
+        "bad request",
+        "too many channels",
+        "invalid channel claim",
+        "invalid claims",
+    ):
         if text.startswith(prefix):
             return prefix.replace(" ", "_")
     return text.replace(" ", "_")

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jose import jwk, jwt
+from jose import jwk, jws, jwt
 
 from pgws.claims import (
     MODES,
@@ -27,6 +27,7 @@ from pgws.claims import (
     parse_path,
 )
 from pgws.config import MAX_CHANNEL_BYTES
+from pgws.envelope import EnvelopeWriter
 from pgws.errors import (
     BadRequest,
     ConfigError,
@@ -579,8 +580,10 @@ def test_any_signed_claims_grant_or_refuse_cleanly(
         )
 
 
+BIDI_CONTROLS = ["\u061c", "\u200e", "\u200f", *map(chr, range(0x202A, 0x202F))]
+BIDI_CONTROLS += [*map(chr, range(0x2066, 0x206A))]
 channel_names = st.text(
-    st.characters(codec="utf-8", exclude_characters=[*map(chr, range(32)), "\x7f"]),
+    st.characters(codec="utf-8", exclude_categories=["Cc"], exclude_characters=BIDI_CONTROLS),
     min_size=1,
     max_size=MAX_CHANNEL_BYTES,
 ).filter(lambda name: len(name.encode()) <= MAX_CHANNEL_BYTES)
@@ -590,3 +593,75 @@ channel_names = st.text(
 def test_quoted_channel_names_round_trip(name: str) -> None:
     """Any valid channel name, percent-encoded into the path, comes back unchanged."""
     assert parse_path("/" + urllib.parse.quote(name, safe="") + "/tok.en.x") == (name, "tok.en.x")
+
+
+@settings(max_examples=300)
+@given(
+    name=st.text(st.characters(exclude_categories=()), max_size=70)  # lone surrogates too
+    | st.sampled_from(["", "a\x00b", "a" * 1000, "chat\u202egnp.exe", "a\ud800b", "a\x85b"]),
+    key=st.sampled_from(["channel", "channels"]),
+)
+def test_any_claimed_channel_is_granted_only_if_the_path_would_accept_it(
+    name: str, key: str
+) -> None:
+    """A claimed channel name is granted exactly when it could be named in the path; otherwise
+    the token is refused with 403 and a reason that does not repeat the name (issue 8, item 15)."""
+    claims: dict[str, Any] = {"mode": "r", key: name if key == "channel" else [name]}
+    quoted = urllib.parse.quote(name, safe="", errors="surrogatepass")
+    try:
+        path_accepts = parse_path(f"/{quoted}/t") == (name, "t")
+    except BadRequest:
+        path_accepts = False
+    if not path_accepts:
+        with pytest.raises(Forbidden) as refused:
+            grant_for(claims, None)
+        assert str(refused.value).startswith("invalid channel claim: ")
+        assert name not in str(refused.value) or not name
+        return
+    assert grant_for(claims, None).channels == (name,)
+    EnvelopeWriter(claims).build("WebsocketMessage", name, "hi", NOW).encode()
+
+
+def deep(depth: int) -> str:
+    """A JSON list nested `depth` levels deep."""
+    return "[" * depth + "]" * depth
+
+
+MAX_JSON_DEPTH = 32  # pgws.claims.MAX_JSON_DEPTH, spelled out so this runs on older code too
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, 990, 100_000])
+def test_a_token_header_nested_too_deep_is_invalid(depth: int) -> None:
+    """Before: RecursionError from jose's header parsing escaped `authorize` (issue 8, item 8)."""
+    header = b64url(('{"alg":"HS256","x":' + deep(depth) + "}").encode())
+    token = f"{header}.{segment({'mode': 'r'})}.{b64url(b'x' * 32)}"
+    assert_invalid(VERIFIER, "/" + token)
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, 500, 2000])
+def test_signed_claims_nested_too_deep_are_invalid(depth: int) -> None:
+    """Claims deeper than MAX_JSON_DEPTH are refused before anything walks or re-serialises them."""
+    payload = '{"mode":"r","channel":"a","x":' + deep(depth) + "}"
+    assert_invalid(VERIFIER, "/" + jws.sign(payload.encode(), SECRET, algorithm="HS256"))
+
+
+def test_claims_nested_to_the_limit_are_accepted() -> None:
+    """MAX_JSON_DEPTH levels in all (the claims object counts as one) still verify."""
+    payload = '{"mode":"r","channel":"a","x":' + deep(MAX_JSON_DEPTH - 1) + "}"
+    grant = authorize(VERIFIER, "/" + jws.sign(payload.encode(), SECRET, algorithm="HS256"))
+    assert grant.channels == ("a",)
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "NaN", "Infinity", "-Infinity"])
+def test_signed_claims_with_numbers_no_envelope_can_carry_are_invalid(number: str) -> None:
+    """Python reads these as inf/nan, which JSON cannot carry: the token is refused (item 9)."""
+    payload = f'{{"mode":"r","channel":"a","n":{number}}}'
+    assert_invalid(VERIFIER, "/" + jws.sign(payload.encode(), SECRET, algorithm="HS256"))
+
+
+def test_signed_claims_with_integers_beyond_64_bits_are_carried() -> None:
+    """Big integers are valid JSON and the envelope writer carries them (stdlib fallback)."""
+    payload = '{"mode":"r","channel":"a","n":18446744073709551616}'
+    grant = authorize(VERIFIER, "/" + jws.sign(payload.encode(), SECRET, algorithm="HS256"))
+    envelope = EnvelopeWriter(grant.claims).build("WebsocketMessage", "a", "hi", NOW)
+    assert json.loads(envelope)["claims"]["n"] == 2**64
