@@ -23,10 +23,11 @@ from websockets.http11 import Request, Response
 from pgws import __version__, metrics, web
 from pgws.claims import Verifier
 from pgws.config import Config
-from pgws.database import Notifier, db_host
+from pgws.db.connect import db_host
+from pgws.db.listener import Listener
+from pgws.db.notifier import Notifier
 from pgws.errors import ConfigError
 from pgws.handler import Handler, deliver, select_subprotocol, tracked_connection_class
-from pgws.listener import Listener
 from pgws.registry import Registry
 from pgws.systemd import SystemdNotifier
 

@@ -16,7 +16,8 @@ import pytest
 from psycopg import sql
 
 from pgws.config import Config
-from pgws.database import NOTIFY_TIMEOUT, Notifier, _Message, _NotifyConnection
+from pgws.db.notifier import NOTIFY, NOTIFY_TIMEOUT, Notifier
+from pgws.db.pipeline import Message, PipelinedConnection
 from pgws.devdb import ThrowawayPostgres
 from pgws.errors import NotifyFailed
 from tests.conftest import TIMEOUT, channel_name, until
@@ -67,10 +68,10 @@ async def received(listener: DB, count: int, quiet: float = 0.3) -> list[str]:
     return payloads
 
 
-def message(data: bytes) -> _Message:
+def message(data: bytes) -> Message:
     """A message for the internal send path, with a waiter of its own."""
     loop = asyncio.get_running_loop()
-    return _Message(data, loop.create_future(), loop.time() + TIMEOUT)
+    return Message(data, loop.create_future(), loop.time() + TIMEOUT)
 
 
 async def sender_pids(db: DB, count: int) -> list[int]:
@@ -85,7 +86,9 @@ async def test_identical_payloads_in_one_batch_are_each_delivered(dsn: str) -> N
     """Two identical NOTIFYs in one pipelined batch are two transactions: LISTEN sees both."""
     channel = channel_name()
     async with listening(dsn, channel) as listener:
-        conn = await _NotifyConnection.open(dsn, {"autocommit": True}, channel.encode(), TIMEOUT)
+        conn = await PipelinedConnection.open(
+            dsn, {"autocommit": True}, channel.encode(), TIMEOUT, statement=NOTIFY
+        )
         try:
             batch = [message(b"same"), message(b"same")]
             assert await conn.exchange(batch, TIMEOUT) == []
@@ -108,7 +111,9 @@ async def test_a_refused_notify_fails_only_its_own_message_in_the_batch(dsn: str
     """A payload PostgreSQL refuses fails its own waiter; the rest of the batch is delivered."""
     channel = channel_name()
     async with listening(dsn, channel) as listener:
-        conn = await _NotifyConnection.open(dsn, {"autocommit": True}, channel.encode(), TIMEOUT)
+        conn = await PipelinedConnection.open(
+            dsn, {"autocommit": True}, channel.encode(), TIMEOUT, statement=NOTIFY
+        )
         try:
             batch = [message(b"first"), message(b"x" * 8001), message(b"last")]
             assert await conn.exchange(batch, TIMEOUT) == []

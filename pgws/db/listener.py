@@ -25,7 +25,7 @@ import structlog
 from psycopg import pq, sql
 
 from pgws.config import Config
-from pgws.database import (
+from pgws.db.connect import (
     CONNECT_TIMEOUT,
     Backoff,
     connection_kwargs,
@@ -37,7 +37,7 @@ from pgws.database import (
 )
 from pgws.errors import ListenerLost
 
-log = structlog.get_logger("pgws.listener")
+log = structlog.get_logger("pgws.db.listener")
 
 # How long delivering a burst may hold the event loop before it lets everything else run.
 DELIVERY_SLICE = 0.01

@@ -1,0 +1,4 @@
+"""PostgreSQL: connecting, the LISTEN connection, and the pipelined NOTIFY senders.
+
+The only package that imports psycopg.
+"""
