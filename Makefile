@@ -17,19 +17,19 @@ $(STAMP): pyproject.toml
 ## run: the gateway on http://localhost:3000 with sample-env and the example chat page;
 ##      starts an embedded PostgreSQL in .pgdata/ unless PGWS_DB_URI is set
 run: install
-	$(BIN)/python -m pgws.demo --env-file sample-env
+	$(BIN)/python -m dev.demo --env-file sample-env
 
 ## db: a throwaway PostgreSQL for the tests (prints PGWS_TEST_DB_URI; Ctrl-C stops it)
 db: install
-	$(BIN)/python -m pgws.devdb
+	$(BIN)/python -m dev.devdb
 
 fmt: install
-	$(BIN)/ruff format pgws tests bench
-	$(BIN)/ruff check --fix pgws tests bench
+	$(BIN)/ruff format pgws tests bench dev
+	$(BIN)/ruff check --fix pgws tests bench dev
 
 lint: install
-	$(BIN)/ruff format --check pgws tests bench
-	$(BIN)/ruff check pgws tests bench
+	$(BIN)/ruff format --check pgws tests bench dev
+	$(BIN)/ruff check pgws tests bench dev
 
 types: install
 	$(BIN)/mypy

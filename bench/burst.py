@@ -34,7 +34,7 @@ import psycopg
 from websockets.asyncio.client import connect
 
 from bench.wire import make_token, raise_nofile_limit
-from pgws.devdb import ThrowawayPostgres
+from dev.devdb import ThrowawayPostgres
 
 SECRET = "bench-secret-bench-secret-bench-secret!!"
 CHANNEL = "burst"
@@ -71,7 +71,7 @@ def health_latencies(port: int, stop: threading.Event, seen: list[float]) -> Non
 
 def probe_health_until_terminated(port: int) -> None:
     """The prober process: /health latencies as a JSON list on stdout when sent SIGTERM."""
-    stop, seen = threading.Event(), []
+    stop, seen = threading.Event(), list[float]()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     health_latencies(port, stop, seen)
     print(json.dumps(seen))

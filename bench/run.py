@@ -833,7 +833,7 @@ def database(uri: str | None) -> Iterator[tuple[str, int | None]]:
     if uri:
         yield uri, None
         return
-    from pgws.devdb import ThrowawayPostgres
+    from dev.devdb import ThrowawayPostgres
 
     with ThrowawayPostgres() as postgres:
         yield postgres.uri, postgres.postmaster_pid()

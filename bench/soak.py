@@ -5,7 +5,7 @@
     .venv/bin/python bench/soak.py --duration 300 --readers 50 --faults fast,immediate
 
 Not a CI test: it takes a minute, and it reports figures for a person to read. Everything runs on
-127.0.0.1: a throwaway PostgreSQL (pgws.devdb) and one `pgws serve` subprocess with
+127.0.0.1: a throwaway PostgreSQL (dev.devdb) and one `pgws serve` subprocess with
 PGWS_CHECK_LISTENER_INTERVAL=500 (so it heals itself) on port 0; the port comes from its
 `server_started` log line. Its JSON log goes to bench/results/raw/soak-<time>.log, next to
 soak-<time>.json with the figures below, per fault and per lost message. Readers (mode r) and
@@ -83,7 +83,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.protocol import State
 
 from bench.wire import make_token
-from pgws.devdb import StopMode, ThrowawayPostgres
+from dev.devdb import StopMode, ThrowawayPostgres
 
 REPO = Path(__file__).resolve().parent.parent
 RAW = REPO / "bench" / "results" / "raw"

@@ -20,9 +20,9 @@ import pytest
 from jose import jwt
 from websockets.asyncio.client import ClientConnection, connect
 
+from dev.devdb import ThrowawayPostgres
 from pgws import logs
 from pgws.config import Config
-from pgws.devdb import ThrowawayPostgres
 from pgws.server import Gateway
 
 SECRET = "reallyreallyreallyreallyverysafe-test-secret"

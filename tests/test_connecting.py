@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pgws.devdb import ThrowawayPostgres
+from dev.devdb import ThrowawayPostgres
 from tests.conftest import (
     LOG_LINES,
     TIMEOUT,

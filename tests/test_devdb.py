@@ -1,4 +1,4 @@
-"""Tests for pgws.devdb against real PostgreSQL clusters started and stopped here."""
+"""Tests for dev.devdb against real PostgreSQL clusters started and stopped here."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import LiteralString
 import psycopg
 import pytest
 
-from pgws.devdb import ThrowawayPostgres, find_bindir
+from dev.devdb import ThrowawayPostgres, find_bindir
 from tests.conftest import TIMEOUT
 
 
@@ -186,9 +186,10 @@ def test_datadir_out_of_reach_with_files_is_refused_as_root(tmp_path: Path) -> N
 
 
 def test_module_prints_the_uri_and_stops_on_sigterm() -> None:
-    """python -m pgws.devdb prints a working URI, then stops the server and exits 0 on SIGTERM."""
+    """python -m dev.devdb prints a working URI, then stops the server and exits 0 on SIGTERM."""
     with subprocess.Popen(
-        [sys.executable, "-m", "pgws.devdb"],
+        [sys.executable, "-m", "dev.devdb"],
+        cwd=Path(__file__).resolve().parent.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     ) as proc:

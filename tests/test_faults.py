@@ -20,7 +20,7 @@ from psycopg.conninfo import make_conninfo
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pgws.devdb import ThrowawayPostgres
+from dev.devdb import ThrowawayPostgres
 from tests.conftest import (
     TIMEOUT,
     Running,

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from websockets.exceptions import InvalidStatus
 
-from pgws.devdb import ThrowawayPostgres
+from dev.devdb import ThrowawayPostgres
 from tests.conftest import (
     TIMEOUT,
     Running,

@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from pgws.devdb import ThrowawayPostgres
+from dev.devdb import ThrowawayPostgres
 from tests.conftest import (
     TIMEOUT,
     Running,

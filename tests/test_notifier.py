@@ -15,10 +15,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from dev.devdb import ThrowawayPostgres
 from pgws.config import Config
 from pgws.db.notifier import NOTIFY, NOTIFY_TIMEOUT, Notifier
 from pgws.db.pipeline import Message, PipelinedConnection
-from pgws.devdb import ThrowawayPostgres
 from pgws.errors import NotifyFailed
 from tests.conftest import TIMEOUT, channel_name, until
 

@@ -19,7 +19,7 @@ pytest tmp_path, say): such a cluster is temporary (``ThrowawayPostgres.temporar
 ``ThrowawayPostgres.datadir`` says where it lives. A given folder out of reach that already
 holds files is refused.
 
-``python -m pgws.devdb [--dir PATH] [--port N]`` starts a cluster, prints ``PGWS_TEST_DB_URI``
+``python -m dev.devdb [--dir PATH] [--port N]`` starts a cluster, prints ``PGWS_TEST_DB_URI``
 and ``PGWS_DB_URI``, and stops it on SIGINT or SIGTERM.
 """
 
@@ -56,7 +56,7 @@ _LOG_TAIL_BYTES = 8192
 _LOG_TAIL_LINES = 30
 _CONF_NAME = "pgws.conf"
 _LOG_NAME = "server.log"
-_INCLUDE_LINE = f"include_if_exists = '{_CONF_NAME}'  # added by pgws.devdb"
+_INCLUDE_LINE = f"include_if_exists = '{_CONF_NAME}'  # added by dev.devdb"
 _FALLBACK_USER = "pgws"
 _SETTING_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
@@ -476,7 +476,7 @@ class ThrowawayPostgres:
         }
         conf = self._datadir / _CONF_NAME
         lines = [f"{name} = {_quote(value)}" for name, value in values.items()]
-        conf.write_text("# rewritten by pgws.devdb on every start\n" + "\n".join(lines) + "\n")
+        conf.write_text("# rewritten by dev.devdb on every start\n" + "\n".join(lines) + "\n")
         if self._account is not None:
             os.chown(conf, self._account.uid, self._account.gid)
         main_conf = self._datadir / "postgresql.conf"
@@ -553,7 +553,7 @@ def _request_stop(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Start a cluster, print its URI, and stop it on SIGINT or SIGTERM; return the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m pgws.devdb",
+        prog="python -m dev.devdb",
         description="Run a throwaway PostgreSQL on 127.0.0.1 until SIGINT or SIGTERM.",
     )
     parser.add_argument(

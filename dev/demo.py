@@ -23,7 +23,7 @@ DATA_DIR = Path(".pgdata")
 
 def main() -> int:
     """Start everything, print how to use it, serve until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m pgws.demo")
+    parser = argparse.ArgumentParser(prog="python -m dev.demo")
     parser.add_argument("--env-file", type=Path, default=Path("sample-env"))
     args = parser.parse_args()
     try:
@@ -33,7 +33,7 @@ def main() -> int:
         return exc.exit_code
     cluster = None
     if not env.get("PGWS_DB_URI"):
-        from pgws.devdb import ThrowawayPostgres
+        from dev.devdb import ThrowawayPostgres
 
         cluster = ThrowawayPostgres(DATA_DIR.resolve())
         cluster.start()
