@@ -62,6 +62,9 @@ class Connection(ServerConnection):
     # Set once the buffer passed PGWS_CLIENT_MAX_BUFFER: deliver() writes nothing more to it, so
     # the limit holds within one message even when a burst is delivered before the drop can run.
     lagging: bool = False
+    # Set once drop() failed the connection: RFC 6455 7.1.7, no further data is processed, so
+    # frames websockets parsed before the drop (thousands from one read) are not published.
+    dropped: bool = False
 
     def pause_writing(self) -> None:
         """The transport buffer passed PGWS_CLIENT_MAX_BUFFER: this reader is too slow."""
@@ -74,6 +77,7 @@ class Connection(ServerConnection):
         """Close without waiting on the peer: queue the close frame, abort if it does not go."""
         if self.protocol.state is not State.OPEN:
             return
+        self.dropped = True
         if code == 1008:
             self.stats.slow_consumers += 1
             log.warning("client_lagging", conn_id=str(self.id)[:8], buffered=self._buffered())
@@ -220,6 +224,8 @@ class Handler:
             async for frame in ws:
                 conn.frames_in += 1
                 stats.frames_in += 1
+                if conn.dropped:
+                    break
                 if not grant.can_write:
                     continue  # SPEC 3: read-only sockets' frames are read and dropped
                 if isinstance(frame, bytes):
@@ -228,9 +234,10 @@ class Handler:
                     except UnicodeDecodeError:
                         await ws.close(1003, "binary frames must be UTF-8 text")
                         break
-                for channel in grant.channels:
-                    envelope = writer.build("WebsocketMessage", channel, frame, self._clock())
-                    await self._registry.publish_out(envelope)
+                if not await self._publish(conn, writer, frame):
+                    break
+            if conn.dropped:
+                await ws.wait_closed()  # within DROP_GRACE: the close code is then known
         except MessageRefused as exc:
             if isinstance(exc, MessageTooBig):
                 stats.too_big += 1
@@ -258,6 +265,22 @@ class Handler:
                 seconds=round(self._clock() - conn.opened_at, 3),
             )
         await self._announce(writer, "ConnectionClose", grant)
+
+    async def _publish(self, conn: Connection, writer: EnvelopeWriter, frame: str) -> bool:
+        """NOTIFY one frame on every granted channel; False once the token has expired.
+
+        Checked per frame and channel, not only by the expiry timer: a flood parsed in one read
+        before the timer ran would otherwise be published after `exp` (SPEC 3: expiry).
+        """
+        expires_at = conn.grant.expires_at
+        for channel in conn.grant.channels:
+            now = self._clock()
+            if expires_at is not None and now >= expires_at:
+                conn.drop(3001, "JWT expired")
+                return False
+            envelope = writer.build("WebsocketMessage", channel, frame, now)
+            await self._registry.publish_out(envelope)
+        return True
 
     async def _announce(self, writer: EnvelopeWriter, event: str, grant: Grant) -> None:
         """Tell readers of the meta channel that a socket opened or closed (SPEC 3)."""
