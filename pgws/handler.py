@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
@@ -39,6 +40,12 @@ log = structlog.get_logger("pgws.handler")
 
 # How long a socket we close on our own (slow consumer, expired token) may take to go.
 DROP_GRACE = 2.0
+# What a read-only socket may send per window before it is closed 1008 "read-only socket".
+# SPEC 3 drops such frames unread; a browser's occasional keep-alive stays far below this, a
+# flood (hundreds of MB/s, all read for nothing) goes within a window.
+READ_ONLY_WINDOW = 10.0
+READ_ONLY_FRAMES = 64
+READ_ONLY_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass
@@ -50,6 +57,7 @@ class HandlerStats:
     frames_in: int = 0
     too_big: int = 0
     slow_consumers: int = 0
+    read_only_floods: int = 0
 
 
 class Connection(ServerConnection):
@@ -65,22 +73,42 @@ class Connection(ServerConnection):
     # Set once drop() failed the connection: RFC 6455 7.1.7, no further data is processed, so
     # frames websockets parsed before the drop (thousands from one read) are not published.
     dropped: bool = False
+    # What a read-only socket sent in its current window (READ_ONLY_WINDOW).
+    _window_start: float = -math.inf
+    _window_frames: int = 0
+    _window_bytes: int = 0
 
     def pause_writing(self) -> None:
         """The transport buffer passed PGWS_CLIENT_MAX_BUFFER: this reader is too slow."""
         super().pause_writing()
         self.lagging = True
         # Not from inside a broadcast: transport.write() is calling us.
-        self.loop.call_soon(self.drop, 1008, "slow consumer")
+        self.loop.call_soon(self.drop_slow_consumer)
+
+    def drop_slow_consumer(self) -> None:
+        """Close 1008 a reader that does not keep up (counted and logged once)."""
+        if self.protocol.state is not State.OPEN:
+            return
+        self.stats.slow_consumers += 1
+        log.warning("client_lagging", conn_id=str(self.id)[:8], buffered=self._buffered())
+        self.drop(1008, "slow consumer")
+
+    def read_only_budget_spent(self, frame: str | bytes) -> bool:
+        """Count a frame from a read-only socket; True once the window's allowance is passed."""
+        now = self.loop.time()
+        if now - self._window_start >= READ_ONLY_WINDOW:
+            self._window_start, self._window_frames, self._window_bytes = now, 0, 0
+        self._window_frames += 1
+        if isinstance(frame, str) and not frame.isascii():
+            frame = frame.encode(errors="replace")  # bytes, as the client sent them
+        self._window_bytes += len(frame)
+        return self._window_frames > READ_ONLY_FRAMES or self._window_bytes > READ_ONLY_BYTES
 
     def drop(self, code: int, reason: str) -> None:
         """Close without waiting on the peer: queue the close frame, abort if it does not go."""
         if self.protocol.state is not State.OPEN:
             return
         self.dropped = True
-        if code == 1008:
-            self.stats.slow_consumers += 1
-            log.warning("client_lagging", conn_id=str(self.id)[:8], buffered=self._buffered())
         self.protocol.fail(code, reason)
         try:
             self.send_data()
@@ -227,7 +255,11 @@ class Handler:
                 if conn.dropped:
                     break
                 if not grant.can_write:
-                    continue  # SPEC 3: read-only sockets' frames are read and dropped
+                    # SPEC 3: read-only sockets' frames are read and dropped, up to a budget.
+                    if conn.read_only_budget_spent(frame):
+                        self._close_flooding(conn)
+                        break
+                    continue
                 if isinstance(frame, bytes):
                     try:
                         frame = frame.decode()
@@ -265,6 +297,12 @@ class Handler:
                 seconds=round(self._clock() - conn.opened_at, 3),
             )
         await self._announce(writer, "ConnectionClose", grant)
+
+    def _close_flooding(self, conn: Connection) -> None:
+        """A read-only socket sent more than it may: everything it sends is read for nothing."""
+        self.stats.read_only_floods += 1
+        log.info("client_flooding", frames_in=conn.frames_in, mode=conn.grant.mode)
+        conn.drop(1008, "read-only socket")
 
     async def _publish(self, conn: Connection, writer: EnvelopeWriter, frame: str) -> bool:
         """NOTIFY one frame on every granted channel; False once the token has expired.

@@ -85,6 +85,11 @@ class GatewayCollector(Collector):
             "Sockets closed for not reading fast enough",
             value=stats.slow_consumers,
         )
+        yield CounterMetricFamily(
+            "pgws_read_only_floods_closed",
+            "Read-only sockets closed for sending more than they may",
+            value=stats.read_only_floods,
+        )
         usage = gateway.notifier.queue_usage
         if usage is not None:
             yield GaugeMetricFamily(

@@ -14,11 +14,14 @@ import psycopg
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
+from pgws.handler import READ_ONLY_BYTES, READ_ONLY_FRAMES
 from tests.conftest import (
     TIMEOUT,
     Running,
     channel_name,
     make_token,
+    recv_json,
+    subscribed,
 )
 
 DB = psycopg.AsyncConnection[Any]
@@ -84,3 +87,51 @@ async def test_nothing_a_writer_sends_after_exp_is_published_and_it_gets_3001(
         f" {published_late[-1]['published'] - exp:.3f} s after"
     )
     assert writer.close == (3001, "JWT expired"), (writer.close, writer.sent, len(arrivals))
+
+
+async def test_a_read_only_socket_flooding_frames_is_closed_1008_and_others_carry_on(
+    gateway: Running, db: DB
+) -> None:
+    """Before: a read-only socket could send frames forever, each read and thrown away; it was
+    never closed (issue 8, item 17)."""
+    chat = channel_name()
+    token = make_token({"mode": "r"})
+    async with (
+        gateway.connect(f"/{chat}/{token}") as flooder,
+        gateway.connect(f"/{chat}/{token}") as neighbour,
+    ):
+        await subscribed(gateway, chat, 2)
+        sent = 0
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while True:
+                    await flooder.send("x" * 1000)
+                    sent += 1
+                    if sent % 50 == 0:
+                        await asyncio.sleep(0)  # the server shares this loop
+        except ConnectionClosed as exc:
+            closed = exc
+        elapsed = time.monotonic() - started
+        assert closed.rcvd is not None
+        assert (closed.rcvd.code, closed.rcvd.reason) == (1008, "read-only socket")
+        assert elapsed < TIMEOUT / 2, elapsed
+        # Closed at the first frame past the allowance.
+        assert gateway.gateway.handler.stats.frames_in == READ_ONLY_FRAMES + 1
+        await gateway.notify(db, {"channel": chat, "payload": "after the flood"})
+        assert (await recv_json(neighbour))["payload"] == "after the flood"
+
+
+async def test_a_read_only_socket_may_send_its_allowance_and_stays_open(
+    gateway: Running, db: DB
+) -> None:
+    """SPEC 3 as before for a reasonable client: its frames are dropped, the socket stays open."""
+    chat = channel_name()
+    async with gateway.connect(f"/{chat}/{make_token({'mode': 'r'})}") as ws:
+        await subscribed(gateway, chat)
+        size = READ_ONLY_BYTES // READ_ONLY_FRAMES
+        for index in range(READ_ONLY_FRAMES):
+            await ws.send(f"{index:<{size}}")
+        await gateway.notify(db, {"channel": chat, "payload": "still open"})
+        assert (await recv_json(ws))["payload"] == "still open"
+    assert gateway.gateway.handler.stats.read_only_floods == 0
