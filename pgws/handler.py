@@ -46,6 +46,9 @@ DROP_GRACE = 2.0
 READ_ONLY_WINDOW = 10.0
 READ_ONLY_FRAMES = 64
 READ_ONLY_BYTES = 64 * 1024
+# The ledger re-reads every holding socket's buffer at most this often when deciding to drop;
+# in between it trusts its figures, which can only be high for sockets the kernel drained since.
+LEDGER_REFRESH_SPACING = 0.005
 
 
 @dataclasses.dataclass
@@ -57,7 +60,70 @@ class HandlerStats:
     frames_in: int = 0
     too_big: int = 0
     slow_consumers: int = 0
+    over_total: int = 0  # slow consumers closed for PGWS_MAX_BUFFERED_TOTAL
     read_only_floods: int = 0
+
+
+class BufferLedger:
+    """What all sockets hold unsent, kept under PGWS_MAX_BUFFERED_TOTAL by dropping the largest.
+
+    Each socket's figure is read from its transport after every write to it (one cheap call; a
+    socket that keeps up holds nothing and costs nothing more). Buffers shrink unseen while the
+    kernel takes data, so the sum can only be too high: before anyone is dropped, the sockets
+    holding something (only those) are read again, and each candidate once more.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.total = 0
+        self.peak = 0  # the most the ledger counted at once, after any drops it made
+        self._holding: set[Connection] = set()
+        self._refreshed_at = -math.inf
+
+    def update(self, conn: Connection, size: int) -> None:
+        """A socket's transport now holds `size` unsent bytes."""
+        self.total += size - conn.counted
+        conn.counted = size
+        if size:
+            self._holding.add(conn)
+        else:
+            self._holding.discard(conn)
+        if self.limit is not None and self.total > self.limit:
+            self._shed(self.limit)
+        if self.total > self.peak:
+            self.peak = self.total
+
+    def forget(self, conn: Connection) -> None:
+        """The socket is gone, and its buffer with it."""
+        self.total -= conn.counted
+        conn.counted = 0
+        self._holding.discard(conn)
+
+    def refresh(self) -> int:
+        """Read every holding socket's buffer again; return the exact total."""
+        for conn in list(self._holding):
+            self._set(conn, max(conn.buffered(), 0))
+        self._refreshed_at = time.monotonic()
+        return self.total
+
+    def _set(self, conn: Connection, size: int) -> None:
+        self.total += size - conn.counted
+        conn.counted = size
+        if not size:
+            self._holding.discard(conn)
+
+    def _shed(self, limit: int) -> None:
+        """Drop the largest holders until the total is back under `limit`."""
+        stale = time.monotonic() - self._refreshed_at >= LEDGER_REFRESH_SPACING
+        if stale and self.refresh() <= limit:
+            return
+        for conn in sorted(self._holding, key=lambda held: held.counted, reverse=True):
+            if self.total <= limit:
+                return
+            self._set(conn, max(conn.buffered(), 0))  # fresh, before it is judged
+            if conn.counted and self.total > limit:
+                conn.drop_over_total(self.total, limit)
+                self.forget(conn)
 
 
 class Connection(ServerConnection):
@@ -77,6 +143,24 @@ class Connection(ServerConnection):
     _window_start: float = -math.inf
     _window_frames: int = 0
     _window_bytes: int = 0
+    # PGWS_MAX_BUFFERED_TOTAL: the ledger this socket reports to, and what it last counted here.
+    ledger: BufferLedger | None = None
+    counted: int = 0
+
+    def send_data(self) -> None:
+        """Write what websockets has queued, then tell the ledger what the transport holds."""
+        super().send_data()
+        ledger = self.ledger
+        if ledger is not None:
+            size = self.transport.get_write_buffer_size()
+            if size != self.counted:
+                ledger.update(self, size)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The transport is closed: its buffer no longer counts."""
+        if self.ledger is not None:
+            self.ledger.forget(self)
+        super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         """The transport buffer passed PGWS_CLIENT_MAX_BUFFER: this reader is too slow."""
@@ -90,8 +174,29 @@ class Connection(ServerConnection):
         if self.protocol.state is not State.OPEN:
             return
         self.stats.slow_consumers += 1
-        log.warning("client_lagging", conn_id=str(self.id)[:8], buffered=self._buffered())
+        log.warning("client_lagging", conn_id=str(self.id)[:8], buffered=self.buffered())
         self.drop(1008, "slow consumer")
+
+    def drop_over_total(self, total: int, limit: int) -> None:
+        """Close 1008 at once the largest holder when all sockets together hold too much.
+
+        Aborted rather than given DROP_GRACE: its memory is the point, and a client this far
+        behind would read the close frame only after everything queued before it.
+        """
+        self.lagging = True
+        if self.protocol.state is State.OPEN:
+            self.dropped = True
+            self.stats.slow_consumers += 1
+            self.stats.over_total += 1
+            log.warning(
+                "client_lagging",
+                conn_id=str(self.id)[:8],
+                buffered=self.counted,
+                buffered_total=total,
+                limit=limit,
+            )
+            self.protocol.fail(1008, "slow consumer")
+        self.transport.abort()
 
     def read_only_budget_spent(self, frame: str | bytes) -> bool:
         """Count a frame from a read-only socket; True once the window's allowance is passed."""
@@ -117,7 +222,8 @@ class Connection(ServerConnection):
             return
         self.loop.call_later(DROP_GRACE, self.transport.abort)
 
-    def _buffered(self) -> int:
+    def buffered(self) -> int:
+        """Unsent bytes in the transport (-1 when it cannot tell)."""
         try:
             return int(self.transport.get_write_buffer_size())
         except (AttributeError, RuntimeError):
@@ -171,6 +277,7 @@ class Handler:
         self._metrics = metrics
         self._clock = clock
         self.stats = HandlerStats()
+        self.buffers = BufferLedger(config.max_buffered_total)
 
     def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
@@ -195,6 +302,8 @@ class Handler:
         conn = cast(Connection, connection)
         conn.grant = grant
         conn.stats = self.stats
+        if self.buffers.limit is not None:
+            conn.ledger = self.buffers
         return None
 
     def _check_origin(self, request: Request) -> None:
