@@ -85,8 +85,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "PGWS_MAX_BUFFERED_TOTAL",
         str(DEFAULT_MAX_BUFFERED_TOTAL),
-        "unsent bytes all sockets together may queue; past it the largest are closed as slow"
-        " consumers (0 = no bound)",
+        "unsent bytes all sockets of a process may queue; past it the largest are closed as"
+        " slow consumers (0 = no bound)",
     ),
     Setting("PGWS_COMPRESSION", "false", "offer permessage-deflate (costs ~50 KiB per socket)"),
     Setting("PGWS_SHUTDOWN_TIMEOUT", "5", "seconds allowed for a clean shutdown"),
