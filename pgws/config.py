@@ -28,6 +28,9 @@ MAX_CHANNEL_BYTES = 63
 # NOTIFY payloads must be shorter than 8000 bytes in the default PostgreSQL build.
 NOTIFY_PAYLOAD_LIMIT = 7999
 
+# What all sockets' unsent data may take together: 256 MiB, a few hundred stalled readers.
+DEFAULT_MAX_BUFFERED_TOTAL = 256 * 1024 * 1024
+
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 
@@ -79,6 +82,12 @@ SETTINGS: tuple[Setting, ...] = (
         str(1024 * 1024),
         "unsent bytes a socket may queue before it is closed as a slow consumer",
     ),
+    Setting(
+        "PGWS_MAX_BUFFERED_TOTAL",
+        str(DEFAULT_MAX_BUFFERED_TOTAL),
+        "unsent bytes all sockets of a process may queue; past it the largest are closed as"
+        " slow consumers (0 = no bound)",
+    ),
     Setting("PGWS_COMPRESSION", "false", "offer permessage-deflate (costs ~50 KiB per socket)"),
     Setting("PGWS_SHUTDOWN_TIMEOUT", "5", "seconds allowed for a clean shutdown"),
     Setting(
@@ -115,6 +124,7 @@ class Config:
     key_file: Path | None = None
     max_message_size: int = NOTIFY_PAYLOAD_LIMIT
     client_max_buffer: int = 1024 * 1024
+    max_buffered_total: int | None = DEFAULT_MAX_BUFFERED_TOTAL  # None = no bound
     compression: bool = False
     shutdown_timeout: float = 5.0
     workers: int = 1
@@ -156,6 +166,9 @@ class Config:
             ),
             client_max_buffer=_int(
                 env, "PGWS_CLIENT_MAX_BUFFER", 1024 * 1024, minimum=1024, maximum=2**31
+            ),
+            max_buffered_total=_byte_bound(
+                env, "PGWS_MAX_BUFFERED_TOTAL", DEFAULT_MAX_BUFFERED_TOTAL, minimum=1024
             ),
             compression=_bool(env, "PGWS_COMPRESSION", default=False),
             shutdown_timeout=_seconds(env, "PGWS_SHUTDOWN_TIMEOUT", 5.0),
@@ -286,6 +299,19 @@ def _optional_int(env: Mapping[str, str], name: str, *, minimum: int) -> int | N
     if _raw(env, name) is None:
         return None
     return _int(env, name, minimum, minimum=minimum, maximum=10_000_000)
+
+
+def _byte_bound(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int | None:
+    """A size in bytes where 0 means no bound (None)."""
+    value = _raw(env, name)
+    if value is not None and value.isdecimal() and int(value) == 0:
+        return None
+    try:
+        return _int(env, name, default, minimum=minimum, maximum=2**40)
+    except ConfigError:
+        raise ConfigError(
+            name, f"expected 0 (no bound) or bytes from {minimum} to {2**40}, got {value!r}"
+        ) from None
 
 
 def _origins(env: Mapping[str, str], name: str) -> frozenset[str] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
@@ -42,6 +43,15 @@ log = structlog.get_logger("pgws.handler")
 DROP_GRACE = 2.0
 # What a client may send after its request and before the answer; more and it is cut off.
 MAX_HELD_BYTES = 64 * 1024
+# What a read-only socket may send per window before it is closed 1008 "read-only socket".
+# SPEC 3 drops such frames unread; a browser's occasional keep-alive stays far below this, a
+# flood (hundreds of MB/s, all read for nothing) goes within a window.
+READ_ONLY_WINDOW = 10.0
+READ_ONLY_FRAMES = 64
+READ_ONLY_BYTES = 64 * 1024
+# The ledger re-reads every holding socket's buffer at most this often when deciding to drop;
+# in between it trusts its figures, which can only be high for sockets the kernel drained since.
+LEDGER_REFRESH_SPACING = 0.005
 
 
 @dataclasses.dataclass
@@ -53,6 +63,70 @@ class HandlerStats:
     frames_in: int = 0
     too_big: int = 0
     slow_consumers: int = 0
+    over_total: int = 0  # slow consumers closed for PGWS_MAX_BUFFERED_TOTAL
+    read_only_floods: int = 0
+
+
+class BufferLedger:
+    """What all sockets hold unsent, kept under PGWS_MAX_BUFFERED_TOTAL by dropping the largest.
+
+    Each socket's figure is read from its transport after every write to it (one cheap call; a
+    socket that keeps up holds nothing and costs nothing more). Buffers shrink unseen while the
+    kernel takes data, so the sum can only be too high: before anyone is dropped, the sockets
+    holding something (only those) are read again, and each candidate once more.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.total = 0
+        self.peak = 0  # the most the ledger counted at once, after any drops it made
+        self._holding: set[Connection] = set()
+        self._refreshed_at = -math.inf
+
+    def update(self, conn: Connection, size: int) -> None:
+        """A socket's transport now holds `size` unsent bytes."""
+        self.total += size - conn.counted
+        conn.counted = size
+        if size:
+            self._holding.add(conn)
+        else:
+            self._holding.discard(conn)
+        if self.limit is not None and self.total > self.limit:
+            self._shed(self.limit)
+        if self.total > self.peak:
+            self.peak = self.total
+
+    def forget(self, conn: Connection) -> None:
+        """The socket is gone, and its buffer with it."""
+        self.total -= conn.counted
+        conn.counted = 0
+        self._holding.discard(conn)
+
+    def refresh(self) -> int:
+        """Read every holding socket's buffer again; return the exact total."""
+        for conn in list(self._holding):
+            self._set(conn, max(conn.buffered(), 0))
+        self._refreshed_at = time.monotonic()
+        return self.total
+
+    def _set(self, conn: Connection, size: int) -> None:
+        self.total += size - conn.counted
+        conn.counted = size
+        if not size:
+            self._holding.discard(conn)
+
+    def _shed(self, limit: int) -> None:
+        """Drop the largest holders until the total is back under `limit`."""
+        stale = time.monotonic() - self._refreshed_at >= LEDGER_REFRESH_SPACING
+        if stale and self.refresh() <= limit:
+            return
+        for conn in sorted(self._holding, key=lambda held: held.counted, reverse=True):
+            if self.total <= limit:
+                return
+            self._set(conn, max(conn.buffered(), 0))  # fresh, before it is judged
+            if conn.counted and self.total > limit:
+                conn.drop_over_total(self.total, limit)
+                self.forget(conn)
 
 
 class Connection(ServerConnection):
@@ -66,21 +140,84 @@ class Connection(ServerConnection):
     # Set once the buffer passed PGWS_CLIENT_MAX_BUFFER: deliver() writes nothing more to it, so
     # the limit holds within one message even when a burst is delivered before the drop can run.
     lagging: bool = False
+    # Set once drop() failed the connection: RFC 6455 7.1.7, no further data is processed, so
+    # frames websockets parsed before the drop (thousands from one read) are not published.
+    dropped: bool = False
+    # What a read-only socket sent in its current window (READ_ONLY_WINDOW).
+    _window_start: float = -math.inf
+    _window_frames: int = 0
+    _window_bytes: int = 0
+    # PGWS_MAX_BUFFERED_TOTAL: the ledger this socket reports to, and what it last counted here.
+    ledger: BufferLedger | None = None
+    counted: int = 0
+
+    def send_data(self) -> None:
+        """Write what websockets has queued, then tell the ledger what the transport holds."""
+        super().send_data()
+        ledger = self.ledger
+        if ledger is not None:
+            size = self.transport.get_write_buffer_size()
+            if size != self.counted:
+                ledger.update(self, size)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The transport is closed: its buffer no longer counts."""
+        if self.ledger is not None:
+            self.ledger.forget(self)
+        super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         """The transport buffer passed PGWS_CLIENT_MAX_BUFFER: this reader is too slow."""
         super().pause_writing()
         self.lagging = True
         # Not from inside a broadcast: transport.write() is calling us.
-        self.loop.call_soon(self.drop, 1008, "slow consumer")
+        self.loop.call_soon(self.drop_slow_consumer)
+
+    def drop_slow_consumer(self) -> None:
+        """Close 1008 a reader that does not keep up (counted and logged once)."""
+        if self.protocol.state is not State.OPEN:
+            return
+        self.stats.slow_consumers += 1
+        log.warning("client_lagging", conn_id=str(self.id)[:8], buffered=self.buffered())
+        self.drop(1008, "slow consumer")
+
+    def drop_over_total(self, total: int, limit: int) -> None:
+        """Close 1008 at once the largest holder when all sockets together hold too much.
+
+        Aborted rather than given DROP_GRACE: its memory is the point, and a client this far
+        behind would read the close frame only after everything queued before it.
+        """
+        self.lagging = True
+        if self.protocol.state is State.OPEN:
+            self.dropped = True
+            self.stats.slow_consumers += 1
+            self.stats.over_total += 1
+            log.warning(
+                "client_lagging",
+                conn_id=str(self.id)[:8],
+                buffered=self.counted,
+                buffered_total=total,
+                limit=limit,
+            )
+            self.protocol.fail(1008, "slow consumer")
+        self.transport.abort()
+
+    def read_only_budget_spent(self, frame: str | bytes) -> bool:
+        """Count a frame from a read-only socket; True once the window's allowance is passed."""
+        now = self.loop.time()
+        if now - self._window_start >= READ_ONLY_WINDOW:
+            self._window_start, self._window_frames, self._window_bytes = now, 0, 0
+        self._window_frames += 1
+        if isinstance(frame, str) and not frame.isascii():
+            frame = frame.encode(errors="replace")  # bytes, as the client sent them
+        self._window_bytes += len(frame)
+        return self._window_frames > READ_ONLY_FRAMES or self._window_bytes > READ_ONLY_BYTES
 
     def drop(self, code: int, reason: str) -> None:
         """Close without waiting on the peer: queue the close frame, abort if it does not go."""
         if self.protocol.state is not State.OPEN:
             return
-        if code == 1008:
-            self.stats.slow_consumers += 1
-            log.warning("client_lagging", conn_id=str(self.id)[:8], buffered=self._buffered())
+        self.dropped = True
         self.protocol.fail(code, reason)
         try:
             self.send_data()
@@ -89,7 +226,8 @@ class Connection(ServerConnection):
             return
         self.loop.call_later(DROP_GRACE, self.transport.abort)
 
-    def _buffered(self) -> int:
+    def buffered(self) -> int:
+        """Unsent bytes in the transport (-1 when it cannot tell)."""
         try:
             return int(self.transport.get_write_buffer_size())
         except (AttributeError, RuntimeError):
@@ -194,6 +332,7 @@ class Handler:
         self._metrics = metrics
         self._clock = clock
         self.stats = HandlerStats()
+        self.buffers = BufferLedger(config.max_buffered_total)
 
     def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
@@ -219,6 +358,8 @@ class Handler:
         conn = cast(Connection, connection)
         conn.grant, conn.writer = grant, writer
         conn.stats = self.stats
+        if self.buffers.limit is not None:
+            conn.ledger = self.buffers
         return None
 
     def _check_origin(self, request: Request) -> None:
@@ -278,17 +419,24 @@ class Handler:
             async for frame in ws:
                 conn.frames_in += 1
                 stats.frames_in += 1
+                if conn.dropped:
+                    break
                 if not grant.can_write:
-                    continue  # SPEC 3: read-only sockets' frames are read and dropped
+                    # SPEC 3: read-only sockets' frames are read and dropped, up to a budget.
+                    if conn.read_only_budget_spent(frame):
+                        self._close_flooding(conn)
+                        break
+                    continue
                 if isinstance(frame, bytes):
                     try:
                         frame = frame.decode()
                     except UnicodeDecodeError:
                         await ws.close(1003, "binary frames must be UTF-8 text")
                         break
-                for channel in grant.channels:
-                    envelope = writer.build("WebsocketMessage", channel, frame, self._clock())
-                    await self._registry.publish_out(envelope)
+                if not await self._publish(conn, writer, frame):
+                    break
+            if conn.dropped:
+                await ws.wait_closed()  # within DROP_GRACE: the close code is then known
         except MessageRefused as exc:
             if isinstance(exc, MessageTooBig):
                 stats.too_big += 1
@@ -316,6 +464,28 @@ class Handler:
                 seconds=round(self._clock() - conn.opened_at, 3),
             )
         await self._announce(writer, "ConnectionClose", grant)
+
+    def _close_flooding(self, conn: Connection) -> None:
+        """A read-only socket sent more than it may: everything it sends is read for nothing."""
+        self.stats.read_only_floods += 1
+        log.info("client_flooding", frames_in=conn.frames_in, mode=conn.grant.mode)
+        conn.drop(1008, "read-only socket")
+
+    async def _publish(self, conn: Connection, writer: EnvelopeWriter, frame: str) -> bool:
+        """NOTIFY one frame on every granted channel; False once the token has expired.
+
+        Checked per frame and channel, not only by the expiry timer: a flood parsed in one read
+        before the timer ran would otherwise be published after `exp` (SPEC 3: expiry).
+        """
+        expires_at = conn.grant.expires_at
+        for channel in conn.grant.channels:
+            now = self._clock()
+            if expires_at is not None and now >= expires_at:
+                conn.drop(3001, "JWT expired")
+                return False
+            envelope = writer.build("WebsocketMessage", channel, frame, now)
+            await self._registry.publish_out(envelope)
+        return True
 
     async def _announce(self, writer: EnvelopeWriter, event: str, grant: Grant) -> None:
         """Tell readers of the meta channel that a socket opened or closed (SPEC 3)."""

@@ -90,6 +90,26 @@ class GatewayCollector(Collector):
             "Sockets closed for not reading fast enough",
             value=stats.slow_consumers,
         )
+        yield GaugeMetricFamily(
+            "pgws_buffered_bytes",
+            "Bytes all sockets hold unsent (bounded by PGWS_MAX_BUFFERED_TOTAL)",
+            value=gateway.buffered_bytes(),
+        )
+        yield GaugeMetricFamily(
+            "pgws_buffered_bytes_peak",
+            "The most all sockets held unsent at once (counted with PGWS_MAX_BUFFERED_TOTAL set)",
+            value=gateway.handler.buffers.peak,
+        )
+        yield CounterMetricFamily(
+            "pgws_buffered_total_drops",
+            "Slow consumers closed because all sockets together held too much",
+            value=stats.over_total,
+        )
+        yield CounterMetricFamily(
+            "pgws_read_only_floods_closed",
+            "Read-only sockets closed for sending more than they may",
+            value=stats.read_only_floods,
+        )
         usage = gateway.notifier.queue_usage
         if usage is not None:
             yield GaugeMetricFamily(

@@ -185,6 +185,16 @@ class Gateway:
         """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""
         return self.server is not None and self.server.is_serving() and self.listener.up.is_set()
 
+    def buffered_bytes(self) -> int:
+        """What every socket's transport holds unsent right now (read at each scrape)."""
+        total = 0
+        for conn in self._connections:
+            try:
+                total += conn.transport.get_write_buffer_size()
+            except (AttributeError, RuntimeError):
+                continue  # not connected yet, or already gone
+        return total
+
     @property
     def port(self) -> int:
         """The bound TCP port (useful with PGWS_PORT=0)."""
