@@ -79,12 +79,17 @@ env_file_option = click.option(
     help="Processes sharing the port (overrides PGWS_WORKERS).",
 )
 def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) -> None:
-    """Run the gateway."""
-    try:
+    """Run the gateway. SIGHUP reloads the JWT secret and TLS files; SIGTERM or SIGQUIT stops."""
+
+    def read_config() -> Config:
+        # Called again on SIGHUP: --env-file and @FILE values are re-read, the environment is not.
         env = load_env(env_file)
         if workers is not None:
             env["PGWS_WORKERS"] = str(workers)
-        config = Config.from_env(env)
+        return Config.from_env(env)
+
+    try:
+        config = read_config()
         ident = worker_id(os.environ)
         if config.workers > 1 and ident is None:
             # Everything a worker would refuse is refused here, once, before any process starts.
@@ -96,11 +101,15 @@ def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) ->
     systemd = SystemdNotifier.from_env(os.environ)
     try:
         if config.workers > 1 and ident is None:
-            sys.exit(asyncio.run(supervise(config, env, systemd)))
+            # Workers read the env file themselves, so that they can read it again on SIGHUP.
+            worker_args = ("--env-file", str(env_file.absolute())) if env_file else ()
+            sys.exit(asyncio.run(supervise(config, os.environ, systemd, worker_args)))
         if ident is not None:
             structlog.contextvars.bind_contextvars(worker=ident)
         with event_loop_runner(config.uvloop) as runner:
-            runner.run(run(config, systemd, reuse_port=ident is not None))
+            runner.run(
+                run(config, systemd, reuse_port=ident is not None, reload_config=read_config)
+            )
     except (PgwsError, BaseExceptionGroup) as exc:
         if (error := first_pgws_error(exc)) is None:
             raise
