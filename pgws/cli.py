@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,11 +20,20 @@ import structlog
 
 from pgws import __version__, logs
 from pgws.claims import Verifier, issue_token
-from pgws.config import SETTINGS, Config, parse_env_file, read_jwt_secret
+from pgws.config import (
+    SETTINGS,
+    Config,
+    effective_settings,
+    parse_env_file,
+    read_jwt_secret,
+    unknown_settings,
+)
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
 from pgws.server import run, tls_context
 from pgws.systemd import SystemdNotifier
 from pgws.workers import supervise, worker_id
+
+log = structlog.get_logger("pgws.cli")
 
 
 def _settings_help() -> str:
@@ -81,23 +91,32 @@ env_file_option = click.option(
 def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) -> None:
     """Run the gateway. SIGHUP reloads the JWT secret and TLS files; SIGTERM or SIGQUIT stops."""
 
-    def read_config() -> Config:
-        # Called again on SIGHUP: --env-file and @FILE values are re-read, the environment is not.
+    def read_settings() -> tuple[Config, dict[str, str]]:
         env = load_env(env_file)
         if workers is not None:
             env["PGWS_WORKERS"] = str(workers)
-        return Config.from_env(env)
+        return Config.from_env(env), env
+
+    def reload_config() -> Config:
+        # On SIGHUP: --env-file and @FILE values are read again, the environment is not.
+        config, env = read_settings()
+        warn_unknown_settings(env)
+        return config
 
     try:
-        config = read_config()
+        config, env = read_settings()
         ident = worker_id(os.environ)
-        if config.workers > 1 and ident is None:
-            # Everything a worker would refuse is refused here, once, before any process starts.
+        if ident is None:
+            # Everything the gateway (or a worker) would refuse is refused here, before the first
+            # log line, so that a bad setting is one line on stderr.
             Verifier.from_secret(config.jwt_secret)
             tls_context(config)
     except ConfigError as exc:
         fail(exc)
     logs.configure(json=json_logs)
+    if ident is None:  # workers would repeat what their supervisor says
+        warn_unknown_settings(env)
+        log.info("settings", settings=effective_settings(config))
     systemd = SystemdNotifier.from_env(os.environ)
     try:
         if config.workers > 1 and ident is None:
@@ -108,12 +127,18 @@ def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) ->
             structlog.contextvars.bind_contextvars(worker=ident)
         with event_loop_runner(config.uvloop) as runner:
             runner.run(
-                run(config, systemd, reuse_port=ident is not None, reload_config=read_config)
+                run(config, systemd, reuse_port=ident is not None, reload_config=reload_config)
             )
     except (PgwsError, BaseExceptionGroup) as exc:
         if (error := first_pgws_error(exc)) is None:
             raise
         fail(error)
+
+
+def warn_unknown_settings(env: Mapping[str, str]) -> None:
+    """One warning per PGWS_* name that is no setting, with the likely intended one."""
+    for name, guess in unknown_settings(env):
+        log.warning("setting_unknown", name=name, did_you_mean=guess, action="ignored")
 
 
 def event_loop_runner(use_uvloop: bool) -> asyncio.Runner:

@@ -224,3 +224,44 @@ def test_unreachable_database_exits_69_after_the_retries() -> None:
     assert [line for line in lines if line.startswith("Error:")] == lines[-1:]
     assert PASSWORD not in result.stdout + result.stderr
     assert SECRET not in result.stdout + result.stderr
+
+
+def log_events(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    """The JSON log lines of a `pgws serve --json-logs` run (the last line is its exit message)."""
+    return [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+
+
+def test_unknown_pgws_names_warn_with_a_did_you_mean_and_start_anyway(tmp_path: Path) -> None:
+    """Mistyped PGWS_* names, in the environment or the env file, are warned about, not fatal."""
+    env_file = tmp_path / "pgws.env"
+    env_file.write_text("PGWS_POOLSIZE=3\n")
+    typos = {"PGWS_PROT": "4000", "PGWS_MAX_CONECTIONS": "3", "PGWS_CHECK_LISTENER_INTERVALL": "1"}
+    result = pgws("serve", "--json-logs", "--env-file", str(env_file), env={**BASE, **typos})
+    assert result.returncode == EX_UNAVAILABLE, result.stderr  # it went on to the database
+    warned = [event for event in log_events(result) if event["event"] == "setting_unknown"]
+    unknown = {event["name"]: event["did_you_mean"] for event in warned}
+    assert unknown == {
+        "PGWS_PROT": "PGWS_PORT",
+        "PGWS_MAX_CONECTIONS": "PGWS_MAX_CONNECTIONS",
+        "PGWS_CHECK_LISTENER_INTERVALL": "PGWS_CHECK_LISTENER_INTERVAL",
+        "PGWS_POOLSIZE": "PGWS_POOL_SIZE",
+    }
+    assert all(event["level"] == "warning" for event in warned)
+
+
+def test_effective_settings_are_logged_once_without_secret_or_password(tmp_path: Path) -> None:
+    """One `settings` line at start shows what pgws runs with; the secret and password never."""
+    conninfo = f"host=127.0.0.1 port=1 dbname=x user=u password={PASSWORD}"
+    env = {**BASE, "PGWS_DB_URI": conninfo, "PGWS_PORT": "4321", "PGWS_POOL_SIZE": "3"}
+    result = pgws("serve", "--json-logs", env=env)
+    assert result.returncode == EX_UNAVAILABLE, result.stderr
+    [settings] = [e["settings"] for e in log_events(result) if e["event"] == "settings"]
+    assert isinstance(settings, dict)
+    assert settings["port"] == 4321
+    assert settings["pool_size"] == 3
+    assert settings["jwt_secret"] == "[redacted]"
+    assert "password=[redacted]" in settings["db_uri"]
+    assert "host=127.0.0.1" in settings["db_uri"]
+    for text in (result.stdout, result.stderr):
+        assert PASSWORD not in text
+        assert SECRET not in text
