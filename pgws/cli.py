@@ -55,6 +55,10 @@ def load_env(env_file: Path | None) -> dict[str, str]:
     return {**values, **os.environ}
 
 
+# sysexits.h: an internal software error (78 EX_CONFIG and 69 EX_UNAVAILABLE come with errors).
+EX_SOFTWARE = 70
+
+
 def fail(error: PgwsError) -> NoReturn:
     """Print one line to stderr and exit with the error's status; never a traceback."""
     click.echo(f"Error: {error}", err=True)
@@ -90,6 +94,43 @@ env_file_option = click.option(
 )
 def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) -> None:
     """Run the gateway. SIGHUP reloads the JWT secret and TLS files; SIGTERM or SIGQUIT stops."""
+    phase = ["at start-up"]
+    try:
+        serve_gateway(env_file, json_logs, workers, phase)
+    except Exception as exc:
+        # The last resort: a bug or an odd environment. Its traceback could show the database
+        # URI or the secret, so it is printed only on request.
+        if debug_requested(env_file):
+            raise
+        click.echo(
+            f"pgws: internal error {phase[0]}: {exception_types(exc)}"
+            " (run with PGWS_DEBUG=1 to see the traceback, which may show secrets)",
+            err=True,
+        )
+        sys.exit(EX_SOFTWARE)
+
+
+def exception_types(exc: BaseException) -> str:
+    """`OSError`, or `ExceptionGroup(OSError, ValueError)`: the types only, never a message."""
+    if isinstance(exc, BaseExceptionGroup):
+        inner = sorted({exception_types(member) for member in exc.exceptions})
+        return f"{type(exc).__name__}({', '.join(inner)})"
+    return type(exc).__name__
+
+
+def debug_requested(env_file: Path | None) -> bool:
+    """PGWS_DEBUG from the environment or the env file (unreadable file: the environment)."""
+    try:
+        env = load_env(env_file)
+    except ConfigError:
+        env = dict(os.environ)
+    return env.get("PGWS_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def serve_gateway(
+    env_file: Path | None, json_logs: bool | None, workers: int | None, phase: list[str]
+) -> None:
+    """`pgws serve` itself; `phase[0]` says where it is, for the internal error line."""
 
     def read_settings() -> tuple[Config, dict[str, str]]:
         env = load_env(env_file)
@@ -118,20 +159,31 @@ def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) ->
         warn_unknown_settings(env)
         log.info("settings", settings=effective_settings(config))
     systemd = SystemdNotifier.from_env(os.environ)
+
+    def serving() -> None:
+        phase[0] = "while serving"
+
     try:
         if config.workers > 1 and ident is None:
             # Workers read the env file themselves, so that they can read it again on SIGHUP.
             worker_args = ("--env-file", str(env_file.absolute())) if env_file else ()
-            sys.exit(asyncio.run(supervise(config, os.environ, systemd, worker_args)))
+            sys.exit(asyncio.run(supervise(config, os.environ, systemd, worker_args, serving)))
         if ident is not None:
             structlog.contextvars.bind_contextvars(worker=ident)
+
         with event_loop_runner(config.uvloop) as runner:
             runner.run(
-                run(config, systemd, reuse_port=ident is not None, reload_config=reload_config)
+                run(
+                    config,
+                    systemd,
+                    reuse_port=ident is not None,
+                    reload_config=reload_config,
+                    on_ready=serving,
+                )
             )
     except (PgwsError, BaseExceptionGroup) as exc:
         if (error := first_pgws_error(exc)) is None:
-            raise
+            raise  # to serve()'s last resort
         fail(error)
 
 

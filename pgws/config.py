@@ -96,6 +96,11 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "comma-separated Origins browsers may connect from (e.g. https://app.example.com)",
     ),
+    Setting(
+        "PGWS_DEBUG",
+        "false",
+        "on an internal error, print its traceback (it may show the database URI or secret)",
+    ),
 )
 
 
@@ -397,6 +402,10 @@ def _host(env: Mapping[str, str]) -> str:
         return "*4"
     if any(char.isspace() for char in value) or "/" in value:
         raise ConfigError("PGWS_HOST", f"expected *4, *6, * or a host or address, got {value!r}")
+    try:
+        value.encode("idna")  # what getaddrinfo() does first: empty or over-long labels fail
+    except UnicodeError:
+        raise ConfigError("PGWS_HOST", f"{value!r} is not a valid host name") from None
     return value
 
 

@@ -57,6 +57,8 @@ def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.s
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except socket.gaierror as exc:
             raise ConfigError("PGWS_HOST", f"cannot resolve {host!r}: {exc.strerror}") from None
+        except ValueError:  # UnicodeError from the IDNA codec: `a..b`, a label over 63 characters
+            raise ConfigError("PGWS_HOST", f"{host!r} is not a valid host name") from None
         candidates = [(family, str(address[0]), False) for family, *_, address in infos[:1]]
     error: OSError | None = None
     for family, address, dual_stack in candidates:
@@ -406,6 +408,7 @@ async def run(
     *,
     reuse_port: bool = False,
     reload_config: Callable[[], Config] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Run pgws until SIGTERM/SIGINT/SIGQUIT (or a fatal error, which propagates).
 
@@ -441,6 +444,8 @@ async def run(
     def ready(_: Gateway) -> None:
         systemd.notify("READY=1")
         watchdog.set()
+        if on_ready is not None:
+            on_ready()
 
     watchdog = asyncio.Event()
 

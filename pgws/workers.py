@@ -15,7 +15,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -72,7 +72,11 @@ class Worker:
 
 
 async def supervise(
-    config: Config, env: Mapping[str, str], systemd: SystemdNotifier, args: Sequence[str] = ()
+    config: Config,
+    env: Mapping[str, str],
+    systemd: SystemdNotifier,
+    args: Sequence[str] = (),
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
     """Run `config.workers` workers until SIGTERM/SIGINT/SIGQUIT; return the exit status.
 
@@ -105,7 +109,7 @@ async def supervise(
                 for worker in workers:
                     await worker.start(child_env, args)
                 background.append(
-                    tasks.create_task(_report_ready(workers, systemd, port), name="ready")
+                    tasks.create_task(_report_ready(workers, systemd, port, on_ready), name="ready")
                 )
                 status = await _keep_running(workers, child_env, args, stop)
                 systemd.notify("STOPPING=1")
@@ -122,10 +126,17 @@ async def supervise(
     return status
 
 
-async def _report_ready(workers: list[Worker], systemd: SystemdNotifier, port: int) -> None:
+async def _report_ready(
+    workers: list[Worker],
+    systemd: SystemdNotifier,
+    port: int,
+    on_ready: Callable[[], None] | None,
+) -> None:
     await asyncio.gather(*(worker.ready.wait() for worker in workers))
     log.info("workers_ready", count=len(workers), port=port)
     systemd.notify("READY=1")
+    if on_ready is not None:
+        on_ready()
     await systemd.watchdog_forever()
 
 
