@@ -419,7 +419,7 @@ def _jwk_key(entry: object, index: int | None) -> _Key:
         raise ConfigError("PGWS_JWT_SECRET", f"{where}: alg {algorithm} does not fit kty {kty!r}")
     try:
         key = jwk.construct(entry, algorithm)
-    except (JOSEError, ValueError, TypeError, KeyError):
+    except (JOSEError, ValueError, TypeError, KeyError, AttributeError):  # jose: `"k": 5`
         raise ConfigError("PGWS_JWT_SECRET", f"{where} is not a valid {algorithm} key") from None
     can_sign = kty == "oct" or "d" in entry
     size = len(getattr(key, "prepared_key", b"")) if kty == "oct" else None  # HMACKey's secret

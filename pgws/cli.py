@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,11 +20,20 @@ import structlog
 
 from pgws import __version__, logs
 from pgws.claims import Verifier, issue_token
-from pgws.config import SETTINGS, Config, parse_env_file, read_jwt_secret
+from pgws.config import (
+    SETTINGS,
+    Config,
+    effective_settings,
+    parse_env_file,
+    read_jwt_secret,
+    unknown_settings,
+)
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
 from pgws.server import run, tls_context
 from pgws.systemd import SystemdNotifier
 from pgws.workers import bind_to_supervisor, parent_pipe, supervise, worker_id
+
+log = structlog.get_logger("pgws.cli")
 
 
 def _settings_help() -> str:
@@ -43,6 +53,10 @@ def load_env(env_file: Path | None) -> dict[str, str]:
     """The process environment over the env file's values."""
     values = parse_env_file(env_file) if env_file is not None else {}
     return {**values, **os.environ}
+
+
+# sysexits.h: an internal software error (78 EX_CONFIG and 69 EX_UNAVAILABLE come with errors).
+EX_SOFTWARE = 70
 
 
 def fail(error: PgwsError) -> NoReturn:
@@ -79,24 +93,81 @@ env_file_option = click.option(
     help="Processes sharing the port (overrides PGWS_WORKERS).",
 )
 def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) -> None:
-    """Run the gateway."""
+    """Run the gateway. SIGHUP reloads the JWT secret and TLS files; SIGTERM or SIGQUIT stops."""
+    phase = ["at start-up"]
     try:
+        serve_gateway(env_file, json_logs, workers, phase)
+    except Exception as exc:
+        # The last resort: a bug or an odd environment. Its traceback could show the database
+        # URI or the secret, so it is printed only on request.
+        if debug_requested(env_file):
+            raise
+        click.echo(
+            f"pgws: internal error {phase[0]}: {exception_types(exc)}"
+            " (run with PGWS_DEBUG=1 to see the traceback, which may show secrets)",
+            err=True,
+        )
+        sys.exit(EX_SOFTWARE)
+
+
+def exception_types(exc: BaseException) -> str:
+    """`OSError`, or `ExceptionGroup(OSError, ValueError)`: the types only, never a message."""
+    if isinstance(exc, BaseExceptionGroup):
+        inner = sorted({exception_types(member) for member in exc.exceptions})
+        return f"{type(exc).__name__}({', '.join(inner)})"
+    return type(exc).__name__
+
+
+def debug_requested(env_file: Path | None) -> bool:
+    """PGWS_DEBUG from the environment or the env file (unreadable file: the environment)."""
+    try:
+        env = load_env(env_file)
+    except ConfigError:
+        env = dict(os.environ)
+    return env.get("PGWS_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def serve_gateway(
+    env_file: Path | None, json_logs: bool | None, workers: int | None, phase: list[str]
+) -> None:
+    """`pgws serve` itself; `phase[0]` says where it is, for the internal error line."""
+
+    def read_settings() -> tuple[Config, dict[str, str]]:
         env = load_env(env_file)
         if workers is not None:
             env["PGWS_WORKERS"] = str(workers)
-        config = Config.from_env(env)
+        return Config.from_env(env), env
+
+    def reload_config() -> Config:
+        # On SIGHUP: --env-file and @FILE values are read again, the environment is not.
+        config, env = read_settings()
+        warn_unknown_settings(env)
+        return config
+
+    try:
+        config, env = read_settings()
         ident = worker_id(os.environ)
-        if config.workers > 1 and ident is None:
-            # Everything a worker would refuse is refused here, once, before any process starts.
+        if ident is None:
+            # Everything the gateway (or a worker) would refuse is refused here, before the first
+            # log line, so that a bad setting is one line on stderr.
             Verifier.from_secret(config.jwt_secret)
             tls_context(config)
     except ConfigError as exc:
         fail(exc)
     logs.configure(json=json_logs)
+    if ident is None:  # workers would repeat what their supervisor says
+        warn_unknown_settings(env)
+        log.info("settings", settings=effective_settings(config))
     systemd = SystemdNotifier.from_env(os.environ)
+
+    def serving() -> None:
+        phase[0] = "while serving"
+
     try:
         if config.workers > 1 and ident is None:
-            sys.exit(asyncio.run(supervise(config, env, systemd)))
+            # Workers read the env file themselves, so that they can read it again on SIGHUP.
+            worker_args = ("--env-file", str(env_file.absolute())) if env_file else ()
+            sys.exit(asyncio.run(supervise(config, os.environ, systemd, worker_args, serving)))
         if ident is not None:
             structlog.contextvars.bind_contextvars(worker=ident)
             bind_to_supervisor(os.environ)
@@ -107,12 +178,20 @@ def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) ->
                     systemd,
                     reuse_port=ident is not None,
                     parent_pipe=parent_pipe(os.environ),
+                    reload_config=reload_config,
+                    on_ready=serving,
                 )
             )
     except (PgwsError, BaseExceptionGroup) as exc:
         if (error := first_pgws_error(exc)) is None:
-            raise
+            raise  # to serve()'s last resort
         fail(error)
+
+
+def warn_unknown_settings(env: Mapping[str, str]) -> None:
+    """One warning per PGWS_* name that is no setting, with the likely intended one."""
+    for name, guess in unknown_settings(env):
+        log.warning("setting_unknown", name=name, did_you_mean=guess, action="ignored")
 
 
 def event_loop_runner(use_uvloop: bool) -> asyncio.Runner:

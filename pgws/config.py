@@ -9,16 +9,18 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import difflib
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
 from dotenv.parser import parse_stream
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgws.errors import ConfigError
 
@@ -103,6 +105,11 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "comma-separated Origins browsers may connect from (e.g. https://app.example.com)",
     ),
+    Setting(
+        "PGWS_DEBUG",
+        "false",
+        "on an internal error, print its traceback (it may show the database URI or secret)",
+    ),
 )
 
 
@@ -180,6 +187,63 @@ class Config:
             jwt_issuer=_raw(env, "PGWS_JWT_ISSUER"),
             allowed_origins=_origins(env, "PGWS_ALLOWED_ORIGINS"),
         )
+
+
+# PGWS_* names that are not settings: the --workers supervisor gives each worker its number, and
+# the test suite reads PGWS_TEST_*.
+_NOT_SETTINGS = frozenset({"PGWS_WORKER_ID", "PGWS_SUPERVISOR_PID", "PGWS_PARENT_PIPE"})
+_NOT_SETTINGS_PREFIX = "PGWS_TEST_"
+REDACTED = "[redacted]"
+
+
+def unknown_settings(names: Iterable[str]) -> list[tuple[str, str | None]]:
+    """PGWS_* names (in any case) that are no setting, each with the closest setting, if any.
+
+    The original server ignores unknown names, so these are warnings, not errors: a typo such as
+    PGWS_MAX_CONECTIONS would otherwise run with the default without a word.
+    """
+    known = [setting.name for setting in SETTINGS]
+    found = []
+    for name in sorted(set(names)):
+        upper = name.upper()
+        if not upper.startswith("PGWS_") or name in known or name in _NOT_SETTINGS:
+            continue
+        if upper.startswith(_NOT_SETTINGS_PREFIX):
+            continue
+        guesses = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        found.append((name, guesses[0] if guesses else None))
+    return found
+
+
+def effective_settings(config: Config) -> dict[str, Any]:
+    """Every setting as pgws runs with it, for the `settings` log line at start.
+
+    The JWT secret is never shown and passwords in the database URI are masked; durations are
+    seconds, as in Config.
+    """
+    shown: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, frozenset):
+            value = sorted(value)
+        shown[field.name] = value
+    shown["db_uri"] = masked_db_uri(config.db_uri)
+    shown["jwt_secret"] = REDACTED
+    return shown
+
+
+def masked_db_uri(value: str) -> str:
+    """The connection string as key=value pairs, every password replaced by [redacted]."""
+    try:
+        params: dict[str, Any] = conninfo_to_dict(value)
+    except psycopg.ProgrammingError:
+        return REDACTED
+    for key in params:
+        if "password" in key:  # password, sslpassword
+            params[key] = REDACTED
+    return make_conninfo(**params)
 
 
 def parse_env_file(path: Path) -> dict[str, str]:
@@ -364,6 +428,10 @@ def _host(env: Mapping[str, str]) -> str:
         return "*4"
     if any(char.isspace() for char in value) or "/" in value:
         raise ConfigError("PGWS_HOST", f"expected *4, *6, * or a host or address, got {value!r}")
+    try:
+        value.encode("idna")  # what getaddrinfo() does first: empty or over-long labels fail
+    except UnicodeError:
+        raise ConfigError("PGWS_HOST", f"{value!r} is not a valid host name") from None
     return value
 
 

@@ -326,7 +326,7 @@ class Handler:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
-        self._verifier = verifier
+        self.verifier = verifier  # replaced on SIGHUP; sockets already open keep their grant
         self._registry = registry
         self._ready = ready
         self._metrics = metrics
@@ -342,7 +342,7 @@ class Handler:
             self._check_origin(request)
             self._check_capacity()
             grant = authorize(
-                self._verifier,
+                self.verifier,
                 request.path,
                 self._clock(),
                 header_token=token_from_headers(request),

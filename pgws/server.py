@@ -8,7 +8,9 @@ NOTIFYs finish, then close the database connections; all within PGWS_SHUTDOWN_TI
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
+import hashlib
 import os
 import signal
 import socket
@@ -58,6 +60,8 @@ def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.s
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except socket.gaierror as exc:
             raise ConfigError("PGWS_HOST", f"cannot resolve {host!r}: {exc.strerror}") from None
+        except ValueError:  # UnicodeError from the IDNA codec: `a..b`, a label over 63 characters
+            raise ConfigError("PGWS_HOST", f"{host!r} is not a valid host name") from None
         candidates = [(family, str(address[0]), False) for family, *_, address in infos[:1]]
     error: OSError | None = None
     for family, address, dual_stack in candidates:
@@ -124,6 +128,40 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
+# Config fields SIGHUP applies to a running gateway; every other change needs a restart.
+_RELOADABLE = frozenset(
+    {"jwt_secret", "jwt_audience", "jwt_issuer", "certificate_file", "key_file"}
+)
+
+
+def _variable(field: str) -> str:
+    """The PGWS_* variable behind a Config field (STYLE: PGWS_X is Config.x)."""
+    return f"PGWS_{field.upper()}"
+
+
+def _tls_digests(config: Config) -> tuple[bytes, bytes]:
+    """Hashes of the certificate and key files, to tell which of them a reload changed."""
+    digests = []
+    for name, path in (
+        ("PGWS_CERTIFICATE_FILE", config.certificate_file),
+        ("PGWS_KEY_FILE", config.key_file),
+    ):
+        if path is None:
+            digests.append(b"")
+            continue
+        try:
+            digests.append(hashlib.sha256(path.read_bytes()).digest())
+        except OSError as exc:
+            raise ConfigError(name, f"cannot read {str(path)!r}: {exc.strerror}") from None
+    return digests[0], digests[1]
+
+
+def _warn_if_weak(verifier: Verifier) -> None:
+    weakest = verifier.weakest_secret
+    if weakest is not None and weakest < 32:
+        log.warning("jwt_secret_weak", bytes=weakest, advice="use at least 32 random bytes")
+
+
 # asyncio reports a failed accept (a TLS handshake included) with this message, in debug mode.
 _ACCEPT_FAILED = "Error on transport creation for incoming connection"
 
@@ -165,7 +203,14 @@ class Gateway:
         self.verifier = Verifier.from_secret(
             config.jwt_secret, audience=config.jwt_audience, issuer=config.jwt_issuer
         )
+        # `ssl` is the context the server was started with; each handshake switches to
+        # `_tls_current` from its SNI callback (called with or without SNI), so SIGHUP can swap
+        # certificates without touching the listening socket.
         self.ssl = tls_context(config)
+        self._tls_current = self.ssl
+        self._tls_digests = _tls_digests(config)
+        if self.ssl is not None:
+            self.ssl.sni_callback = self._use_current_certificate
         self.notifier = Notifier(config)
         self.registry: Registry[ServerConnection] = Registry(
             config.listen_channel, deliver, self.notifier.notify
@@ -180,6 +225,72 @@ class Gateway:
         )
         self.server: Server | None = None
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
+
+    def _use_current_certificate(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        if self._tls_current is not None and connection.context is not self._tls_current:
+            connection.context = self._tls_current
+
+    def reload(self, new: Config) -> list[str]:
+        """SIGHUP: apply a new token key and TLS certificate; return the variables that changed.
+
+        Sockets stay open: the verifier only checks new handshakes, the certificate only serves
+        new TLS connections. A new value that does not load keeps the old one (a warning says
+        why); settings that need a restart are named in a warning and otherwise ignored.
+        """
+        changed = [*self._reload_verifier(new), *self._reload_certificate(new)]
+        needs_restart = [
+            _variable(field.name)
+            for field in dataclasses.fields(Config)
+            if field.name not in _RELOADABLE
+            and getattr(self.config, field.name) != getattr(new, field.name)
+        ]
+        if self.config.tls != new.tls:
+            needs_restart += ["PGWS_CERTIFICATE_FILE", "PGWS_KEY_FILE"]
+        if needs_restart:
+            log.warning("reload_needs_restart", settings=needs_restart)
+        log.info("reloaded", changed=changed)
+        return changed
+
+    def _reload_verifier(self, new: Config) -> list[str]:
+        old = self.config
+        fields = ("jwt_secret", "jwt_audience", "jwt_issuer")
+        changed = [_variable(f) for f in fields if getattr(old, f) != getattr(new, f)]
+        if not changed:
+            return []
+        try:
+            verifier = Verifier.from_secret(
+                new.jwt_secret, audience=new.jwt_audience, issuer=new.jwt_issuer
+            )
+        except ConfigError as exc:
+            log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")
+            return []
+        self.verifier = self.handler.verifier = verifier
+        self.config = dataclasses.replace(
+            self.config, **{field: getattr(new, field) for field in fields}
+        )
+        _warn_if_weak(verifier)
+        return changed
+
+    def _reload_certificate(self, new: Config) -> list[str]:
+        if self.ssl is None or not new.tls:
+            return []  # turning TLS on or off needs a restart
+        try:
+            digests = _tls_digests(new)
+            context = tls_context(new)
+        except ConfigError as exc:
+            log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")
+            return []
+        names = ("PGWS_CERTIFICATE_FILE", "PGWS_KEY_FILE")
+        changed = [
+            name for name, a, b in zip(names, self._tls_digests, digests, strict=True) if a != b
+        ]
+        self._tls_current, self._tls_digests = context, digests
+        self.config = dataclasses.replace(
+            self.config, certificate_file=new.certificate_file, key_file=new.key_file
+        )
+        return changed
 
     def is_ready(self) -> bool:
         """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""
@@ -212,9 +323,7 @@ class Gateway:
         # Bound first, so a taken port fails at once rather than after the database retries;
         # connections are only accepted once serve() listens, after the database is up.
         sock = listen_socket(config.host, config.port, reuse_port=self._reuse_port)
-        weakest = self.verifier.weakest_secret
-        if weakest is not None and weakest < 32:
-            log.warning("jwt_secret_weak", bytes=weakest, advice="use at least 32 random bytes")
+        _warn_if_weak(self.verifier)
         loop = asyncio.get_running_loop()
         previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(quiet_tls_failures)
@@ -298,35 +407,66 @@ class Gateway:
                 log.error("sockets_left_open", count=len(self._connections))
 
 
+# SIGQUIT stops as gracefully as SIGTERM (nginx's meaning; Python's default would dump core
+# without closing sockets). SIGUSR1/2 mean nothing to pgws: logged and ignored, never fatal.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def log_ignored_signal(sig: signal.Signals) -> None:
+    """The handler of SIGUSR1/SIGUSR2: one line, so a stray `kill -USR1` is visible."""
+    log.info("signal_ignored", signal=sig.name)
+
+
 async def run(
     config: Config,
     systemd: SystemdNotifier | None = None,
     *,
     reuse_port: bool = False,
     parent_pipe: int | None = None,
+    reload_config: Callable[[], Config] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Run pgws until SIGTERM/SIGINT (or a fatal error, which propagates).
+    """Run pgws until SIGTERM/SIGINT/SIGQUIT (or a fatal error, which propagates).
 
-    A worker passes `parent_pipe`: EOF on it (its supervisor is gone) stops it as SIGTERM does.
+    SIGHUP calls `reload_config` (the CLI re-reads the environment and the env file) and applies
+    what can change without dropping sockets; without it, the same settings are read again,
+    which still picks up new contents of the TLS files. A worker passes `parent_pipe`: EOF on it
+    (its supervisor is gone) stops it as SIGTERM does.
     """
     systemd = systemd or SystemdNotifier(None)
     gateway = Gateway(config, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def request_stop() -> None:
+    def request_stop(sig: signal.Signals | None = None) -> None:
         if not stop.is_set():
+            if sig is not None:  # else the supervisor is gone, which is logged where noticed
+                log.info("signal_received", signal=sig.name)
             systemd.notify("STOPPING=1")
             stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop)
+    def reload() -> None:
+        try:
+            new = reload_config() if reload_config is not None else gateway.config
+        except ConfigError as exc:
+            log.warning("reload_failed", setting=exc.name, error=exc.problem, kept="all settings")
+            return
+        gateway.reload(new)
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, request_stop, sig)
+    for sig in IGNORED_SIGNALS:
+        loop.add_signal_handler(sig, log_ignored_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     if parent_pipe is not None:
         watch_parent_pipe(loop, parent_pipe, request_stop)
 
     def ready(_: Gateway) -> None:
         systemd.notify("READY=1")
         watchdog.set()
+        if on_ready is not None:
+            on_ready()
 
     watchdog = asyncio.Event()
 
@@ -344,7 +484,7 @@ async def run(
                     systemd.notify("STOPPING=1")
                 pinging.cancel()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (*STOP_SIGNALS, *IGNORED_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if parent_pipe is not None:
             loop.remove_reader(parent_pipe)

@@ -22,14 +22,14 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
 
 from pgws.config import Config
 from pgws.errors import ConfigError
-from pgws.server import listen_socket
+from pgws.server import IGNORED_SIGNALS, STOP_SIGNALS, listen_socket, log_ignored_signal
 from pgws.systemd import SystemdNotifier
 
 log = structlog.get_logger("pgws.workers")
@@ -57,8 +57,11 @@ class Worker:
         self.quick_deaths = 0
         self.started_at = 0.0
 
-    async def start(self, env: Mapping[str, str], parent_pipe: int) -> None:
-        """Start (or restart) the process; it inherits `parent_pipe` (read end) and no other fd."""
+    async def start(
+        self, env: Mapping[str, str], parent_pipe: int, args: Sequence[str] = ()
+    ) -> None:
+        """Start (or restart) the process, `pgws serve ARGS`; it inherits `parent_pipe` (read end)
+        and no other fd."""
         self.ready.clear()
         self.started_at = time.monotonic()
         self.process = await asyncio.create_subprocess_exec(
@@ -66,6 +69,7 @@ class Worker:
             "-m",
             "pgws",
             "serve",
+            *args,
             env={
                 **env,
                 WORKER_ID: str(self.index),
@@ -87,8 +91,18 @@ class Worker:
                 self.ready.set()
 
 
-async def supervise(config: Config, env: Mapping[str, str], systemd: SystemdNotifier) -> int:
-    """Run `config.workers` workers until SIGTERM/SIGINT; return the exit status."""
+async def supervise(
+    config: Config,
+    env: Mapping[str, str],
+    systemd: SystemdNotifier,
+    args: Sequence[str] = (),
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Run `config.workers` workers until SIGTERM/SIGINT/SIGQUIT; return the exit status.
+
+    Each worker runs `pgws serve ARGS` in `env`; SIGHUP is passed on to every worker, which
+    reloads by itself.
+    """
     # Hold the port for the whole run: with PGWS_PORT=0 this also fixes the port the workers share.
     holder = listen_socket(config.host, config.port, reuse_port=True)
     port = holder.getsockname()[1]
@@ -98,14 +112,17 @@ async def supervise(config: Config, env: Mapping[str, str], systemd: SystemdNoti
     child_env.update({"PGWS_PORT": str(port), "PGWS_WORKERS": "1"})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    for sig in IGNORED_SIGNALS:
+        loop.add_signal_handler(sig, log_ignored_signal, sig)
     status = 0
     # Only this process ever holds the write end (os.pipe fds are not inherited): when it dies,
     # however it dies, every worker reads EOF.
     parent_pipe, write_end = os.pipe()
     with tempfile.TemporaryDirectory(prefix="pgws-workers-") as folder:
         workers = [Worker(index, Path(folder)) for index in range(config.workers)]
+        loop.add_signal_handler(signal.SIGHUP, _forward, workers, signal.SIGHUP)
         try:
             async with asyncio.TaskGroup() as tasks:
                 background = [
@@ -113,11 +130,11 @@ async def supervise(config: Config, env: Mapping[str, str], systemd: SystemdNoti
                     for worker in workers
                 ]
                 for worker in workers:
-                    await worker.start(child_env, parent_pipe)
+                    await worker.start(child_env, parent_pipe, args)
                 background.append(
-                    tasks.create_task(_report_ready(workers, systemd, port), name="ready")
+                    tasks.create_task(_report_ready(workers, systemd, port, on_ready), name="ready")
                 )
-                status = await _keep_running(workers, child_env, parent_pipe, stop)
+                status = await _keep_running(workers, child_env, parent_pipe, args, stop)
                 systemd.notify("STOPPING=1")
                 await _stop_all(workers, config.shutdown_timeout)
                 for task in background:
@@ -134,15 +151,26 @@ async def supervise(config: Config, env: Mapping[str, str], systemd: SystemdNoti
     return status
 
 
-async def _report_ready(workers: list[Worker], systemd: SystemdNotifier, port: int) -> None:
+async def _report_ready(
+    workers: list[Worker],
+    systemd: SystemdNotifier,
+    port: int,
+    on_ready: Callable[[], None] | None,
+) -> None:
     await asyncio.gather(*(worker.ready.wait() for worker in workers))
     log.info("workers_ready", count=len(workers), port=port)
     systemd.notify("READY=1")
+    if on_ready is not None:
+        on_ready()
     await systemd.watchdog_forever()
 
 
 async def _keep_running(
-    workers: list[Worker], env: Mapping[str, str], parent_pipe: int, stop: asyncio.Event
+    workers: list[Worker],
+    env: Mapping[str, str],
+    parent_pipe: int,
+    args: Sequence[str],
+    stop: asyncio.Event,
 ) -> int:
     """Restart workers that die until `stop`; return 78 if one reports a configuration error."""
     stopping = asyncio.create_task(stop.wait())
@@ -174,9 +202,18 @@ async def _keep_running(
                     return 1
                 log.warning("worker_died", worker=worker.index, code=code, action="restart")
                 await asyncio.sleep(min(0.1 * 2**worker.quick_deaths, 5.0))
-                await worker.start(env, parent_pipe)
+                await worker.start(env, parent_pipe, args)
     finally:
         stopping.cancel()
+
+
+def _forward(workers: list[Worker], sig: signal.Signals) -> None:
+    """Pass a signal on to every running worker (SIGHUP: each one reloads its own settings)."""
+    for worker in workers:
+        if worker.process is not None and worker.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(sig)
+    log.info("signal_forwarded", signal=sig.name, workers=len(workers))
 
 
 async def _stop_all(workers: list[Worker], shutdown_timeout: float) -> None:

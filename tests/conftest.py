@@ -283,11 +283,12 @@ class ServeProcess:
 
 @pytest.fixture
 async def serve_process(dsn: str) -> AsyncIterator[Callable[..., Any]]:
-    """Factory: start `pgws serve` with PGWS_* overrides; returns (process, port) once started."""
+    """Factory: start `pgws serve ARGS` with PGWS_* overrides (None removes a variable);
+    returns (process, port) once started."""
     started: list[ServeProcess] = []
 
-    async def start(**env: str) -> tuple[ServeProcess, int]:
-        full = {
+    async def start(*args: str, **env: str | None) -> tuple[ServeProcess, int]:
+        given = {
             "PATH": os.environ.get("PATH", ""),
             "PGWS_DB_URI": dsn,
             "PGWS_JWT_SECRET": SECRET,
@@ -297,8 +298,9 @@ async def serve_process(dsn: str) -> AsyncIterator[Callable[..., Any]]:
             "PGWS_RETRIES": "1",
             **env,
         }
+        full = {key: value for key, value in given.items() if value is not None}
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pgws", "serve", "--json-logs",
+            sys.executable, "-m", "pgws", "serve", "--json-logs", *args,
             env=full, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip

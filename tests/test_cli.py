@@ -29,6 +29,7 @@ UNREACHABLE = f"postgresql://u:{PASSWORD}@127.0.0.1:1/x"
 BASE = {"PGWS_DB_URI": UNREACHABLE, "PGWS_JWT_SECRET": SECRET, "PGWS_RETRIES": "1"}
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
 
 
 def pgws(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -77,6 +78,10 @@ def public_key_pem() -> bytes:
         ({"PGWS_JWT_SECRET": '{"kty": "oct",'}, "Error: PGWS_JWT_SECRET: starts with '{' but"),
         ({"PGWS_ROOT_PATH": "/nonexistent/www"}, "Error: PGWS_ROOT_PATH: "),
         ({"PGWS_LISTEN_CHANNEL": "c" * 64}, "Error: PGWS_LISTEN_CHANNEL: "),
+        # Issue 8 item 3: these escaped as tracebacks (UnicodeError from IDNA, AttributeError).
+        ({"PGWS_HOST": "db..example.com"}, "Error: PGWS_HOST: 'db..example.com' is not a valid"),
+        ({"PGWS_HOST": "a" * 64 + ".example"}, "Error: PGWS_HOST: "),
+        ({"PGWS_JWT_SECRET": '{"kty": "oct", "k": 5}'}, "Error: PGWS_JWT_SECRET: the JWK is not"),
     ],
 )
 def test_bad_setting_exits_78_with_one_line(
@@ -224,3 +229,77 @@ def test_unreachable_database_exits_69_after_the_retries() -> None:
     assert [line for line in lines if line.startswith("Error:")] == lines[-1:]
     assert PASSWORD not in result.stdout + result.stderr
     assert SECRET not in result.stdout + result.stderr
+
+
+def log_events(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    """The JSON log lines of a `pgws serve --json-logs` run (the last line is its exit message)."""
+    return [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+
+
+def test_unknown_pgws_names_warn_with_a_did_you_mean_and_start_anyway(tmp_path: Path) -> None:
+    """Mistyped PGWS_* names, in the environment or the env file, are warned about, not fatal."""
+    env_file = tmp_path / "pgws.env"
+    env_file.write_text("PGWS_POOLSIZE=3\n")
+    typos = {"PGWS_PROT": "4000", "PGWS_MAX_CONECTIONS": "3", "PGWS_CHECK_LISTENER_INTERVALL": "1"}
+    result = pgws("serve", "--json-logs", "--env-file", str(env_file), env={**BASE, **typos})
+    assert result.returncode == EX_UNAVAILABLE, result.stderr  # it went on to the database
+    warned = [event for event in log_events(result) if event["event"] == "setting_unknown"]
+    unknown = {event["name"]: event["did_you_mean"] for event in warned}
+    assert unknown == {
+        "PGWS_PROT": "PGWS_PORT",
+        "PGWS_MAX_CONECTIONS": "PGWS_MAX_CONNECTIONS",
+        "PGWS_CHECK_LISTENER_INTERVALL": "PGWS_CHECK_LISTENER_INTERVAL",
+        "PGWS_POOLSIZE": "PGWS_POOL_SIZE",
+    }
+    assert all(event["level"] == "warning" for event in warned)
+
+
+def test_effective_settings_are_logged_once_without_secret_or_password(tmp_path: Path) -> None:
+    """One `settings` line at start shows what pgws runs with; the secret and password never."""
+    conninfo = f"host=127.0.0.1 port=1 dbname=x user=u password={PASSWORD}"
+    env = {**BASE, "PGWS_DB_URI": conninfo, "PGWS_PORT": "4321", "PGWS_POOL_SIZE": "3"}
+    result = pgws("serve", "--json-logs", env=env)
+    assert result.returncode == EX_UNAVAILABLE, result.stderr
+    [settings] = [e["settings"] for e in log_events(result) if e["event"] == "settings"]
+    assert isinstance(settings, dict)
+    assert settings["port"] == 4321
+    assert settings["pool_size"] == 3
+    assert settings["jwt_secret"] == "[redacted]"
+    assert "password=[redacted]" in settings["db_uri"]
+    assert "host=127.0.0.1" in settings["db_uri"]
+    for text in (result.stdout, result.stderr):
+        assert PASSWORD not in text
+        assert SECRET not in text
+
+
+def long_tmpdir(tmp_path: Path) -> Path:
+    """A TMPDIR too deep for the workers' AF_UNIX notify sockets (108 bytes at most)."""
+    folder = tmp_path / ("d" * 110)
+    folder.mkdir()
+    return folder
+
+
+def test_unexpected_error_at_start_up_is_one_line_and_exit_70(tmp_path: Path) -> None:
+    """An error no code path expects (here the OS refusing a socket path) is one line, exit 70."""
+    env = {**BASE, "TMPDIR": str(long_tmpdir(tmp_path))}
+    result = pgws("serve", "--json-logs", "--workers", "2", env=env)
+    assert result.returncode == EX_SOFTWARE, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("pgws: internal error at start-up: OSError (run with PGWS_DEBUG=1")
+    assert not [line for line in result.stderr.splitlines() if not line.startswith("{")][:-1]
+    for text in (result.stdout, result.stderr):
+        assert PASSWORD not in text
+        assert SECRET not in text
+
+
+def test_pgws_debug_shows_the_traceback_of_an_internal_error(tmp_path: Path) -> None:
+    """PGWS_DEBUG=1 (here from the env file) is a setting that lets the traceback through."""
+    env_file = tmp_path / "pgws.env"
+    env_file.write_text("PGWS_DEBUG=1\n")
+    env = {**BASE, "TMPDIR": str(long_tmpdir(tmp_path))}
+    result = pgws("serve", "--json-logs", "--env-file", str(env_file), "--workers", "2", env=env)
+    assert result.returncode == 1
+    assert "setting_unknown" not in result.stderr
+    assert "Traceback" in result.stderr
+    assert "AF_UNIX path too long" in result.stderr

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime
 import json
 import re
 import ssl
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,14 @@ from hypothesis import strategies as st
 from jose import jwk
 
 from pgws.claims import Verifier
-from pgws.config import SETTINGS, Config, parse_env_file
+from pgws.config import (
+    SETTINGS,
+    Config,
+    effective_settings,
+    masked_db_uri,
+    parse_env_file,
+    unknown_settings,
+)
 from pgws.errors import ConfigError
 from pgws.server import tls_context
 
@@ -605,3 +614,58 @@ def test_jwks_with_an_rs256_public_key_loads() -> None:
 def test_plain_secret_is_an_hs256_key() -> None:
     """A plain secret string becomes one HS256 key."""
     assert Verifier.from_secret(SECRET.encode()).algorithms == ("HS256",)
+
+
+# --- unknown names and the `settings` line (issue 8 item 19) --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "guess"),
+    [
+        ("PGWS_PROT", "PGWS_PORT"),
+        ("PGWS_MAX_CONECTIONS", "PGWS_MAX_CONNECTIONS"),
+        ("PGWS_CHECK_LISTENER_INTERVALL", "PGWS_CHECK_LISTENER_INTERVAL"),
+        ("pgws_port", "PGWS_PORT"),  # names are case-sensitive: lower case is ignored too
+        ("PGWS_SOMETHING_ELSE", None),
+    ],
+)
+def test_unknown_pgws_names_are_found_with_the_closest_setting(
+    name: str, guess: str | None
+) -> None:
+    """A PGWS_* name that is no setting is reported with the setting it most likely meant."""
+    assert unknown_settings([name, "PGWS_PORT", "HOME"]) == [(name, guess)]
+
+
+def test_settings_and_internal_names_are_not_unknown() -> None:
+    """Every real setting, the worker number and the test suite's PGWS_TEST_* pass silently."""
+    names = [s.name for s in SETTINGS] + ["PGWS_WORKER_ID", "PGWS_TEST_DB_URI", "PATH"]
+    assert unknown_settings(names) == []
+
+
+@given(password=st.text(min_size=1).filter(lambda text: "\x00" not in text))
+def test_masked_db_uri_never_shows_the_password(password: str) -> None:
+    """Whatever the password, in a URI or in conninfo, the masked form does not contain it."""
+    marked = f"PW-{password}"
+    quoted = marked.replace("\\", "\\\\").replace("'", "\\'")
+    for uri in (
+        f"postgresql://ann:{urllib.parse.quote(marked, safe='')}@db.example:5432/app",
+        f"host=db.example dbname=app password='{quoted}'",
+        f"postgresql://ann@db.example/app?sslpassword={urllib.parse.quote(marked, safe='')}",
+    ):
+        masked = masked_db_uri(uri)
+        assert marked not in masked
+        assert "[redacted]" in masked
+
+
+def test_effective_settings_show_every_field_but_no_secret() -> None:
+    """The `settings` line has one entry per Config field; secret and password are masked."""
+    config = from_env(PGWS_PORT="4000", PGWS_ALLOWED_ORIGINS="https://b.example,https://a.example")
+    shown = effective_settings(config)
+    assert set(shown) == {field.name for field in dataclasses.fields(Config)}
+    assert shown["port"] == 4000
+    assert shown["allowed_origins"] == ["https://a.example", "https://b.example"]
+    assert shown["jwt_secret"] == "[redacted]"
+    assert "db.example" in shown["db_uri"]
+    text = json.dumps(shown)
+    assert SECRET not in text
+    assert PASSWORD not in text
