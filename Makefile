@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 ## run: the gateway on http://localhost:3000 with sample-env and the example chat page;
 ##      starts an embedded PostgreSQL in .pgdata/ unless PGWS_DB_URI is set
 run: install
-	$(BIN)/python -m dev.demo --env-file sample-env
+	PGWS_ROOT_PATH="$${PGWS_ROOT_PATH:-$(CURDIR)/example}" $(BIN)/python -m dev.demo --env-file sample-env
 
 ## db: a throwaway PostgreSQL for the tests (prints PGWS_TEST_DB_URI; Ctrl-C stops it)
 db: install

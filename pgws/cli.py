@@ -23,6 +23,7 @@ from pgws.claims import Verifier, issue_token
 from pgws.config import (
     SETTINGS,
     Config,
+    credentials_env_file,
     effective_settings,
     parse_env_file,
     read_jwt_secret,
@@ -50,7 +51,12 @@ def _settings_help() -> str:
 
 
 def load_env(env_file: Path | None) -> dict[str, str]:
-    """The process environment over the env file's values."""
+    """The process environment over the env file's values.
+
+    Without --env-file, the file systemd passes as credential `env` (LoadCredential=) is read.
+    """
+    if env_file is None:
+        env_file = credentials_env_file(os.environ)
     values = parse_env_file(env_file) if env_file is not None else {}
     return {**values, **os.environ}
 
@@ -75,7 +81,8 @@ env_file_option = click.option(
     "--env-file",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Read KEY=value settings from this file (sample-env format).",
+    help="Read KEY=value settings from this file (sample-env format). Default under systemd:"
+    " $CREDENTIALS_DIRECTORY/env when the unit passes it (LoadCredential=env:/etc/pgws/env).",
 )
 
 

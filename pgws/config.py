@@ -246,6 +246,24 @@ def masked_db_uri(value: str) -> str:
     return make_conninfo(**params)
 
 
+# The credential name the systemd unit passes the env file under (LoadCredential=env:...).
+CREDENTIAL_ENV_FILE = "env"
+
+
+def credentials_env_file(environ: Mapping[str, str]) -> Path | None:
+    """`$CREDENTIALS_DIRECTORY/env` when systemd passed that credential, else None.
+
+    With DynamicUser=yes the service cannot read /etc/pgws; systemd copies the file into a
+    directory only the service's user can read and names it in CREDENTIALS_DIRECTORY.
+    """
+    directory = environ.get("CREDENTIALS_DIRECTORY", "").strip()
+    if not directory:
+        return None
+    path = Path(directory) / CREDENTIAL_ENV_FILE
+    # os.path.exists: an unreadable directory is "no env credential", not a traceback.
+    return path if os.path.exists(path) else None
+
+
 def parse_env_file(path: Path) -> dict[str, str]:
     """Read `KEY=value` lines (optional `export `, quotes, `#` comments), as in sample-env."""
     try:

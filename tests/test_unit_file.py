@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_systemd_recipe import with_tls_enabled
+
 UNIT = Path(__file__).parent.parent / "systemd" / "pgws.service"
 pytestmark = pytest.mark.nodb
 
@@ -27,16 +29,32 @@ def test_unit_declares_notify_restart_policy_and_hardening() -> None:
         "PrivateTmp=yes",
     ):
         assert expected in lines, expected
-    assert any(line.startswith("ExecStart=") and "serve --env-file /etc/pgws/env" in line
-               for line in lines)  # fmt: skip
+    # DynamicUser= cannot read /etc/pgws: the env file is passed as a credential (issue 8 item 5).
+    assert "LoadCredential=env:/etc/pgws/env" in lines
+    assert "ExecStart=/opt/pgws/bin/pgws serve" in lines
+    assert "Documentation=file:/usr/share/doc/pgws/README.md" in lines
+
+
+def test_unit_tls_lines_name_the_credentials_directory() -> None:
+    """The commented TLS lines load cert and key as credentials and point pgws at %d."""
+    lines = set(UNIT.read_text().splitlines())
+    for expected in (
+        "# LoadCredential=tls.crt:/etc/pgws/cert.pem",
+        "# LoadCredential=tls.key:/etc/pgws/key.pem",
+        "# Environment=PGWS_CERTIFICATE_FILE=%d/tls.crt",
+        "# Environment=PGWS_KEY_FILE=%d/tls.key",
+    ):
+        assert expected in lines, expected
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["as shipped", "TLS lines on"])
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path, tls: bool) -> None:
     """`systemd-analyze verify` finds nothing wrong (ExecStart pointed at this venv's pgws)."""
     pgws = Path(sys.executable).parent / "pgws"
     unit = tmp_path / "pgws.service"
-    unit.write_text(UNIT.read_text().replace("/opt/pgws/bin/pgws", str(pgws)))
+    text = UNIT.read_text().replace("/opt/pgws/bin/pgws", str(pgws))
+    unit.write_text(with_tls_enabled(text) if tls else text)
     result = subprocess.run(
         ["systemd-analyze", "verify", str(unit)],
         capture_output=True,
