@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ import structlog
 from pgws import __version__, logs
 from pgws.claims import Verifier, issue_token
 from pgws.config import (
+    LOG_LEVELS,
     SETTINGS,
     Config,
     credentials_env_file,
@@ -99,11 +101,19 @@ env_file_option = click.option(
     default=None,
     help="Processes sharing the port (overrides PGWS_WORKERS).",
 )
-def serve(env_file: Path | None, json_logs: bool | None, workers: int | None) -> None:
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default=None,
+    help="Least severe lines logged (overrides PGWS_LOG_LEVEL; errors always show).",
+)
+def serve(
+    env_file: Path | None, json_logs: bool | None, workers: int | None, log_level: str | None
+) -> None:
     """Run the gateway. SIGHUP reloads the JWT secret and TLS files; SIGTERM or SIGQUIT stops."""
     phase = ["at start-up"]
     try:
-        serve_gateway(env_file, json_logs, workers, phase)
+        serve_gateway(env_file, json_logs, workers, log_level, phase)
     except Exception as exc:
         # The last resort: a bug or an odd environment. Its traceback could show the database
         # URI or the secret, so it is printed only on request.
@@ -135,7 +145,11 @@ def debug_requested(env_file: Path | None) -> bool:
 
 
 def serve_gateway(
-    env_file: Path | None, json_logs: bool | None, workers: int | None, phase: list[str]
+    env_file: Path | None,
+    json_logs: bool | None,
+    workers: int | None,
+    log_level: str | None,
+    phase: list[str],
 ) -> None:
     """`pgws serve` itself; `phase[0]` says where it is, for the internal error line."""
 
@@ -143,6 +157,8 @@ def serve_gateway(
         env = load_env(env_file)
         if workers is not None:
             env["PGWS_WORKERS"] = str(workers)
+        if log_level is not None:
+            env["PGWS_LOG_LEVEL"] = log_level
         return Config.from_env(env), env
 
     def reload_config() -> Config:
@@ -161,7 +177,7 @@ def serve_gateway(
             tls_context(config)
     except ConfigError as exc:
         fail(exc)
-    logs.configure(json=json_logs)
+    logs.configure(json=json_logs, level=logging.getLevelNamesMapping()[config.log_level.upper()])
     if ident is None:  # workers would repeat what their supervisor says
         warn_unknown_settings(env)
         log.info("settings", settings=effective_settings(config))
@@ -173,7 +189,11 @@ def serve_gateway(
     try:
         if config.workers > 1 and ident is None:
             # Workers read the env file themselves, so that they can read it again on SIGHUP.
-            worker_args = ("--env-file", str(env_file.absolute())) if env_file else ()
+            worker_args: tuple[str, ...] = (
+                ("--env-file", str(env_file.absolute())) if env_file else ()
+            )
+            if log_level is not None:
+                worker_args += ("--log-level", log_level)
             sys.exit(asyncio.run(supervise(config, os.environ, systemd, worker_args, serving)))
         if ident is not None:
             structlog.contextvars.bind_contextvars(worker=ident)

@@ -13,7 +13,7 @@ import difflib
 import io
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +33,8 @@ NOTIFY_PAYLOAD_LIMIT = 7999
 # What all sockets' unsent data may take together: 256 MiB, a few hundred stalled readers.
 DEFAULT_MAX_BUFFERED_TOTAL = 256 * 1024 * 1024
 
+# No "critical" or "off": errors are never silenced.
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
 
@@ -106,6 +108,11 @@ SETTINGS: tuple[Setting, ...] = (
         "comma-separated Origins browsers may connect from (e.g. https://app.example.com)",
     ),
     Setting(
+        "PGWS_LOG_LEVEL",
+        "info",
+        "debug, info, warning or error; warning silences the per-socket lines (errors always show)",
+    ),
+    Setting(
         "PGWS_DEBUG",
         "false",
         "on an internal error, print its traceback (it may show the database URI or secret)",
@@ -141,6 +148,7 @@ class Config:
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     allowed_origins: frozenset[str] | None = None  # None = any Origin
+    log_level: str = "info"
 
     @property
     def tls(self) -> bool:
@@ -186,6 +194,7 @@ class Config:
             jwt_audience=_raw(env, "PGWS_JWT_AUDIENCE"),
             jwt_issuer=_raw(env, "PGWS_JWT_ISSUER"),
             allowed_origins=_origins(env, "PGWS_ALLOWED_ORIGINS"),
+            log_level=_choice(env, "PGWS_LOG_LEVEL", LOG_LEVELS, "info"),
         )
 
 
@@ -350,6 +359,15 @@ def read_jwt_secret(env: Mapping[str, str]) -> bytes:
     if not decoded:
         raise ConfigError(name, "decodes to an empty secret")
     return decoded
+
+
+def _choice(env: Mapping[str, str], name: str, choices: Sequence[str], default: str) -> str:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in choices:
+        raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _bool(env: Mapping[str, str], name: str, *, default: bool) -> bool:

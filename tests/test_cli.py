@@ -77,6 +77,9 @@ def public_key_pem() -> bytes:
         # Issue 8 item 19: a broken JWK was taken as a 12-byte HMAC secret.
         ({"PGWS_JWT_SECRET": '{"kty": "oct",'}, "Error: PGWS_JWT_SECRET: starts with '{' but"),
         ({"PGWS_ROOT_PATH": "/nonexistent/www"}, "Error: PGWS_ROOT_PATH: "),
+        # No level hides errors.
+        ({"PGWS_LOG_LEVEL": "off"}, "Error: PGWS_LOG_LEVEL: expected one of debug, info, warning,"),
+        ({"PGWS_LOG_LEVEL": "critical"}, "Error: PGWS_LOG_LEVEL: expected one of"),
         ({"PGWS_LISTEN_CHANNEL": "c" * 64}, "Error: PGWS_LISTEN_CHANNEL: "),
         # Issue 8 item 3: these escaped as tracebacks (UnicodeError from IDNA, AttributeError).
         ({"PGWS_HOST": "db..example.com"}, "Error: PGWS_HOST: 'db..example.com' is not a valid"),
