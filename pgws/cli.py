@@ -20,6 +20,7 @@ import click
 import structlog
 
 from pgws import __version__, logs
+from pgws.check import Finding, database_findings, static_findings
 from pgws.claims import Verifier, issue_token
 from pgws.config import (
     LOG_LEVELS,
@@ -213,6 +214,45 @@ def serve_gateway(
         if (error := first_pgws_error(exc)) is None:
             raise  # to serve()'s last resort
         fail(error)
+
+
+@cli.command()
+@env_file_option
+def check(env_file: Path | None) -> None:
+    """Check the settings, keys, TLS files and database as `serve` would, then exit.
+
+    Prints one line per check; exits 0 when all pass, 78 for a bad setting, 69 when the database
+    cannot be reached, 1 when it refuses LISTEN or NOTIFY. Suits ExecStartPre= and deploy CI.
+    """
+    try:
+        env = load_env(env_file)
+        config = Config.from_env(env)
+        findings = [Finding("settings", f"{len(SETTINGS)} known; {describe_source(env_file)}")]
+        findings += [
+            Finding(
+                "settings",
+                f"{name} is no setting, ignored" + (f" (did you mean {guess}?)" if guess else ""),
+                "warn",
+            )
+            for name, guess in unknown_settings(env)
+        ]
+        findings += static_findings(config)
+        findings += asyncio.run(database_findings(config))
+    except PgwsError as exc:
+        fail(exc)
+    for finding in findings:
+        click.echo(finding.line())
+    if any(finding.failed for finding in findings):
+        sys.exit(1)
+
+
+def describe_source(env_file: Path | None) -> str:
+    """Where the settings came from, for the report."""
+    if env_file is not None:
+        return f"env file {env_file}"
+    if (credential := credentials_env_file(os.environ)) is not None:
+        return f"env file {credential} (systemd credential)"
+    return "environment only"
 
 
 def warn_unknown_settings(env: Mapping[str, str]) -> None:
