@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# `make run` needs only pgws and its embedded PostgreSQL, not the development tools.
+RUN_STAMP := $(VENV)/.run-stamp
 
 .PHONY: install run db fmt lint types test test-db check bench soak clean
 
@@ -14,9 +16,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,fast]'
 	touch $(STAMP)
 
+$(RUN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[embedded]'
+	touch $(RUN_STAMP)
+
 ## run: the gateway on http://localhost:3000 with sample-env and the example chat page;
-##      starts an embedded PostgreSQL in .pgdata/ unless PGWS_DB_URI is set
-run: install
+##      starts an embedded PostgreSQL in .pgdata/ unless PGWS_DB_URI is set;
+##      another port: PGWS_PORT=3001 make run; Ctrl-C stops it
+run: $(RUN_STAMP)
 	PGWS_ROOT_PATH="$${PGWS_ROOT_PATH:-$(CURDIR)/example}" $(BIN)/python -m dev.demo --env-file sample-env
 
 ## db: a throwaway PostgreSQL for the tests (prints PGWS_TEST_DB_URI; Ctrl-C stops it)

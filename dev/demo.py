@@ -43,9 +43,13 @@ def main() -> int:
         token = issue_token(
             Verifier.from_secret(config.jwt_secret), {"mode": "rw", "channels": ["chat"]}, ttl=86400
         )
-        _print_welcome(config, token, embedded=cluster is not None)
         logs.configure()
-        asyncio.run(run(config))
+        # Only once the port listens: before that the banner's URLs would be refused.
+        asyncio.run(
+            run(
+                config, on_ready=lambda: _print_welcome(config, token, embedded=cluster is not None)
+            )
+        )
     except (PgwsError, BaseExceptionGroup) as exc:
         if (error := first_pgws_error(exc)) is None:
             raise
@@ -78,7 +82,11 @@ def _print_welcome(config: Config, token: str, *, embedded: bool) -> None:
     ]
     if embedded:
         lines.append(f"  (psql -h 127.0.0.1 -p {_port_of(config.db_uri)} -U postgres postgres)")
-    lines.append("")
+    lines += [
+        "",
+        "Ctrl-C stops it. Another port: PGWS_PORT=3001 make run",
+        "",
+    ]
     print("\n".join(lines), flush=True)  # noqa: T201
 
 
