@@ -9,10 +9,11 @@ import io
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, TextIO, cast
 
 import psycopg
@@ -312,6 +313,21 @@ async def serve_process(dsn: str) -> AsyncIterator[Callable[..., Any]]:
     yield start
     for serving in started:
         await serving.kill()
+
+
+def run_pgws(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """`python -m pgws ARGS` with only PATH and `env` in its environment, bounded."""
+    return subprocess.run(
+        [sys.executable, "-m", "pgws", *args],
+        env={"PATH": os.environ.get("PATH", ""), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 async def http_get(gateway: Running, path: str) -> tuple[int, dict[str, str], bytes]:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +11,14 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.conftest import SECRET, TIMEOUT, channel_name
+from tests.conftest import SECRET, TIMEOUT, channel_name, run_pgws
 
 PASSWORD = "hunter2-check"
 
 
 def check(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`pgws check ARGS` with only PATH and `env`, bounded."""
-    return subprocess.run(
-        [sys.executable, "-m", "pgws", "check", *args],
-        env={"PATH": os.environ.get("PATH", ""), **env},
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    return run_pgws("check", *args, env=env)
 
 
 async def test_a_good_setup_reports_every_check_and_exits_0(dsn: str, tmp_path: Path) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from jose import jwk, jwt
 
 from pgws import __version__
 from pgws.config import SETTINGS
-from tests.conftest import TIMEOUT
+from tests.conftest import TIMEOUT, run_pgws
 
 pytestmark = pytest.mark.nodb
 
@@ -30,18 +28,6 @@ BASE = {"PGWS_DB_URI": UNREACHABLE, "PGWS_JWT_SECRET": SECRET, "PGWS_RETRIES": "
 EX_CONFIG = 78
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
-
-
-def pgws(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `python -m pgws ARGS` with only PATH and `env` in its environment, bounded."""
-    return subprocess.run(
-        [sys.executable, "-m", "pgws", *args],
-        env={"PATH": os.environ.get("PATH", ""), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
 
 
 def config_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -92,7 +78,7 @@ def test_bad_setting_exits_78_with_one_line(
 ) -> None:
     """Each bad setting stops `pgws serve` with status 78 and one `Error: PGWS_…` line."""
     env = {**BASE, **overrides}
-    line = config_error_line(pgws("serve", env={k: v for k, v in env.items() if v is not None}))
+    line = config_error_line(run_pgws("serve", env={k: v for k, v in env.items() if v is not None}))
     assert line.startswith(expected)
     assert PASSWORD not in line
     assert SECRET not in line
@@ -102,7 +88,7 @@ def test_only_a_certificate_file_exits_78(tmp_path: Path) -> None:
     """PGWS_CERTIFICATE_FILE without PGWS_KEY_FILE is a configuration error naming the key file."""
     cert = tmp_path / "cert.pem"
     cert.write_text("pem\n")
-    line = config_error_line(pgws("serve", env={**BASE, "PGWS_CERTIFICATE_FILE": str(cert)}))
+    line = config_error_line(run_pgws("serve", env={**BASE, "PGWS_CERTIFICATE_FILE": str(cert)}))
     assert line.startswith("Error: PGWS_KEY_FILE: ")
 
 
@@ -112,14 +98,14 @@ def test_unloadable_tls_files_exit_78_before_touching_the_database(tmp_path: Pat
     cert.write_text("not a certificate\n")
     key.write_text("not a key\n")
     env = {**BASE, "PGWS_CERTIFICATE_FILE": str(cert), "PGWS_KEY_FILE": str(key)}
-    line = config_error_line(pgws("serve", env=env))
+    line = config_error_line(run_pgws("serve", env=env))
     assert line.startswith("Error: PGWS_CERTIFICATE_FILE: ")
 
 
 def test_public_key_as_plain_secret_exits_78() -> None:
     """A PEM public key given as PGWS_JWT_SECRET stops start-up with status 78."""
     env = {**BASE, "PGWS_JWT_SECRET": public_key_pem().decode()}
-    line = config_error_line(pgws("serve", env=env))
+    line = config_error_line(run_pgws("serve", env=env))
     assert line.startswith("Error: PGWS_JWT_SECRET: ")
     assert "BEGIN" not in line
 
@@ -130,7 +116,7 @@ def test_env_file_is_read(tmp_path: Path) -> None:
     env_file.write_text(
         f'export PGWS_DB_URI="{UNREACHABLE}"\nPGWS_JWT_SECRET={SECRET}\nPGWS_PORT=abc\n'
     )
-    line = config_error_line(pgws("serve", "--env-file", str(env_file)))
+    line = config_error_line(run_pgws("serve", "--env-file", str(env_file)))
     assert line == "Error: PGWS_PORT: expected an integer, got 'abc'"
 
 
@@ -139,7 +125,7 @@ def test_environment_wins_over_the_env_file(tmp_path: Path) -> None:
     env_file = tmp_path / "pgws.env"
     env_file.write_text("PGWS_PORT=abc\n")
     line = config_error_line(
-        pgws("serve", "--env-file", str(env_file), env={**BASE, "PGWS_PORT": "xyz"})
+        run_pgws("serve", "--env-file", str(env_file), env={**BASE, "PGWS_PORT": "xyz"})
     )
     assert line == "Error: PGWS_PORT: expected an integer, got 'xyz'"
 
@@ -147,7 +133,7 @@ def test_environment_wins_over_the_env_file(tmp_path: Path) -> None:
 def test_missing_env_file_exits_78(tmp_path: Path) -> None:
     """`--env-file` naming a file that does not exist exits 78 with one line."""
     missing = tmp_path / "absent.env"
-    line = config_error_line(pgws("serve", "--env-file", str(missing), env=BASE))
+    line = config_error_line(run_pgws("serve", "--env-file", str(missing), env=BASE))
     assert line.startswith("Error: --env-file: ")
     assert str(missing) in line
 
@@ -156,20 +142,20 @@ def test_malformed_env_file_exits_78_with_the_line_number(tmp_path: Path) -> Non
     """A malformed env file exits 78 and names the bad line."""
     env_file = tmp_path / "pgws.env"
     env_file.write_text("PGWS_PORT=3000\nnot a setting\n")
-    line = config_error_line(pgws("serve", "--env-file", str(env_file), env=BASE))
+    line = config_error_line(run_pgws("serve", "--env-file", str(env_file), env=BASE))
     assert "line 2" in line
 
 
 def test_version_prints_the_version() -> None:
     """`pgws --version` prints the package version and exits 0."""
-    result = pgws("--version")
+    result = run_pgws("--version")
     assert result.returncode == 0, result.stderr
     assert __version__ in result.stdout
 
 
 def test_serve_help_lists_every_setting() -> None:
     """`pgws serve --help` names every variable in pgws.config.SETTINGS."""
-    result = pgws("serve", "--help")
+    result = run_pgws("serve", "--help")
     assert result.returncode == 0, result.stderr
     missing = [s.name for s in SETTINGS if s.name not in result.stdout]
     assert not missing
@@ -178,7 +164,7 @@ def test_serve_help_lists_every_setting() -> None:
 def test_token_prints_a_token_the_secret_verifies() -> None:
     """`pgws token` signs the requested mode, channels, extra claims and exp with the secret."""
     before = time.time()
-    result = pgws(
+    result = run_pgws(
         "token",
         *("--mode", "r", "--channel", "a", "--channel", "b", "--ttl", "60"),
         *("--claim", "user=ann", "--claim", "n=3"),
@@ -198,7 +184,7 @@ def test_token_reads_the_secret_from_the_env_file(tmp_path: Path) -> None:
     """`pgws token --env-file` takes PGWS_JWT_SECRET from the file."""
     env_file = tmp_path / "pgws.env"
     env_file.write_text(f'PGWS_JWT_SECRET="{SECRET}"\n')
-    result = pgws("token", "--env-file", str(env_file), "--ttl", "0")
+    result = run_pgws("token", "--env-file", str(env_file), "--ttl", "0")
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims == {"mode": "rw"}
@@ -208,20 +194,20 @@ def test_token_with_only_public_keys_exits_78() -> None:
     """`pgws token` cannot sign with a JWKS of public keys and says so in one line."""
     public = jwk.construct(public_key_pem(), "RS256").to_dict()
     env = {"PGWS_JWT_SECRET": json.dumps({"keys": [public]})}
-    line = config_error_line(pgws("token", env=env))
+    line = config_error_line(run_pgws("token", env=env))
     assert line.startswith("Error: PGWS_JWT_SECRET: ")
     assert "public key" in line
 
 
 def test_token_without_a_secret_exits_78() -> None:
     """`pgws token` with no PGWS_JWT_SECRET exits 78 saying it must be set."""
-    assert config_error_line(pgws("token")) == "Error: PGWS_JWT_SECRET: must be set"
+    assert config_error_line(run_pgws("token")) == "Error: PGWS_JWT_SECRET: must be set"
 
 
 def test_unreachable_database_exits_69_after_the_retries() -> None:
     """Without a database `pgws serve` exits 69 after PGWS_RETRIES attempts, password unshown."""
     started = time.monotonic()
-    result = pgws("serve", env={**BASE, "PGWS_RETRIES": "2", "PGWS_PORT": "0"})
+    result = run_pgws("serve", env={**BASE, "PGWS_RETRIES": "2", "PGWS_PORT": "0"})
     elapsed = time.monotonic() - started
     assert result.returncode == EX_UNAVAILABLE, result.stderr
     assert elapsed < TIMEOUT
@@ -244,7 +230,7 @@ def test_unknown_pgws_names_warn_with_a_did_you_mean_and_start_anyway(tmp_path: 
     env_file = tmp_path / "pgws.env"
     env_file.write_text("PGWS_POOLSIZE=3\n")
     typos = {"PGWS_PROT": "4000", "PGWS_MAX_CONECTIONS": "3", "PGWS_CHECK_LISTENER_INTERVALL": "1"}
-    result = pgws("serve", "--json-logs", "--env-file", str(env_file), env={**BASE, **typos})
+    result = run_pgws("serve", "--json-logs", "--env-file", str(env_file), env={**BASE, **typos})
     assert result.returncode == EX_UNAVAILABLE, result.stderr  # it went on to the database
     warned = [event for event in log_events(result) if event["event"] == "setting_unknown"]
     unknown = {event["name"]: event["did_you_mean"] for event in warned}
@@ -261,7 +247,7 @@ def test_effective_settings_are_logged_once_without_secret_or_password(tmp_path:
     """One `settings` line at start shows what pgws runs with; the secret and password never."""
     conninfo = f"host=127.0.0.1 port=1 dbname=x user=u password={PASSWORD}"
     env = {**BASE, "PGWS_DB_URI": conninfo, "PGWS_PORT": "4321", "PGWS_POOL_SIZE": "3"}
-    result = pgws("serve", "--json-logs", env=env)
+    result = run_pgws("serve", "--json-logs", env=env)
     assert result.returncode == EX_UNAVAILABLE, result.stderr
     [settings] = [e["settings"] for e in log_events(result) if e["event"] == "settings"]
     assert isinstance(settings, dict)
@@ -285,7 +271,7 @@ def long_tmpdir(tmp_path: Path) -> Path:
 def test_unexpected_error_at_start_up_is_one_line_and_exit_70(tmp_path: Path) -> None:
     """An error no code path expects (here the OS refusing a socket path) is one line, exit 70."""
     env = {**BASE, "TMPDIR": str(long_tmpdir(tmp_path))}
-    result = pgws("serve", "--json-logs", "--workers", "2", env=env)
+    result = run_pgws("serve", "--json-logs", "--workers", "2", env=env)
     assert result.returncode == EX_SOFTWARE, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.splitlines()[-1]
@@ -301,7 +287,9 @@ def test_pgws_debug_shows_the_traceback_of_an_internal_error(tmp_path: Path) -> 
     env_file = tmp_path / "pgws.env"
     env_file.write_text("PGWS_DEBUG=1\n")
     env = {**BASE, "TMPDIR": str(long_tmpdir(tmp_path))}
-    result = pgws("serve", "--json-logs", "--env-file", str(env_file), "--workers", "2", env=env)
+    result = run_pgws(
+        "serve", "--json-logs", "--env-file", str(env_file), "--workers", "2", env=env
+    )
     assert result.returncode == 1
     assert "setting_unknown" not in result.stderr
     assert "Traceback" in result.stderr

@@ -7,7 +7,6 @@ import asyncio
 import json
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from tests.conftest import (
     http_get,
     make_token,
     recv_json,
+    run_pgws,
     subscribed,
 )
 
@@ -40,21 +40,9 @@ CONNECT_TIMEOUT = 10
 
 def serve(db_uri: str, retries: int = 5) -> subprocess.CompletedProcess[str]:
     """`pgws serve` with only this database URI and a secret, bounded."""
-    return subprocess.run(
-        [sys.executable, "-m", "pgws", "serve"],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "PGWS_DB_URI": db_uri,
-            "PGWS_JWT_SECRET": SECRET,
-            "PGWS_PORT": "0",
-            "PGWS_RETRIES": str(retries),
-        },
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT + CONNECT_TIMEOUT * retries,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    env = {"PGWS_DB_URI": db_uri, "PGWS_JWT_SECRET": SECRET, "PGWS_PORT": "0"}
+    env["PGWS_RETRIES"] = str(retries)
+    return run_pgws("serve", env=env, timeout=TIMEOUT + CONNECT_TIMEOUT * retries)
 
 
 @pytest.mark.nodb
