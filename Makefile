@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # `make run` needs only pgws and its embedded PostgreSQL, not the development tools.
 RUN_STAMP := $(VENV)/.run-stamp
 
-.PHONY: install run db fmt lint types test test-db check bench soak clean
+.PHONY: install run db fmt lint types test test-db test-floors check bench soak clean
 
 install: $(STAMP)
 
@@ -51,6 +51,23 @@ test: install
 ## test-db: only the tests that talk to a database (CI runs them against a second PostgreSQL)
 test-db: install
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest --asyncio-debug -m "not nodb"
+
+## test-floors: a fresh venv with every runtime dependency at the floor pyproject.toml declares
+##              (tests/floors.py turns each >=X into ==X) and the build backend at its floor, then
+##              a smoke subset on it: handshakes, messages both ways, plain HTTP, the CLI, logs
+FLOOR_VENV ?= $(or $(TMPDIR),/tmp)/pgws-floors-venv
+SMOKE_TESTS := tests/test_gateway.py tests/test_http.py tests/test_cli.py tests/test_logs.py
+test-floors:
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(PYTHON) tests/floors.py > $(FLOOR_VENV)/floors.txt
+	$(PYTHON) tests/floors.py --build-system > $(FLOOR_VENV)/build-floors.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -r $(FLOOR_VENV)/build-floors.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-build-isolation . -r $(FLOOR_VENV)/floors.txt
+	@echo "== floors installed:" $$(sed -n 's/\[[^]]*\]//;/==/p' $(FLOOR_VENV)/*floors.txt)
+	$(FLOOR_VENV)/bin/python -m pip check
+	PYTHONASYNCIODEBUG=1 $(FLOOR_VENV)/bin/pytest --asyncio-debug -p no:cacheprovider $(SMOKE_TESTS)
+	rm -rf $(FLOOR_VENV)
 
 check: lint types test
 

@@ -93,14 +93,14 @@ class Host:
         self.run = Path(tempfile.mkdtemp(prefix="pgws-run-credentials-"))
         self.run.chmod(0o755)  # like /run/credentials: anyone may enter, the unit's folder not
 
-    def install_env(self, dsn: str) -> None:
+    def install_env(self, dsn: str, *, secret: str = SECRET) -> None:
         """`install -m 600 sample-env /etc/pgws/env`, then edit it (settings added at the end)."""
         env = self.etc / "env"
         shutil.copyfile(SAMPLE_ENV, env)
         env.chmod(0o600)
         edits = {
             "PGWS_DB_URI": dsn,
-            "PGWS_JWT_SECRET": SECRET,
+            "PGWS_JWT_SECRET": secret,
             "PGWS_HOST": "127.0.0.1",
             "PGWS_PORT": "0",
             "PGWS_LISTEN_CHANNEL": channel_name(),
@@ -249,6 +249,28 @@ async def test_readme_recipe_with_tls_serves_wss_as_an_unprivileged_user(
     try:
         assert await get_health(port, client_context(pki)) == b"HTTP/1.1 200 OK"
         await round_trip(f"wss://localhost:{port}", ssl=client_context(pki))
+    finally:
+        await serving.kill()
+
+
+@needs_root_and_setpriv
+async def test_readme_recipe_with_an_at_file_secret_credential(dsn: str, host: Host) -> None:
+    """LoadCredential=jwt plus Environment=PGWS_JWT_SECRET=@%d/jwt, as the README says: the
+    secret in the credential (not the env file's) verifies the tokens."""
+    pgws_runs_as_service_user()
+    host.install_env(service_dsn(dsn), secret="not-the-secret-the-tokens-are-signed-with")
+    (host.etc / "jwt").write_text(SECRET + "\n")
+    (host.etc / "jwt").chmod(0o600)
+    credential = "LoadCredential=env:/etc/pgws/env\n"
+    unit = UNIT.read_text()
+    assert credential in unit
+    unit = unit.replace(
+        credential,
+        credential + "LoadCredential=jwt:/etc/pgws/jwt\nEnvironment=PGWS_JWT_SECRET=@%d/jwt\n",
+    )
+    serving, port = await start_like_systemd(unit, host)
+    try:
+        await round_trip(f"ws://127.0.0.1:{port}")
     finally:
         await serving.kill()
 
