@@ -457,6 +457,13 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any]:
         notifier.send(listen, body % (sent, time.time()))
         sent += 1
 
+    def send_batch() -> None:
+        """--per-transaction NOTIFYs in one transaction: they reach the server in one read."""
+        nonlocal sent
+        now = time.time()
+        notifier.send_many(listen, [body % (sent + i, now) for i in range(args.per_transaction)])
+        sent += args.per_transaction
+
     await probe_until(send_one, tally, count, "fan-out")
     sent0, frames0 = sent, tally.value
     stalls, credit, running = 0, 0, True
@@ -465,8 +472,12 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any]:
         nonlocal stalls, credit
         while running:
             outstanding = sent - sent0 - (tally.value - frames0 + credit) // count
-            for _ in range(window - outstanding):
-                send_one()
+            while outstanding < window:
+                if args.per_transaction == 1:
+                    send_one()
+                else:
+                    send_batch()
+                outstanding += args.per_transaction
             target = (sent - sent0 - window // 2) * count + frames0 - credit
             if not await tally.wait_progress(target, idle=args.stall_timeout) and running:
                 stalls += 1
@@ -500,6 +511,7 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any]:
         "reader_min_share": min(per_reader) * count / max(1, sum(per_reader)),
         "closed_by_server": pool.closed_by_server(),
         "window_msgs": window,
+        "per_transaction": args.per_transaction,
         "readers": count,
         "seconds": measured.seconds,
         "loadgen_cpu_pct": measured.cpu_pct,
@@ -760,6 +772,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=100000,
         help="frames in flight: window = this / readers messages, at least 2",
+    )
+    fan.add_argument(
+        "--per-transaction", type=int, default=1, help="NOTIFYs the producer commits together"
     )
     ing = sub.add_parser("ingest", parents=[common])
     ing.add_argument("--writers", type=int, default=10)

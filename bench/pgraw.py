@@ -73,6 +73,15 @@ class PipelinedNotifier:
         if not self._writing:
             self._flush()
 
+    def send_many(self, channel: bytes, payloads: list[bytes]) -> None:
+        """Queue several NOTIFYs as one transaction (one Sync after them all); never blocks."""
+        for payload in payloads:
+            self._pg.send_query_prepared(_STATEMENT, (channel, payload))
+        self._pg.pipeline_sync()
+        self.in_flight += 1
+        if not self._writing:
+            self._flush()
+
     async def wait_below(self, limit: int, within: float) -> bool:
         """Wait until fewer than `limit` NOTIFYs are in flight; False on timeout.
 

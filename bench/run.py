@@ -92,6 +92,8 @@ class Plan:
     warmup: float
     duration: float
     fanout_readers: tuple[int, ...]
+    # NOTIFYs per producer transaction: 1 (each its own), 10 (several arrive in one read).
+    fanout_per_transaction: tuple[int, ...]
     ingest_writers: tuple[int, ...]
     latency_rates: tuple[int, ...]
     latency_readers: int
@@ -105,6 +107,7 @@ FULL = Plan(
     warmup=1.0,
     duration=5.0,
     fanout_readers=(100, 1000, 5000),
+    fanout_per_transaction=(1, 10),
     ingest_writers=(10, 100),
     latency_rates=(100, 1000),
     latency_readers=100,
@@ -386,12 +389,21 @@ def tail(path: Path, lines: int = 5) -> str:
 # --- the suite ---------------------------------------------------------------------------------
 
 
+def fanout_key(readers: int, per_transaction: int) -> str:
+    """`fanout-1000` (one NOTIFY per transaction, the historical key) or `fanout-1000-x10`."""
+    return f"fanout-{readers}" + ("" if per_transaction == 1 else f"-x{per_transaction}")
+
+
 def configurations(plan: Plan, kind: str) -> list[tuple[str, list[str]]]:
     """(scenario name, load generator arguments) for every configuration of one kind."""
     if kind == "connections":
         return [(kind, ["--steps", *map(str, plan.connection_steps)])]
     if kind == "fanout":
-        return [(f"fanout-{n}", [f"--readers={n}"]) for n in plan.fanout_readers]
+        return [
+            (fanout_key(n, k), [f"--readers={n}", f"--per-transaction={k}"])
+            for n in plan.fanout_readers
+            for k in plan.fanout_per_transaction
+        ]
     if kind == "ingest":
         return [(f"ingest-{n}", [f"--writers={n}"]) for n in plan.ingest_writers]
     if kind == "latency":
@@ -455,11 +467,16 @@ def table_rows(plan: Plan) -> list[report.Row]:
 
     fanout_goals = {1000: 0.8, 5000: 0.7}
     for readers in plan.fanout_readers:
-        key, label = f"fanout-{readers}", f"fan-out, {readers:,} readers"
-        goal = fanout_goals.get(readers)
-        add(key, label, "delivered_per_s", "delivered msg/s", "rate", better="higher", goal=goal)
-        add(key, label, "server_cpu_pct", "server CPU", "pct", chart=False)
-        add(key, label, "loss_frac", "loss", "loss", chart=False)
+        for per_tx in plan.fanout_per_transaction:
+            key = fanout_key(readers, per_tx)
+            shape = "1 NOTIFY" if per_tx == 1 else f"{per_tx} NOTIFYs"
+            label = f"fan-out, {readers:,} readers, {shape} per transaction"
+            goal = fanout_goals.get(readers) if per_tx == 1 else None
+            add(
+                key, label, "delivered_per_s", "delivered msg/s", "rate", better="higher", goal=goal
+            )
+            add(key, label, "server_cpu_pct", "server CPU", "pct", chart=False)
+            add(key, label, "loss_frac", "loss", "loss", chart=False)
     raw_pg = {"baseline_target": RAW_PG, "baseline_scenario": "notify"}
     for writers in plan.ingest_writers:
         key, label = f"ingest-{writers}", f"ingest, {writers:,} writer sockets"
@@ -733,6 +750,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only", help=f"comma-separated scenario kinds, from: {', '.join(SCENARIO_KINDS)}"
     )
     parser.add_argument("--fanout-readers", help="comma-separated, e.g. 100,1000,5000")
+    parser.add_argument(
+        "--fanout-per-transaction", help="producer NOTIFYs per transaction, e.g. 1,10"
+    )
     parser.add_argument("--ingest-writers", help="comma-separated, e.g. 10,100")
     parser.add_argument("--latency-rates", help="comma-separated msg/s, e.g. 100,1000")
     parser.add_argument("--latency-readers", type=int, help="readers in latency (default 100)")
@@ -794,6 +814,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         duration=args.duration or plan.duration,
         warmup=args.warmup if args.warmup is not None else plan.warmup,
         fanout_readers=numbers(args.fanout_readers, plan.fanout_readers),
+        fanout_per_transaction=numbers(args.fanout_per_transaction, plan.fanout_per_transaction),
         ingest_writers=numbers(args.ingest_writers, plan.ingest_writers),
         latency_rates=numbers(args.latency_rates, plan.latency_rates),
         latency_readers=args.latency_readers or plan.latency_readers,
