@@ -221,7 +221,7 @@ class Gateway:
             self.verifier,
             self.registry,
             ready=self.is_ready,
-            metrics=metrics.exposition(self),
+            metrics=metrics.exposition(self.metrics_snapshot),
         )
         self.server: Server | None = None
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
@@ -305,6 +305,32 @@ class Gateway:
             except (AttributeError, RuntimeError):
                 continue  # not connected yet, or already gone
         return total
+
+    def metrics_snapshot(self) -> metrics.Snapshot:
+        """Every component's stats at one moment, in the shape /metrics renders."""
+        handler, registry = self.handler.stats.snapshot(), self.registry.stats()
+        notifier, listener = self.notifier.stats(), self.listener.stats()
+        return metrics.Snapshot(
+            sockets_open=handler.open_by_mode,
+            channels=registry.channels,
+            frames_received=handler.frames_in,
+            notifies_sent=notifier.sent,
+            notifies_too_big=handler.too_big,
+            notifies_failed_database=notifier.failed,
+            notifies_resent=notifier.resent,
+            notifications_received=listener.received,
+            notifications_undecodable=listener.undecodable,
+            messages_delivered=registry.delivered,
+            handshakes_rejected=handler.rejected,
+            listener_up=listener.up,
+            listener_reconnects=listener.reconnects,
+            slow_consumers_closed=handler.slow_consumers,
+            buffered_bytes=self.buffered_bytes(),
+            buffered_bytes_peak=self.handler.buffers.peak,
+            buffered_total_drops=handler.over_total,
+            read_only_floods_closed=handler.read_only_floods,
+            notification_queue_usage=notifier.queue_usage,
+        )
 
     @property
     def port(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
 import psycopg
@@ -34,6 +35,16 @@ BATCH_MAX = 256
 CLOSE_GRACE = 1.0
 UNAVAILABLE = "database unavailable: the message was not sent"
 _STOPPING = "server stopping: the message may not have been sent"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NotifierStats:
+    """The senders' counters at one moment (Notifier.stats())."""
+
+    sent: int  # NOTIFYs the database accepted
+    failed: int  # notify() calls that raised NotifyFailed
+    resent: int  # NOTIFYs sent again on a fresh connection after theirs died
+    queue_usage: float | None  # the last pg_notification_queue_usage(); None while unknown
 
 
 class Notifier:
@@ -67,10 +78,17 @@ class Notifier:
         self._connections: list[PipelinedConnection | None] = [None] * self._size
         self._senders: list[asyncio.Task[None]] = []
         self._closing = False
+        # Live counters, written only here (tests read them); /metrics reads stats().
         self.sent = 0
         self.failed = 0
-        self.resent = 0  # NOTIFYs sent again on a fresh connection after theirs died
-        self.queue_usage: float | None = None  # pg_notification_queue_usage(), when sampled
+        self.resent = 0
+        self.queue_usage: float | None = None
+
+    def stats(self) -> NotifierStats:
+        """A snapshot of the counters, for /metrics."""
+        return NotifierStats(
+            sent=self.sent, failed=self.failed, resent=self.resent, queue_usage=self.queue_usage
+        )
 
     async def open(self) -> None:
         """Open the senders' connections (with the start-up retries), then start the senders."""
