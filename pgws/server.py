@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
-import hashlib
 import os
 import signal
-import socket
-import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +26,7 @@ from pgws.db.listener import Listener
 from pgws.db.notifier import Notifier
 from pgws.errors import ConfigError
 from pgws.handler import Handler, deliver, select_subprotocol, tracked_connection_class
+from pgws.net import ReloadableTls, listen_socket, quiet_tls_failures
 from pgws.registry import Registry
 from pgws.systemd import SystemdNotifier
 
@@ -40,92 +37,6 @@ PING_INTERVAL = 30.0
 PING_TIMEOUT = 30.0
 # How often pg_notification_queue_usage() is read for /metrics.
 QUEUE_SAMPLE_INTERVAL = 10.0
-
-
-def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """The one listening socket PGWS_HOST names, bound to `port`.
-
-    `*4` (and warp's `!4`) is every IPv4 address; `*6` and `*` one dual-stack IPv6 socket that
-    also takes IPv4 (falling back to IPv4 where the machine has no IPv6); `!6` IPv6 only; anything
-    else is resolved and its first address bound. Failures are ConfigErrors naming the variable.
-    """
-    if host in ("*4", "!4"):
-        candidates = [(socket.AF_INET, "0.0.0.0", False)]  # noqa: S104
-    elif host in ("*6", "*"):
-        candidates = [(socket.AF_INET6, "::", True), (socket.AF_INET, "0.0.0.0", False)]  # noqa: S104
-    elif host == "!6":
-        candidates = [(socket.AF_INET6, "::", False)]
-    else:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise ConfigError("PGWS_HOST", f"cannot resolve {host!r}: {exc.strerror}") from None
-        except ValueError:  # UnicodeError from the IDNA codec: `a..b`, a label over 63 characters
-            raise ConfigError("PGWS_HOST", f"{host!r} is not a valid host name") from None
-        candidates = [(family, str(address[0]), False) for family, *_, address in infos[:1]]
-    error: OSError | None = None
-    for family, address, dual_stack in candidates:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
-            sock.bind((address, port))
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError("PGWS_PORT", f"port {port} is already in use on {host}") from None
-            error = exc
-            continue
-        sock.setblocking(False)
-        return sock
-    reason = error.strerror if error is not None else "no usable address"
-    raise ConfigError("PGWS_HOST", f"cannot listen on {host!r}: {reason}")
-
-
-def tls_context(config: Config) -> ssl.SSLContext | None:
-    """The server TLS context, or None for plain ws://; an unusable file is a ConfigError.
-
-    OpenSSL reports an unparseable certificate file and an unparseable key file alike ("[SSL] PEM
-    lib", no reason), so on that error the certificate file is loaded on its own to name the right
-    variable. An encrypted key makes OpenSSL call `password`, whose exception propagates
-    unwrapped: pgws never prompts for a passphrase.
-    """
-    if config.certificate_file is None or config.key_file is None:
-        return None
-    certificate, key = config.certificate_file, config.key_file
-    for name, path in (("PGWS_CERTIFICATE_FILE", certificate), ("PGWS_KEY_FILE", key)):
-        try:
-            with path.open("rb"):
-                pass
-        except OSError as exc:
-            raise ConfigError(name, f"cannot read {str(path)!r}: {exc.strerror}") from None
-
-    def no_passphrase() -> bytes:
-        raise ConfigError(
-            "PGWS_KEY_FILE", f"{str(key)!r} is encrypted; pgws needs a key without a passphrase"
-        )
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(certificate, key, password=no_passphrase)
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            raise ConfigError(
-                "PGWS_KEY_FILE",
-                f"{str(key)!r} does not match the certificate in PGWS_CERTIFICATE_FILE",
-            ) from None
-        try:  # alone, as CA certificates: fails the same way only if the certificate is at fault
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=certificate)
-        except ssl.SSLError:
-            raise ConfigError(
-                "PGWS_CERTIFICATE_FILE", f"no PEM certificate in {str(certificate)!r}"
-            ) from None
-        detail = f" ({exc.reason})" if exc.reason else ""
-        raise ConfigError("PGWS_KEY_FILE", f"no PEM private key in {str(key)!r}{detail}") from None
-    return context
 
 
 # Config fields SIGHUP applies to a running gateway; every other change needs a restart.
@@ -139,45 +50,10 @@ def _variable(field: str) -> str:
     return f"PGWS_{field.upper()}"
 
 
-def _tls_digests(config: Config) -> tuple[bytes, bytes]:
-    """Hashes of the certificate and key files, to tell which of them a reload changed."""
-    digests = []
-    for name, path in (
-        ("PGWS_CERTIFICATE_FILE", config.certificate_file),
-        ("PGWS_KEY_FILE", config.key_file),
-    ):
-        if path is None:
-            digests.append(b"")
-            continue
-        try:
-            digests.append(hashlib.sha256(path.read_bytes()).digest())
-        except OSError as exc:
-            raise ConfigError(name, f"cannot read {str(path)!r}: {exc.strerror}") from None
-    return digests[0], digests[1]
-
-
 def _warn_if_weak(verifier: Verifier) -> None:
     weakest = verifier.weakest_secret
     if weakest is not None and weakest < 32:
         log.warning("jwt_secret_weak", bytes=weakest, advice="use at least 32 random bytes")
-
-
-# asyncio reports a failed accept (a TLS handshake included) with this message, in debug mode.
-_ACCEPT_FAILED = "Error on transport creation for incoming connection"
-
-
-def quiet_tls_failures(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Loop exception handler: a client's failed TLS handshake is one INFO line, not an ERROR.
-
-    A plain ws:// client or an HTTP probe on the wss:// port is the client's mistake; every other
-    error goes to the default handler unchanged.
-    """
-    exc = context.get("exception")
-    if context.get("message") == _ACCEPT_FAILED and isinstance(exc, ssl.SSLError | ConnectionError):
-        reason = exc.reason if isinstance(exc, ssl.SSLError) else type(exc).__name__
-        log.info("tls_handshake_failed", error=reason)
-        return
-    loop.default_exception_handler(context)
 
 
 async def finish_response(
@@ -203,14 +79,7 @@ class Gateway:
         self.verifier = Verifier.from_secret(
             config.jwt_secret, audience=config.jwt_audience, issuer=config.jwt_issuer
         )
-        # `ssl` is the context the server was started with; each handshake switches to
-        # `_tls_current` from its SNI callback (called with or without SNI), so SIGHUP can swap
-        # certificates without touching the listening socket.
-        self.ssl = tls_context(config)
-        self._tls_current = self.ssl
-        self._tls_digests = _tls_digests(config)
-        if self.ssl is not None:
-            self.ssl.sni_callback = self._use_current_certificate
+        self.tls = ReloadableTls(config)
         self.notifier = Notifier(config)
         self.registry: Registry[ServerConnection] = Registry(
             config.listen_channel, deliver, self.notifier.notify
@@ -225,12 +94,6 @@ class Gateway:
         )
         self.server: Server | None = None
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
-
-    def _use_current_certificate(
-        self, connection: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None, _: ssl.SSLContext
-    ) -> None:
-        if self._tls_current is not None and connection.context is not self._tls_current:
-            connection.context = self._tls_current
 
     def reload(self, new: Config) -> list[str]:
         """SIGHUP: apply a new token key and TLS certificate; return the variables that changed.
@@ -274,19 +137,13 @@ class Gateway:
         return changed
 
     def _reload_certificate(self, new: Config) -> list[str]:
-        if self.ssl is None or not new.tls:
+        if self.tls.context is None or not new.tls:
             return []  # turning TLS on or off needs a restart
         try:
-            digests = _tls_digests(new)
-            context = tls_context(new)
+            changed = self.tls.reload(new)
         except ConfigError as exc:
             log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")
             return []
-        names = ("PGWS_CERTIFICATE_FILE", "PGWS_KEY_FILE")
-        changed = [
-            name for name, a, b in zip(names, self._tls_digests, digests, strict=True) if a != b
-        ]
-        self._tls_current, self._tls_digests = context, digests
         self.config = dataclasses.replace(
             self.config, certificate_file=new.certificate_file, key_file=new.key_file
         )
@@ -370,7 +227,7 @@ class Gateway:
                 ping_timeout=PING_TIMEOUT,
                 close_timeout=min(config.shutdown_timeout / 2, 10.0),
                 server_header=f"pgws/{__version__}",
-                ssl=self.ssl,
+                ssl=self.tls.context,
             ) as server:
                 self.server = server
                 try:
@@ -397,7 +254,7 @@ class Gateway:
                 "server_started",
                 port=self.port,
                 host=self.config.host,
-                tls=self.ssl is not None,
+                tls=self.tls.context is not None,
                 db_host=db_host(self.config.db_uri),
                 listen_channel=self.config.listen_channel,
                 event_loop=type(asyncio.get_running_loop()).__module__,
