@@ -8,10 +8,12 @@ one line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import socket
 import ssl
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -175,3 +177,14 @@ def quiet_tls_failures(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
         log.info("tls_handshake_failed", error=reason)
         return
     loop.default_exception_handler(context)
+
+
+@contextlib.contextmanager
+def tls_failures_quieted(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """Make quiet_tls_failures the loop's exception handler while the block runs."""
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(quiet_tls_failures)
+    try:
+        yield
+    finally:
+        loop.set_exception_handler(previous)

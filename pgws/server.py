@@ -8,6 +8,7 @@ NOTIFYs finish, then close the database connections; all within PGWS_SHUTDOWN_TI
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -26,7 +27,7 @@ from pgws.db.listener import Listener
 from pgws.db.notifier import Notifier
 from pgws.errors import ConfigError
 from pgws.handler import Handler, deliver, select_subprotocol, tracked_connection_class
-from pgws.net import ReloadableTls, listen_socket, quiet_tls_failures
+from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
 from pgws.registry import Registry
 from pgws.systemd import SystemdNotifier
 
@@ -48,6 +49,12 @@ _RELOADABLE = frozenset(
 def _variable(field: str) -> str:
     """The PGWS_* variable behind a Config field (STYLE: PGWS_X is Config.x)."""
     return f"PGWS_{field.upper()}"
+
+
+def _log_stopped() -> None:
+    # Called rather than registered as `log.info`: a method bound at start-up would keep the
+    # logging set-up of that moment.
+    log.info("server_stopped")
 
 
 def _warn_if_weak(verifier: Verifier) -> None:
@@ -201,46 +208,46 @@ class Gateway:
         stop: asyncio.Event,
         on_ready: Callable[[Gateway], Any] | None = None,
     ) -> None:
-        """Serve until `stop` is set or a task fails; always shut down in order."""
+        """Serve until `stop` is set or a task fails, then stop in reverse order of start-up.
+
+        Start: bind the port, LISTEN, open the senders, accept sockets. Stop: stop accepting and
+        close the sockets (1001) while their NOTIFYs go out, let the senders finish what is
+        queued, close the LISTEN connection, release the port.
+        """
         config = self.config
         # Bound first, so a taken port fails at once rather than after the database retries;
         # connections are only accepted once serve() listens, after the database is up.
         sock = listen_socket(config.host, config.port, reuse_port=self._reuse_port)
         _warn_if_weak(self.verifier)
-        loop = asyncio.get_running_loop()
-        previous_handler = loop.get_exception_handler()
-        loop.set_exception_handler(quiet_tls_failures)
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(_log_stopped)
+            stack.callback(sock.close)  # already closed by the server if it got that far
+            stack.enter_context(tls_failures_quieted(asyncio.get_running_loop()))
+            stack.push_async_callback(self.listener.close)
             await self.listener.connect()
+            stack.push_async_callback(self.notifier.close)
             await self.notifier.open()
-            async with serve(
-                self.handler.handle,
-                sock=sock,
-                process_request=self.handler.check_request,
-                process_response=finish_response,
-                select_subprotocol=select_subprotocol,
-                create_connection=tracked_connection_class(self._connections),
-                compression="deflate" if config.compression else None,
-                max_size=config.max_message_size,
-                write_limit=config.client_max_buffer,
-                ping_interval=PING_INTERVAL,
-                ping_timeout=PING_TIMEOUT,
-                close_timeout=min(config.shutdown_timeout / 2, 10.0),
-                server_header=f"pgws/{__version__}",
-                ssl=self.tls.context,
-            ) as server:
-                self.server = server
-                try:
-                    await self._supervise(stop, on_ready)
-                finally:
-                    log.info("server_stopping", sockets=len(server.connections))
-                    await self._close_sockets(server)
-        finally:
-            loop.set_exception_handler(previous_handler)
-            sock.close()  # already closed by the server if it got that far
-            await self.notifier.close()
-            await self.listener.close()
-            log.info("server_stopped")
+            server = await stack.enter_async_context(
+                serve(
+                    self.handler.handle,
+                    sock=sock,
+                    process_request=self.handler.check_request,
+                    process_response=finish_response,
+                    select_subprotocol=select_subprotocol,
+                    create_connection=tracked_connection_class(self._connections),
+                    compression="deflate" if config.compression else None,
+                    max_size=config.max_message_size,
+                    write_limit=config.client_max_buffer,
+                    ping_interval=PING_INTERVAL,
+                    ping_timeout=PING_TIMEOUT,
+                    close_timeout=min(config.shutdown_timeout / 2, 10.0),
+                    server_header=f"pgws/{__version__}",
+                    ssl=self.tls.context,
+                )
+            )
+            self.server = server
+            stack.push_async_callback(self._close_sockets, server)
+            await self._supervise(stop, on_ready)
 
     async def _supervise(
         self, stop: asyncio.Event, on_ready: Callable[[Gateway], Any] | None
@@ -273,6 +280,7 @@ class Gateway:
         for aborting stragglers (stalled readers, clients that never finished their handshake)
         and closing the database connections.
         """
+        log.info("server_stopping", sockets=len(server.connections))
         budget = self.config.shutdown_timeout
         server.close()
         try:

@@ -76,6 +76,7 @@ class Notifier:
         }
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._connections: list[PipelinedConnection | None] = [None] * self._size
+        self._lifetime = contextlib.AsyncExitStack()  # holds the senders' task group while open
         self._senders: list[asyncio.Task[None]] = []
         self._closing = False
         # Live counters, written only here (tests read them); /metrics reads stats().
@@ -109,10 +110,11 @@ class Notifier:
         self._connections = await with_retries(
             "notifier", self._retries, attempt, where=db_target(self._conninfo)
         )
-        loop = asyncio.get_running_loop()
-        # Owned here, cancelled and awaited by close(): the gateway's task group never sees them.
+        # The senders' own task group, entered here and left by close() (the same task must call
+        # both): they outlive the gateway's supervised tasks, to send what closing sockets wrote.
+        senders = await self._lifetime.enter_async_context(asyncio.TaskGroup())
         self._senders = [
-            loop.create_task(self._send_forever(slot), name=f"notify-sender-{slot}")
+            senders.create_task(self._send_forever(slot), name=f"notify-sender-{slot}")
             for slot in range(self._size)
         ]
 
@@ -280,7 +282,7 @@ class Notifier:
                     await self._queue.join()
             for task in self._senders:
                 task.cancel()
-            await asyncio.gather(*self._senders, return_exceptions=True)
+            await self._lifetime.aclose()  # the task group waits for every sender to end
             self._senders = []
         while not self._queue.empty():
             self._queue.get_nowait().fail(_STOPPING)
