@@ -1,7 +1,8 @@
-"""`run(config)`: start the gateway, supervise its tasks, stop it in order.
+"""The composition root: `Gateway` wires the parts together, `run(config)` runs one process.
 
-Start: key and TLS checks, LISTEN connection and pool (with retries), then the port. Stop (signal,
-or the listener lost without self-healing): stop accepting, close sockets with 1001 while their
+Start: key and TLS checks and the port bound, then the LISTEN connection and the senders (with
+retries), then sockets accepted. Stop (signal, or the listener lost without self-healing), in
+reverse order through one AsyncExitStack: stop accepting, close sockets with 1001 while their
 NOTIFYs finish, then close the database connections; all within PGWS_SHUTDOWN_TIMEOUT.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +29,7 @@ from pgws.errors import ConfigError
 from pgws.handler import Handler, deliver, select_subprotocol, tracked_connection_class
 from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
 from pgws.registry import Registry
+from pgws.signals import signals_handled
 from pgws.systemd import SystemdNotifier
 
 log = structlog.get_logger("pgws.server")
@@ -298,17 +299,6 @@ class Gateway:
                 log.error("sockets_left_open", count=len(self._connections))
 
 
-# SIGQUIT stops as gracefully as SIGTERM (nginx's meaning; Python's default would dump core
-# without closing sockets). SIGUSR1/2 mean nothing to pgws: logged and ignored, never fatal.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-
-
-def log_ignored_signal(sig: signal.Signals) -> None:
-    """The handler of SIGUSR1/SIGUSR2: one line, so a stray `kill -USR1` is visible."""
-    log.info("signal_ignored", signal=sig.name)
-
-
 async def run(
     config: Config,
     systemd: SystemdNotifier | None = None,
@@ -345,14 +335,6 @@ async def run(
             return
         gateway.reload(new)
 
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, request_stop, sig)
-    for sig in IGNORED_SIGNALS:
-        loop.add_signal_handler(sig, log_ignored_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    if parent_pipe is not None:
-        watch_parent_pipe(loop, parent_pipe, request_stop)
-
     def ready(_: Gateway) -> None:
         systemd.notify("READY=1")
         watchdog.set()
@@ -365,7 +347,7 @@ async def run(
         await watchdog.wait()
         await systemd.watchdog_forever()
 
-    try:
+    with signals_handled(loop, request_stop, reload, parent_pipe):
         async with asyncio.TaskGroup() as tasks:
             pinging = tasks.create_task(ping_once_ready(), name="watchdog")
             try:
@@ -374,29 +356,3 @@ async def run(
                 if not stop.is_set():  # stopped by an error rather than a signal
                     systemd.notify("STOPPING=1")
                 pinging.cancel()
-    finally:
-        for sig in (*STOP_SIGNALS, *IGNORED_SIGNALS, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        if parent_pipe is not None:
-            loop.remove_reader(parent_pipe)
-
-
-def watch_parent_pipe(
-    loop: asyncio.AbstractEventLoop, fd: int, request_stop: Callable[[], None]
-) -> None:
-    """Call `request_stop` once `fd` reads EOF: the only holder of its write end has exited."""
-    os.set_blocking(fd, False)
-
-    def readable() -> None:
-        try:
-            if os.read(fd, 64):
-                return  # nobody writes to it; ignore anything that comes
-        except BlockingIOError:
-            return
-        except OSError:
-            pass  # as good as EOF
-        loop.remove_reader(fd)
-        log.warning("supervisor_gone", action="stop")
-        request_stop()
-
-    loop.add_reader(fd, readable)

@@ -30,7 +30,7 @@ import structlog
 from pgws.config import Config
 from pgws.errors import ConfigError
 from pgws.net import listen_socket
-from pgws.server import IGNORED_SIGNALS, STOP_SIGNALS, log_ignored_signal
+from pgws.signals import IGNORED_SIGNALS, STOP_SIGNALS, log_ignored_signal
 from pgws.systemd import SystemdNotifier
 
 log = structlog.get_logger("pgws.workers")
