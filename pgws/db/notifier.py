@@ -45,6 +45,7 @@ class NotifierStats:
     failed: int  # notify() calls that raised NotifyFailed
     resent: int  # NOTIFYs sent again on a fresh connection after theirs died
     queue_usage: float | None  # the last pg_notification_queue_usage(); None while unknown
+    in_flight: int  # NOTIFYs sent whose answer has not come back yet (not a metric)
 
 
 class Notifier:
@@ -88,7 +89,11 @@ class Notifier:
     def stats(self) -> NotifierStats:
         """A snapshot of the counters, for /metrics."""
         return NotifierStats(
-            sent=self.sent, failed=self.failed, resent=self.resent, queue_usage=self.queue_usage
+            sent=self.sent,
+            failed=self.failed,
+            resent=self.resent,
+            queue_usage=self.queue_usage,
+            in_flight=sum(conn.unanswered for conn in self._connections if conn is not None),
         )
 
     async def open(self) -> None:
