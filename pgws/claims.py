@@ -19,21 +19,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from jose import jwk, jws
+from jose import jws
 from jose.exceptions import JOSEError
 
-from pgws.config import MAX_CHANNEL_BYTES
 from pgws.errors import BadRequest, ConfigError, Forbidden, TokenExpired, Unauthorized
+from pgws.keys import Key, load_keys
+from pgws.limits import MAX_CHANNEL_BYTES
 
 Mode = Literal["r", "w", "rw"]
 MODES: frozenset[str] = frozenset({"r", "w", "rw"})
 # Far above any real token, far below what would let a client make us do real work.
 MAX_TOKEN_LENGTH = 8192
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_SYMMETRIC = ("HS256", "HS384", "HS512")
-_ASYMMETRIC = (
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
-)  # fmt: skip
 INVALID = "invalid token"
 DEFAULT_MAX_CHANNELS = 100
 # Deeper than any real JOSE header or claims set; bounds what may later be walked or re-serialised
@@ -86,20 +83,11 @@ class Grant:
         return "w" in self.mode
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Key:
-    kid: str | None
-    algorithm: str
-    key: Any  # a jose Key, prepared once
-    can_sign: bool
-    secret_size: int | None = None  # bytes of an HMAC secret
-
-
 class Verifier:
     """Checks tokens against the configured key(s); built once at start-up from PGWS_JWT_SECRET."""
 
     def __init__(
-        self, keys: Sequence[_Key], *, audience: str | None = None, issuer: str | None = None
+        self, keys: Sequence[Key], *, audience: str | None = None, issuer: str | None = None
     ) -> None:
         if not keys:
             raise ConfigError("PGWS_JWT_SECRET", "holds no usable key")
@@ -112,17 +100,7 @@ class Verifier:
         cls, secret: bytes, *, audience: str | None = None, issuer: str | None = None
     ) -> Verifier:
         """A plain secret is an HS256 key; a JSON object is a JWK, or a JWKS with `keys`."""
-        document = _json_object(secret)
-        if document is None:
-            keys = [_hmac_key(secret, None, "HS256")]
-        elif "keys" in document:
-            entries = document["keys"]
-            if not isinstance(entries, list) or not entries:
-                raise ConfigError("PGWS_JWT_SECRET", "a JWKS needs a non-empty list of keys")
-            keys = [_jwk_key(entry, index) for index, entry in enumerate(entries)]
-        else:
-            keys = [_jwk_key(document, None)]
-        return cls(keys, audience=audience, issuer=issuer)
+        return cls(load_keys(secret), audience=audience, issuer=issuer)
 
     @property
     def weakest_secret(self) -> int | None:
@@ -333,14 +311,6 @@ def _check_times(claims: Mapping[str, Any], now: float) -> None:
         raise TokenExpired("token expired")
 
 
-def _json_object(data: bytes | str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def _token_json(data: bytes | str | None) -> dict[str, Any] | None:
     """A JOSE header or claims set: a JSON object pgws can carry, or None (`invalid token`).
 
@@ -391,57 +361,6 @@ def _b64url_decode(segment: str) -> bytes | None:
         return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     except (binascii.Error, ValueError):
         return None
-
-
-def _hmac_key(secret: bytes, kid: str | None, algorithm: str) -> _Key:
-    if _looks_like_public_key(secret):
-        raise ConfigError("PGWS_JWT_SECRET", "is a public key or certificate, not an HMAC secret")
-    try:
-        key = jwk.construct(secret, algorithm)
-    except JOSEError:
-        raise ConfigError("PGWS_JWT_SECRET", "is not a usable HMAC secret") from None
-    return _Key(kid=kid, algorithm=algorithm, key=key, can_sign=True, secret_size=len(secret))
-
-
-def _jwk_key(entry: object, index: int | None) -> _Key:
-    where = "the JWK" if index is None else f"JWKS key {index}"
-    if not isinstance(entry, dict):
-        raise ConfigError("PGWS_JWT_SECRET", f"{where} is not a JSON object")
-    kty, kid = entry.get("kty"), entry.get("kid")
-    if kid is not None and not isinstance(kid, str):
-        raise ConfigError("PGWS_JWT_SECRET", f"{where} has a non-string kid")
-    algorithm = entry.get("alg", "HS256" if kty == "oct" else None)
-    if algorithm is None:
-        raise ConfigError("PGWS_JWT_SECRET", f"{where} has no alg, and only oct keys default one")
-    if algorithm not in _SYMMETRIC + _ASYMMETRIC:
-        raise ConfigError("PGWS_JWT_SECRET", f"{where} has unsupported alg {algorithm!r}")
-    if (kty == "oct") != (algorithm in _SYMMETRIC):
-        raise ConfigError("PGWS_JWT_SECRET", f"{where}: alg {algorithm} does not fit kty {kty!r}")
-    try:
-        key = jwk.construct(entry, algorithm)
-    except (JOSEError, ValueError, TypeError, KeyError, AttributeError):  # jose: `"k": 5`
-        raise ConfigError("PGWS_JWT_SECRET", f"{where} is not a valid {algorithm} key") from None
-    can_sign = kty == "oct" or "d" in entry
-    size = len(getattr(key, "prepared_key", b"")) if kty == "oct" else None  # HMACKey's secret
-    return _Key(kid=kid, algorithm=algorithm, key=key, can_sign=can_sign, secret_size=size)
-
-
-def _looks_like_public_key(secret: bytes) -> bool:
-    """PEM or DER public keys and certificates must never become HMAC secrets."""
-    stripped = secret.strip()
-    if stripped.startswith(b"-----BEGIN") or stripped.startswith(b"ssh-"):
-        return True
-    if stripped[:1] == b"\x30":  # an ASN.1 SEQUENCE: try it as DER
-        from cryptography.hazmat.primitives.serialization import load_der_public_key
-        from cryptography.x509 import load_der_x509_certificate
-
-        for loader in (load_der_public_key, load_der_x509_certificate):
-            try:
-                loader(stripped)
-            except ValueError:
-                continue
-            return True
-    return False
 
 
 def issue_token(

@@ -33,7 +33,8 @@ from pgws.config import (
     unknown_settings,
 )
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
-from pgws.server import run, tls_context
+from pgws.net import tls_context
+from pgws.server import run
 from pgws.systemd import SystemdNotifier
 from pgws.workers import bind_to_supervisor, parent_pipe, supervise, worker_id
 

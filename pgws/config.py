@@ -23,12 +23,7 @@ from dotenv.parser import parse_stream
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgws.errors import ConfigError
-
-# PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes: a longer LISTEN channel would silently
-# differ from the pg_notify() channel, so such names are refused up front.
-MAX_CHANNEL_BYTES = 63
-# NOTIFY payloads must be shorter than 8000 bytes in the default PostgreSQL build.
-NOTIFY_PAYLOAD_LIMIT = 7999
+from pgws.limits import MAX_CHANNEL_BYTES, NOTIFY_PAYLOAD_LIMIT
 
 # What all sockets' unsent data may take together: 256 MiB, a few hundred stalled readers.
 DEFAULT_MAX_BUFFERED_TOTAL = 256 * 1024 * 1024

@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from pgws.config import NOTIFY_PAYLOAD_LIMIT
 from pgws.errors import MessageTooBig
+from pgws.limits import NOTIFY_PAYLOAD_LIMIT
 
 __all__ = ["NOTIFY_PAYLOAD_LIMIT", "EnvelopeWriter", "dump_json", "route_channel"]
 

@@ -12,7 +12,7 @@ import collections
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -65,6 +65,31 @@ class HandlerStats:
     slow_consumers: int = 0
     over_total: int = 0  # slow consumers closed for PGWS_MAX_BUFFERED_TOTAL
     read_only_floods: int = 0
+
+    def snapshot(self) -> HandlerSnapshot:
+        """A frozen copy of the counters, for /metrics."""
+        return HandlerSnapshot(
+            open_by_mode=dict(self.open_by_mode),
+            rejected=dict(self.rejected),
+            frames_in=self.frames_in,
+            too_big=self.too_big,
+            slow_consumers=self.slow_consumers,
+            over_total=self.over_total,
+            read_only_floods=self.read_only_floods,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HandlerSnapshot:
+    """HandlerStats at one moment (HandlerStats.snapshot())."""
+
+    open_by_mode: Mapping[str, int]
+    rejected: Mapping[str, int]
+    frames_in: int
+    too_big: int
+    slow_consumers: int
+    over_total: int
+    read_only_floods: int
 
 
 class BufferLedger:

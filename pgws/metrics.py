@@ -1,128 +1,148 @@
-"""`/metrics`: the gateway's counters in Prometheus text format, read when scraped.
+"""`/metrics`: a snapshot of the gateway's figures in Prometheus text format, read when scraped.
 
-Components keep plain integer counters; this collector turns them into metric families at scrape
-time, so the message path never takes a metrics lock. Each gateway has its own registry.
+Components keep plain integer counters and hand out frozen snapshots of them (`stats()`); the
+server turns those into one `Snapshot` per scrape, and this module only renders it, so the message
+path never takes a metrics lock and nothing here knows the components. Each gateway has its own
+registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from pgws.server import Gateway
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Snapshot:
+    """Every figure /metrics shows, taken at one scrape (fields are named after the metrics)."""
+
+    sockets_open: Mapping[str, int]  # by mode: r, w, rw
+    channels: int
+    frames_received: int
+    notifies_sent: int
+    notifies_too_big: int
+    notifies_failed_database: int
+    notifies_resent: int
+    notifications_received: int
+    notifications_undecodable: int
+    messages_delivered: int
+    handshakes_rejected: Mapping[str, int]  # by reason
+    listener_up: bool
+    listener_reconnects: int
+    slow_consumers_closed: int
+    buffered_bytes: int
+    buffered_bytes_peak: int
+    buffered_total_drops: int
+    read_only_floods_closed: int
+    notification_queue_usage: float | None  # None until sampled, and while the database is away
 
 
-class GatewayCollector(Collector):
-    """Reads one gateway's counters on every scrape."""
+class SnapshotCollector(Collector):
+    """Takes one snapshot per scrape and yields its metric families."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self._gateway = gateway
+    def __init__(self, take: Callable[[], Snapshot]) -> None:
+        self._take = take
 
     def collect(self) -> Iterator[Metric]:
         """Yield every pgws metric family."""
-        gateway = self._gateway
-        stats = gateway.handler.stats
+        stats = self._take()
         sockets = GaugeMetricFamily("pgws_sockets_open", "Open WebSockets", labels=["mode"])
         for mode in ("r", "w", "rw"):
-            sockets.add_metric([mode], stats.open_by_mode.get(mode, 0))
+            sockets.add_metric([mode], stats.sockets_open.get(mode, 0))
         yield sockets
         yield GaugeMetricFamily(
-            "pgws_channels",
-            "Channels with at least one reader",
-            value=gateway.registry.channel_count,
+            "pgws_channels", "Channels with at least one reader", value=stats.channels
         )
         yield CounterMetricFamily(
-            "pgws_frames_received", "Frames received from clients", value=stats.frames_in
+            "pgws_frames_received", "Frames received from clients", value=stats.frames_received
         )
         yield CounterMetricFamily(
-            "pgws_notifies_sent", "NOTIFYs sent to the database", value=gateway.notifier.sent
+            "pgws_notifies_sent", "NOTIFYs sent to the database", value=stats.notifies_sent
         )
         failed = CounterMetricFamily(
             "pgws_notifies_failed", "Client messages that could not be sent", labels=["reason"]
         )
-        failed.add_metric(["too_big"], stats.too_big)
-        failed.add_metric(["database"], gateway.notifier.failed)
+        failed.add_metric(["too_big"], stats.notifies_too_big)
+        failed.add_metric(["database"], stats.notifies_failed_database)
         yield failed
         yield CounterMetricFamily(
             "pgws_notifies_resent",
             "NOTIFYs sent again on a fresh connection after theirs died",
-            value=gateway.notifier.resent,
+            value=stats.notifies_resent,
         )
         yield CounterMetricFamily(
             "pgws_notifications_received",
             "Notifications received on the LISTEN connection",
-            value=gateway.listener.received,
+            value=stats.notifications_received,
         )
         yield CounterMetricFamily(
             "pgws_notifications_undecodable",
             "Notifications skipped because their payload was not UTF-8 (a SQL_ASCII database)",
-            value=gateway.listener.undecodable,
+            value=stats.notifications_undecodable,
         )
         yield CounterMetricFamily(
             "pgws_messages_delivered",
             "Messages handed to sockets (one per socket per notification)",
-            value=gateway.registry.delivered,
+            value=stats.messages_delivered,
         )
         rejected = CounterMetricFamily(
             "pgws_handshakes_rejected", "Refused WebSocket upgrades", labels=["reason"]
         )
-        for reason, count in sorted(stats.rejected.items()):
+        for reason, count in sorted(stats.handshakes_rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
         yield GaugeMetricFamily(
             "pgws_listener_up",
             "1 while the LISTEN connection is up",
-            value=1 if gateway.listener.up.is_set() else 0,
+            value=1 if stats.listener_up else 0,
         )
         yield CounterMetricFamily(
             "pgws_listener_reconnects",
             "Times the LISTEN connection was replaced",
-            value=gateway.listener.reconnects,
+            value=stats.listener_reconnects,
         )
         yield CounterMetricFamily(
             "pgws_slow_consumers_closed",
             "Sockets closed for not reading fast enough",
-            value=stats.slow_consumers,
+            value=stats.slow_consumers_closed,
         )
         yield GaugeMetricFamily(
             "pgws_buffered_bytes",
             "Bytes all sockets hold unsent (bounded by PGWS_MAX_BUFFERED_TOTAL)",
-            value=gateway.buffered_bytes(),
+            value=stats.buffered_bytes,
         )
         yield GaugeMetricFamily(
             "pgws_buffered_bytes_peak",
             "The most all sockets held unsent at once (counted with PGWS_MAX_BUFFERED_TOTAL set)",
-            value=gateway.handler.buffers.peak,
+            value=stats.buffered_bytes_peak,
         )
         yield CounterMetricFamily(
             "pgws_buffered_total_drops",
             "Slow consumers closed because all sockets together held too much",
-            value=stats.over_total,
+            value=stats.buffered_total_drops,
         )
         yield CounterMetricFamily(
             "pgws_read_only_floods_closed",
             "Read-only sockets closed for sending more than they may",
-            value=stats.read_only_floods,
+            value=stats.read_only_floods_closed,
         )
-        usage = gateway.notifier.queue_usage
-        if usage is not None:
+        if stats.notification_queue_usage is not None:
             yield GaugeMetricFamily(
                 "pgws_notification_queue_usage",
                 "pg_notification_queue_usage(), sampled periodically",
-                value=usage,
+                value=stats.notification_queue_usage,
             )
 
 
-def exposition(gateway: Gateway) -> Callable[[], tuple[bytes, str]]:
-    """A function returning the current metrics text and its content type."""
+def exposition(take: Callable[[], Snapshot]) -> Callable[[], tuple[bytes, str]]:
+    """A function returning the metrics text for a fresh snapshot, and its content type."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(gateway))
+    registry.register(SnapshotCollector(take))
 
     def render() -> tuple[bytes, str]:
         return generate_latest(registry), CONTENT_TYPE_LATEST

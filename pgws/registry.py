@@ -7,6 +7,7 @@ many sockets) a dictionary lookup and one call.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Generic, TypeVar
 
@@ -18,6 +19,14 @@ Deliver = Callable[[Iterable[S], str], None]
 SendOut = Callable[[str], Awaitable[None]]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RegistryStats:
+    """The registry's figures at one moment (Registry.stats())."""
+
+    channels: int  # channels with at least one reader
+    delivered: int  # messages handed to sockets (one per socket per notification)
+
+
 class Registry(Generic[S]):
     """Maps channels to their subscribers; routes notifications in and envelopes out."""
 
@@ -27,7 +36,7 @@ class Registry(Generic[S]):
         self._send_out = send_out
         self._channels: dict[str, set[S]] = {}
         self._published: dict[str, int] = {}  # per channel with readers: notifications so far
-        self.delivered = 0  # messages handed to sockets, for metrics
+        self.delivered = 0  # messages handed to sockets; live, /metrics reads stats()
 
     def subscribe(self, subscriber: S, channels: Iterable[str]) -> None:
         """Start delivering notifications on `channels` to `subscriber`."""
@@ -79,3 +88,7 @@ class Registry(Generic[S]):
     def channel_count(self) -> int:
         """How many channels have at least one reader."""
         return len(self._channels)
+
+    def stats(self) -> RegistryStats:
+        """A snapshot of the figures, for /metrics."""
+        return RegistryStats(channels=len(self._channels), delivered=self.delivered)

@@ -1,20 +1,17 @@
-"""`run(config)`: start the gateway, supervise its tasks, stop it in order.
+"""The composition root: `Gateway` wires the parts together, `run(config)` runs one process.
 
-Start: key and TLS checks, LISTEN connection and pool (with retries), then the port. Stop (signal,
-or the listener lost without self-healing): stop accepting, close sockets with 1001 while their
+Start: key and TLS checks and the port bound, then the LISTEN connection and the senders (with
+retries), then sockets accepted. Stop (signal, or the listener lost without self-healing), in
+reverse order through one AsyncExitStack: stop accepting, close sockets with 1001 while their
 NOTIFYs finish, then close the database connections; all within PGWS_SHUTDOWN_TIMEOUT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import errno
-import hashlib
-import os
 import signal
-import socket
-import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +27,9 @@ from pgws.db.listener import Listener
 from pgws.db.notifier import Notifier
 from pgws.errors import ConfigError
 from pgws.handler import Handler, deliver, select_subprotocol, tracked_connection_class
+from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
 from pgws.registry import Registry
+from pgws.signals import signals_handled
 from pgws.systemd import SystemdNotifier
 
 log = structlog.get_logger("pgws.server")
@@ -40,92 +39,6 @@ PING_INTERVAL = 30.0
 PING_TIMEOUT = 30.0
 # How often pg_notification_queue_usage() is read for /metrics.
 QUEUE_SAMPLE_INTERVAL = 10.0
-
-
-def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """The one listening socket PGWS_HOST names, bound to `port`.
-
-    `*4` (and warp's `!4`) is every IPv4 address; `*6` and `*` one dual-stack IPv6 socket that
-    also takes IPv4 (falling back to IPv4 where the machine has no IPv6); `!6` IPv6 only; anything
-    else is resolved and its first address bound. Failures are ConfigErrors naming the variable.
-    """
-    if host in ("*4", "!4"):
-        candidates = [(socket.AF_INET, "0.0.0.0", False)]  # noqa: S104
-    elif host in ("*6", "*"):
-        candidates = [(socket.AF_INET6, "::", True), (socket.AF_INET, "0.0.0.0", False)]  # noqa: S104
-    elif host == "!6":
-        candidates = [(socket.AF_INET6, "::", False)]
-    else:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise ConfigError("PGWS_HOST", f"cannot resolve {host!r}: {exc.strerror}") from None
-        except ValueError:  # UnicodeError from the IDNA codec: `a..b`, a label over 63 characters
-            raise ConfigError("PGWS_HOST", f"{host!r} is not a valid host name") from None
-        candidates = [(family, str(address[0]), False) for family, *_, address in infos[:1]]
-    error: OSError | None = None
-    for family, address, dual_stack in candidates:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
-            sock.bind((address, port))
-        except OSError as exc:
-            sock.close()
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError("PGWS_PORT", f"port {port} is already in use on {host}") from None
-            error = exc
-            continue
-        sock.setblocking(False)
-        return sock
-    reason = error.strerror if error is not None else "no usable address"
-    raise ConfigError("PGWS_HOST", f"cannot listen on {host!r}: {reason}")
-
-
-def tls_context(config: Config) -> ssl.SSLContext | None:
-    """The server TLS context, or None for plain ws://; an unusable file is a ConfigError.
-
-    OpenSSL reports an unparseable certificate file and an unparseable key file alike ("[SSL] PEM
-    lib", no reason), so on that error the certificate file is loaded on its own to name the right
-    variable. An encrypted key makes OpenSSL call `password`, whose exception propagates
-    unwrapped: pgws never prompts for a passphrase.
-    """
-    if config.certificate_file is None or config.key_file is None:
-        return None
-    certificate, key = config.certificate_file, config.key_file
-    for name, path in (("PGWS_CERTIFICATE_FILE", certificate), ("PGWS_KEY_FILE", key)):
-        try:
-            with path.open("rb"):
-                pass
-        except OSError as exc:
-            raise ConfigError(name, f"cannot read {str(path)!r}: {exc.strerror}") from None
-
-    def no_passphrase() -> bytes:
-        raise ConfigError(
-            "PGWS_KEY_FILE", f"{str(key)!r} is encrypted; pgws needs a key without a passphrase"
-        )
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(certificate, key, password=no_passphrase)
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            raise ConfigError(
-                "PGWS_KEY_FILE",
-                f"{str(key)!r} does not match the certificate in PGWS_CERTIFICATE_FILE",
-            ) from None
-        try:  # alone, as CA certificates: fails the same way only if the certificate is at fault
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=certificate)
-        except ssl.SSLError:
-            raise ConfigError(
-                "PGWS_CERTIFICATE_FILE", f"no PEM certificate in {str(certificate)!r}"
-            ) from None
-        detail = f" ({exc.reason})" if exc.reason else ""
-        raise ConfigError("PGWS_KEY_FILE", f"no PEM private key in {str(key)!r}{detail}") from None
-    return context
 
 
 # Config fields SIGHUP applies to a running gateway; every other change needs a restart.
@@ -139,45 +52,16 @@ def _variable(field: str) -> str:
     return f"PGWS_{field.upper()}"
 
 
-def _tls_digests(config: Config) -> tuple[bytes, bytes]:
-    """Hashes of the certificate and key files, to tell which of them a reload changed."""
-    digests = []
-    for name, path in (
-        ("PGWS_CERTIFICATE_FILE", config.certificate_file),
-        ("PGWS_KEY_FILE", config.key_file),
-    ):
-        if path is None:
-            digests.append(b"")
-            continue
-        try:
-            digests.append(hashlib.sha256(path.read_bytes()).digest())
-        except OSError as exc:
-            raise ConfigError(name, f"cannot read {str(path)!r}: {exc.strerror}") from None
-    return digests[0], digests[1]
+def _log_stopped() -> None:
+    # Called rather than registered as `log.info`: a method bound at start-up would keep the
+    # logging set-up of that moment.
+    log.info("server_stopped")
 
 
 def _warn_if_weak(verifier: Verifier) -> None:
     weakest = verifier.weakest_secret
     if weakest is not None and weakest < 32:
         log.warning("jwt_secret_weak", bytes=weakest, advice="use at least 32 random bytes")
-
-
-# asyncio reports a failed accept (a TLS handshake included) with this message, in debug mode.
-_ACCEPT_FAILED = "Error on transport creation for incoming connection"
-
-
-def quiet_tls_failures(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """Loop exception handler: a client's failed TLS handshake is one INFO line, not an ERROR.
-
-    A plain ws:// client or an HTTP probe on the wss:// port is the client's mistake; every other
-    error goes to the default handler unchanged.
-    """
-    exc = context.get("exception")
-    if context.get("message") == _ACCEPT_FAILED and isinstance(exc, ssl.SSLError | ConnectionError):
-        reason = exc.reason if isinstance(exc, ssl.SSLError) else type(exc).__name__
-        log.info("tls_handshake_failed", error=reason)
-        return
-    loop.default_exception_handler(context)
 
 
 async def finish_response(
@@ -203,14 +87,7 @@ class Gateway:
         self.verifier = Verifier.from_secret(
             config.jwt_secret, audience=config.jwt_audience, issuer=config.jwt_issuer
         )
-        # `ssl` is the context the server was started with; each handshake switches to
-        # `_tls_current` from its SNI callback (called with or without SNI), so SIGHUP can swap
-        # certificates without touching the listening socket.
-        self.ssl = tls_context(config)
-        self._tls_current = self.ssl
-        self._tls_digests = _tls_digests(config)
-        if self.ssl is not None:
-            self.ssl.sni_callback = self._use_current_certificate
+        self.tls = ReloadableTls(config)
         self.notifier = Notifier(config)
         self.registry: Registry[ServerConnection] = Registry(
             config.listen_channel, deliver, self.notifier.notify
@@ -221,16 +98,10 @@ class Gateway:
             self.verifier,
             self.registry,
             ready=self.is_ready,
-            metrics=metrics.exposition(self),
+            metrics=metrics.exposition(self.metrics_snapshot),
         )
         self.server: Server | None = None
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
-
-    def _use_current_certificate(
-        self, connection: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None, _: ssl.SSLContext
-    ) -> None:
-        if self._tls_current is not None and connection.context is not self._tls_current:
-            connection.context = self._tls_current
 
     def reload(self, new: Config) -> list[str]:
         """SIGHUP: apply a new token key and TLS certificate; return the variables that changed.
@@ -274,19 +145,13 @@ class Gateway:
         return changed
 
     def _reload_certificate(self, new: Config) -> list[str]:
-        if self.ssl is None or not new.tls:
+        if self.tls.context is None or not new.tls:
             return []  # turning TLS on or off needs a restart
         try:
-            digests = _tls_digests(new)
-            context = tls_context(new)
+            changed = self.tls.reload(new)
         except ConfigError as exc:
             log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")
             return []
-        names = ("PGWS_CERTIFICATE_FILE", "PGWS_KEY_FILE")
-        changed = [
-            name for name, a, b in zip(names, self._tls_digests, digests, strict=True) if a != b
-        ]
-        self._tls_current, self._tls_digests = context, digests
         self.config = dataclasses.replace(
             self.config, certificate_file=new.certificate_file, key_file=new.key_file
         )
@@ -306,6 +171,32 @@ class Gateway:
                 continue  # not connected yet, or already gone
         return total
 
+    def metrics_snapshot(self) -> metrics.Snapshot:
+        """Every component's stats at one moment, in the shape /metrics renders."""
+        handler, registry = self.handler.stats.snapshot(), self.registry.stats()
+        notifier, listener = self.notifier.stats(), self.listener.stats()
+        return metrics.Snapshot(
+            sockets_open=handler.open_by_mode,
+            channels=registry.channels,
+            frames_received=handler.frames_in,
+            notifies_sent=notifier.sent,
+            notifies_too_big=handler.too_big,
+            notifies_failed_database=notifier.failed,
+            notifies_resent=notifier.resent,
+            notifications_received=listener.received,
+            notifications_undecodable=listener.undecodable,
+            messages_delivered=registry.delivered,
+            handshakes_rejected=handler.rejected,
+            listener_up=listener.up,
+            listener_reconnects=listener.reconnects,
+            slow_consumers_closed=handler.slow_consumers,
+            buffered_bytes=self.buffered_bytes(),
+            buffered_bytes_peak=self.handler.buffers.peak,
+            buffered_total_drops=handler.over_total,
+            read_only_floods_closed=handler.read_only_floods,
+            notification_queue_usage=notifier.queue_usage,
+        )
+
     @property
     def port(self) -> int:
         """The bound TCP port (useful with PGWS_PORT=0)."""
@@ -318,46 +209,46 @@ class Gateway:
         stop: asyncio.Event,
         on_ready: Callable[[Gateway], Any] | None = None,
     ) -> None:
-        """Serve until `stop` is set or a task fails; always shut down in order."""
+        """Serve until `stop` is set or a task fails, then stop in reverse order of start-up.
+
+        Start: bind the port, LISTEN, open the senders, accept sockets. Stop: stop accepting and
+        close the sockets (1001) while their NOTIFYs go out, let the senders finish what is
+        queued, close the LISTEN connection, release the port.
+        """
         config = self.config
         # Bound first, so a taken port fails at once rather than after the database retries;
         # connections are only accepted once serve() listens, after the database is up.
         sock = listen_socket(config.host, config.port, reuse_port=self._reuse_port)
         _warn_if_weak(self.verifier)
-        loop = asyncio.get_running_loop()
-        previous_handler = loop.get_exception_handler()
-        loop.set_exception_handler(quiet_tls_failures)
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(_log_stopped)
+            stack.callback(sock.close)  # already closed by the server if it got that far
+            stack.enter_context(tls_failures_quieted(asyncio.get_running_loop()))
+            stack.push_async_callback(self.listener.close)
             await self.listener.connect()
+            stack.push_async_callback(self.notifier.close)
             await self.notifier.open()
-            async with serve(
-                self.handler.handle,
-                sock=sock,
-                process_request=self.handler.check_request,
-                process_response=finish_response,
-                select_subprotocol=select_subprotocol,
-                create_connection=tracked_connection_class(self._connections),
-                compression="deflate" if config.compression else None,
-                max_size=config.max_message_size,
-                write_limit=config.client_max_buffer,
-                ping_interval=PING_INTERVAL,
-                ping_timeout=PING_TIMEOUT,
-                close_timeout=min(config.shutdown_timeout / 2, 10.0),
-                server_header=f"pgws/{__version__}",
-                ssl=self.ssl,
-            ) as server:
-                self.server = server
-                try:
-                    await self._supervise(stop, on_ready)
-                finally:
-                    log.info("server_stopping", sockets=len(server.connections))
-                    await self._close_sockets(server)
-        finally:
-            loop.set_exception_handler(previous_handler)
-            sock.close()  # already closed by the server if it got that far
-            await self.notifier.close()
-            await self.listener.close()
-            log.info("server_stopped")
+            server = await stack.enter_async_context(
+                serve(
+                    self.handler.handle,
+                    sock=sock,
+                    process_request=self.handler.check_request,
+                    process_response=finish_response,
+                    select_subprotocol=select_subprotocol,
+                    create_connection=tracked_connection_class(self._connections),
+                    compression="deflate" if config.compression else None,
+                    max_size=config.max_message_size,
+                    write_limit=config.client_max_buffer,
+                    ping_interval=PING_INTERVAL,
+                    ping_timeout=PING_TIMEOUT,
+                    close_timeout=min(config.shutdown_timeout / 2, 10.0),
+                    server_header=f"pgws/{__version__}",
+                    ssl=self.tls.context,
+                )
+            )
+            self.server = server
+            stack.push_async_callback(self._close_sockets, server)
+            await self._supervise(stop, on_ready)
 
     async def _supervise(
         self, stop: asyncio.Event, on_ready: Callable[[Gateway], Any] | None
@@ -371,7 +262,7 @@ class Gateway:
                 "server_started",
                 port=self.port,
                 host=self.config.host,
-                tls=self.ssl is not None,
+                tls=self.tls.context is not None,
                 db_host=db_host(self.config.db_uri),
                 listen_channel=self.config.listen_channel,
                 event_loop=type(asyncio.get_running_loop()).__module__,
@@ -390,6 +281,7 @@ class Gateway:
         for aborting stragglers (stalled readers, clients that never finished their handshake)
         and closing the database connections.
         """
+        log.info("server_stopping", sockets=len(server.connections))
         budget = self.config.shutdown_timeout
         server.close()
         try:
@@ -405,17 +297,6 @@ class Gateway:
                     await server.wait_closed()
             except TimeoutError:
                 log.error("sockets_left_open", count=len(self._connections))
-
-
-# SIGQUIT stops as gracefully as SIGTERM (nginx's meaning; Python's default would dump core
-# without closing sockets). SIGUSR1/2 mean nothing to pgws: logged and ignored, never fatal.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-
-
-def log_ignored_signal(sig: signal.Signals) -> None:
-    """The handler of SIGUSR1/SIGUSR2: one line, so a stray `kill -USR1` is visible."""
-    log.info("signal_ignored", signal=sig.name)
 
 
 async def run(
@@ -454,14 +335,6 @@ async def run(
             return
         gateway.reload(new)
 
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, request_stop, sig)
-    for sig in IGNORED_SIGNALS:
-        loop.add_signal_handler(sig, log_ignored_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    if parent_pipe is not None:
-        watch_parent_pipe(loop, parent_pipe, request_stop)
-
     def ready(_: Gateway) -> None:
         systemd.notify("READY=1")
         watchdog.set()
@@ -474,7 +347,7 @@ async def run(
         await watchdog.wait()
         await systemd.watchdog_forever()
 
-    try:
+    with signals_handled(loop, request_stop, reload, parent_pipe):
         async with asyncio.TaskGroup() as tasks:
             pinging = tasks.create_task(ping_once_ready(), name="watchdog")
             try:
@@ -483,29 +356,3 @@ async def run(
                 if not stop.is_set():  # stopped by an error rather than a signal
                     systemd.notify("STOPPING=1")
                 pinging.cancel()
-    finally:
-        for sig in (*STOP_SIGNALS, *IGNORED_SIGNALS, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        if parent_pipe is not None:
-            loop.remove_reader(parent_pipe)
-
-
-def watch_parent_pipe(
-    loop: asyncio.AbstractEventLoop, fd: int, request_stop: Callable[[], None]
-) -> None:
-    """Call `request_stop` once `fd` reads EOF: the only holder of its write end has exited."""
-    os.set_blocking(fd, False)
-
-    def readable() -> None:
-        try:
-            if os.read(fd, 64):
-                return  # nobody writes to it; ignore anything that comes
-        except BlockingIOError:
-            return
-        except OSError:
-            pass  # as good as EOF
-        loop.remove_reader(fd)
-        log.warning("supervisor_gone", action="stop")
-        request_stop()
-
-    loop.add_reader(fd, readable)

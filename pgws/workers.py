@@ -29,7 +29,8 @@ import structlog
 
 from pgws.config import Config
 from pgws.errors import ConfigError
-from pgws.server import IGNORED_SIGNALS, STOP_SIGNALS, listen_socket, log_ignored_signal
+from pgws.net import listen_socket
+from pgws.signals import IGNORED_SIGNALS, STOP_SIGNALS, log_ignored_signal
 from pgws.systemd import SystemdNotifier
 
 log = structlog.get_logger("pgws.workers")

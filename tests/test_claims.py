@@ -26,7 +26,6 @@ from pgws.claims import (
     issue_token,
     parse_path,
 )
-from pgws.config import MAX_CHANNEL_BYTES
 from pgws.envelope import EnvelopeWriter
 from pgws.errors import (
     BadRequest,
@@ -36,6 +35,7 @@ from pgws.errors import (
     TokenExpired,
     Unauthorized,
 )
+from pgws.limits import MAX_CHANNEL_BYTES
 from tests.conftest import SECRET, make_token
 
 pytestmark = pytest.mark.nodb

@@ -32,7 +32,7 @@ from pgws.config import (
     unknown_settings,
 )
 from pgws.errors import ConfigError
-from pgws.server import tls_context
+from pgws.net import tls_context
 
 pytestmark = pytest.mark.nodb
 

@@ -252,7 +252,7 @@ async def test_close_returns_within_about_a_second_with_frozen_backends(dsn: str
         os.kill(pid, signal.SIGSTOP)
     try:
         writes = [asyncio.create_task(notifier.notify(f"m{index}")) for index in range(20)]
-        await asyncio.sleep(0.1)  # sent, never answered
+        await until(lambda: notifier.stats().in_flight == 20, "every write sent, unanswered")
         started = time.monotonic()
         await notifier.close()
         elapsed = time.monotonic() - started

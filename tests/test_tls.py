@@ -24,7 +24,7 @@ from websockets.exceptions import InvalidMessage
 
 from pgws.config import Config
 from pgws.errors import ConfigError
-from pgws.server import tls_context
+from pgws.net import tls_context
 from tests.conftest import (
     SECRET,
     TIMEOUT,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +103,16 @@ class _Wire:
         return payloads, finished
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListenerStats:
+    """The LISTEN connection's state and counters at one moment (Listener.stats())."""
+
+    up: bool
+    received: int  # notifications handed on
+    undecodable: int  # skipped: the payload was not UTF-8
+    reconnects: int  # times the connection was replaced
+
+
 class Listener:
     """The LISTEN connection, feeding `on_notify` with each payload in the order received.
 
@@ -115,10 +126,20 @@ class Listener:
         self._on_notify = on_notify
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._wire: _Wire | None = None
+        # Live state, written only here: `up` is awaited and read by /ready; counters by tests.
         self.up = asyncio.Event()
         self.reconnects = 0
         self.received = 0
         self.undecodable = 0
+
+    def stats(self) -> ListenerStats:
+        """A snapshot of the state and counters, for /metrics."""
+        return ListenerStats(
+            up=self.up.is_set(),
+            received=self.received,
+            undecodable=self.undecodable,
+            reconnects=self.reconnects,
+        )
 
     @property
     def backend_pid(self) -> int | None:

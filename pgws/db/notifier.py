@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from typing import Any
 
 import psycopg
@@ -36,6 +37,17 @@ UNAVAILABLE = "database unavailable: the message was not sent"
 _STOPPING = "server stopping: the message may not have been sent"
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class NotifierStats:
+    """The senders' counters at one moment (Notifier.stats())."""
+
+    sent: int  # NOTIFYs the database accepted
+    failed: int  # notify() calls that raised NotifyFailed
+    resent: int  # NOTIFYs sent again on a fresh connection after theirs died
+    queue_usage: float | None  # the last pg_notification_queue_usage(); None while unknown
+    in_flight: int  # NOTIFYs sent whose answer has not come back yet (not a metric)
+
+
 class Notifier:
     """Sends envelopes with `pg_notify(listen_channel, payload)` through a few pipelined senders.
 
@@ -65,12 +77,24 @@ class Notifier:
         }
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
         self._connections: list[PipelinedConnection | None] = [None] * self._size
+        self._lifetime = contextlib.AsyncExitStack()  # holds the senders' task group while open
         self._senders: list[asyncio.Task[None]] = []
         self._closing = False
+        # Live counters, written only here (tests read them); /metrics reads stats().
         self.sent = 0
         self.failed = 0
-        self.resent = 0  # NOTIFYs sent again on a fresh connection after theirs died
-        self.queue_usage: float | None = None  # pg_notification_queue_usage(), when sampled
+        self.resent = 0
+        self.queue_usage: float | None = None
+
+    def stats(self) -> NotifierStats:
+        """A snapshot of the counters, for /metrics."""
+        return NotifierStats(
+            sent=self.sent,
+            failed=self.failed,
+            resent=self.resent,
+            queue_usage=self.queue_usage,
+            in_flight=sum(conn.unanswered for conn in self._connections if conn is not None),
+        )
 
     async def open(self) -> None:
         """Open the senders' connections (with the start-up retries), then start the senders."""
@@ -91,10 +115,11 @@ class Notifier:
         self._connections = await with_retries(
             "notifier", self._retries, attempt, where=db_target(self._conninfo)
         )
-        loop = asyncio.get_running_loop()
-        # Owned here, cancelled and awaited by close(): the gateway's task group never sees them.
+        # The senders' own task group, entered here and left by close() (the same task must call
+        # both): they outlive the gateway's supervised tasks, to send what closing sockets wrote.
+        senders = await self._lifetime.enter_async_context(asyncio.TaskGroup())
         self._senders = [
-            loop.create_task(self._send_forever(slot), name=f"notify-sender-{slot}")
+            senders.create_task(self._send_forever(slot), name=f"notify-sender-{slot}")
             for slot in range(self._size)
         ]
 
@@ -262,7 +287,7 @@ class Notifier:
                     await self._queue.join()
             for task in self._senders:
                 task.cancel()
-            await asyncio.gather(*self._senders, return_exceptions=True)
+            await self._lifetime.aclose()  # the task group waits for every sender to end
             self._senders = []
         while not self._queue.empty():
             self._queue.get_nowait().fail(_STOPPING)

@@ -112,6 +112,11 @@ class PipelinedConnection:
             raise
         return self
 
+    @property
+    def unanswered(self) -> int:
+        """Messages sent (or being sent) whose answer has not come back yet."""
+        return len(self._in_flight)
+
     def _check_prepared(self, prepared: Message) -> None:
         if self.error is not None:
             raise psycopg.OperationalError(self.error)
