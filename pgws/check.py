@@ -12,7 +12,7 @@ import dataclasses
 from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.db.probe import probe_database
-from pgws.server import tls_context
+from pgws.net import tls_context
 
 
 @dataclasses.dataclass(frozen=True)
