@@ -27,7 +27,7 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Yield every pgws metric family."""
         gateway = self._gateway
-        stats = gateway.handler.stats
+        stats = gateway.socket_stats
         sockets = GaugeMetricFamily("pgws_sockets_open", "Open WebSockets", labels=["mode"])
         for mode in ("r", "w", "rw"):
             sockets.add_metric([mode], stats.open_by_mode.get(mode, 0))
@@ -98,7 +98,7 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily(
             "pgws_buffered_bytes_peak",
             "The most all sockets held unsent at once (counted with PGWS_MAX_BUFFERED_TOTAL set)",
-            value=gateway.handler.buffers.peak,
+            value=gateway.buffers.peak,
         )
         yield CounterMetricFamily(
             "pgws_buffered_total_drops",

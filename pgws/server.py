@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,14 +24,17 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from pgws import __version__, metrics, web
+from pgws.buffers import BufferLedger
 from pgws.claims import Verifier
 from pgws.config import Config
+from pgws.connection import SocketStats, deliver, tracked_connection_class
 from pgws.db.connect import db_host
 from pgws.db.listener import Listener
 from pgws.db.notifier import Notifier
 from pgws.errors import ConfigError
-from pgws.handler import Handler, deliver, select_subprotocol, tracked_connection_class
+from pgws.handshake import Handshake, select_subprotocol
 from pgws.registry import Registry
+from pgws.session import Sessions
 from pgws.systemd import SystemdNotifier
 
 log = structlog.get_logger("pgws.server")
@@ -216,12 +220,21 @@ class Gateway:
             config.listen_channel, deliver, self.notifier.notify
         )
         self.listener = Listener(config, self.registry.publish_in)
-        self.handler = Handler(
+        # The one clock handshakes and sessions read, looked up at each call: tests replace it.
+        self.clock: Callable[[], float] = time.time
+        self.socket_stats = SocketStats()
+        self.buffers = BufferLedger(config.max_buffered_total)
+        routes = web.Routes(config.root_path, ready=self.is_ready, metrics=metrics.exposition(self))
+        self.handshake = Handshake(
             config,
             self.verifier,
-            self.registry,
-            ready=self.is_ready,
-            metrics=metrics.exposition(self),
+            self.socket_stats,
+            self.buffers,
+            plain=routes.answer,
+            clock=lambda: self.clock(),
+        )
+        self.sessions = Sessions(
+            config, self.registry, self.socket_stats, clock=lambda: self.clock()
         )
         self.server: Server | None = None
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
@@ -266,7 +279,7 @@ class Gateway:
         except ConfigError as exc:
             log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")
             return []
-        self.verifier = self.handler.verifier = verifier
+        self.verifier = self.handshake.verifier = verifier
         self.config = dataclasses.replace(
             self.config, **{field: getattr(new, field) for field in fields}
         )
@@ -331,9 +344,9 @@ class Gateway:
             await self.listener.connect()
             await self.notifier.open()
             async with serve(
-                self.handler.handle,
+                self.sessions.handle,
                 sock=sock,
-                process_request=self.handler.check_request,
+                process_request=self.handshake.check_request,
                 process_response=finish_response,
                 select_subprotocol=select_subprotocol,
                 create_connection=tracked_connection_class(self._connections),

@@ -256,7 +256,7 @@ async def test_a_flooding_writer_does_not_hold_up_other_channels(gateway: Runnin
             sent = await flooding
     assert sent > 100
     # Backpressure, not buffering: the server has sent about as much as the client has written.
-    assert gateway.gateway.notifier.sent >= gateway.gateway.handler.stats.frames_in - 64
+    assert gateway.gateway.notifier.sent >= gateway.gateway.socket_stats.frames_in - 64
 
 
 @pytest.mark.nodb
@@ -280,8 +280,8 @@ async def test_a_bug_in_one_handler_closes_that_socket_with_1011_only(
     gateway: Running, db: DB
 ) -> None:
     """An unexpected exception in a socket's handler is logged and closes it 1011; others go on."""
-    handler = gateway.gateway.handler
-    real_clock = handler._clock
+    daemon = gateway.gateway
+    real_clock = daemon.clock
     calls = 0
 
     def clock_that_breaks_once() -> float:  # the clock is the one thing tests may replace
@@ -294,14 +294,14 @@ async def test_a_bug_in_one_handler_closes_that_socket_with_1011_only(
     chat = channel_name()
     async with gateway.connect(f"/{chat}/{make_token({'mode': 'r'})}") as bystander:
         await subscribed(gateway, chat)
-        handler._clock = clock_that_breaks_once
+        daemon.clock = clock_that_breaks_once
         with capture_logs() as logs:
             async with gateway.connect(f"/{channel_name()}/{make_token({'mode': 'w'})}") as ws:
                 await ws.send("trigger")
                 with pytest.raises(ConnectionClosed) as closed:
                     async with asyncio.timeout(TIMEOUT):
                         await ws.recv()
-        handler._clock = real_clock
+        daemon.clock = real_clock
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 1011
         assert any(entry["event"] == "handler_crashed" for entry in logs)
