@@ -107,11 +107,11 @@ class Sessions:
             if conn.dropped:  # RFC 6455 7.1.7: nothing more is processed after a drop
                 return False
             match action:
-                case legacy.Publish(envelope=envelope):
-                    await self._registry.publish_out(envelope)
-                case legacy.Ignore(size=size):
+                case legacy.Publish():
+                    await self._registry.publish_out(action.envelope)
+                case legacy.Ignore():
                     # SPEC 3: read-only sockets' frames are read and dropped, up to a budget.
-                    if conn.read_only_budget_spent(size):
+                    if conn.read_only_budget_spent(action.size):
                         self._close_flooding(conn)
                         return False
                 case legacy.Close() | legacy.Refuse():
