@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,15 +21,18 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from pgws import __version__, metrics, web
+from pgws.buffers import BufferLedger
 from pgws.claims import Verifier
 from pgws.config import Config
+from pgws.connection import SocketStats, deliver, tracked_connection_class
 from pgws.db.connect import db_host
 from pgws.db.listener import Listener
 from pgws.db.notifier import Notifier
 from pgws.errors import ConfigError
-from pgws.handler import Handler, deliver, select_subprotocol, tracked_connection_class
+from pgws.handshake import Handshake, select_subprotocol
 from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
 from pgws.registry import Registry
+from pgws.session import Sessions
 from pgws.signals import signals_handled
 from pgws.systemd import SystemdNotifier
 
@@ -93,12 +97,23 @@ class Gateway:
             config.listen_channel, deliver, self.notifier.notify
         )
         self.listener = Listener(config, self.registry.publish_in)
-        self.handler = Handler(
+        # The one clock handshakes and sessions read, looked up at each call: tests replace it.
+        self.clock: Callable[[], float] = time.time
+        self.socket_stats = SocketStats()
+        self.buffers = BufferLedger(config.max_buffered_total)
+        routes = web.Routes(
+            config.root_path, ready=self.is_ready, metrics=metrics.exposition(self.metrics_snapshot)
+        )
+        self.handshake = Handshake(
             config,
             self.verifier,
-            self.registry,
-            ready=self.is_ready,
-            metrics=metrics.exposition(self.metrics_snapshot),
+            self.socket_stats,
+            self.buffers,
+            plain=routes.answer,
+            clock=lambda: self.clock(),
+        )
+        self.sessions = Sessions(
+            config, self.registry, self.socket_stats, clock=lambda: self.clock()
         )
         self.server: Server | None = None
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
@@ -137,7 +152,7 @@ class Gateway:
         except ConfigError as exc:
             log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")
             return []
-        self.verifier = self.handler.verifier = verifier
+        self.verifier = self.handshake.verifier = verifier
         self.config = dataclasses.replace(
             self.config, **{field: getattr(new, field) for field in fields}
         )
@@ -173,7 +188,7 @@ class Gateway:
 
     def metrics_snapshot(self) -> metrics.Snapshot:
         """Every component's stats at one moment, in the shape /metrics renders."""
-        handler, registry = self.handler.stats.snapshot(), self.registry.stats()
+        handler, registry = self.socket_stats.snapshot(), self.registry.stats()
         notifier, listener = self.notifier.stats(), self.listener.stats()
         return metrics.Snapshot(
             sockets_open=handler.open_by_mode,
@@ -191,7 +206,7 @@ class Gateway:
             listener_reconnects=listener.reconnects,
             slow_consumers_closed=handler.slow_consumers,
             buffered_bytes=self.buffered_bytes(),
-            buffered_bytes_peak=self.handler.buffers.peak,
+            buffered_bytes_peak=self.buffers.peak,
             buffered_total_drops=handler.over_total,
             read_only_floods_closed=handler.read_only_floods,
             notification_queue_usage=notifier.queue_usage,
@@ -230,9 +245,9 @@ class Gateway:
             await self.notifier.open()
             server = await stack.enter_async_context(
                 serve(
-                    self.handler.handle,
+                    self.sessions.handle,
                     sock=sock,
-                    process_request=self.handler.check_request,
+                    process_request=self.handshake.check_request,
                     process_response=finish_response,
                     select_subprotocol=select_subprotocol,
                     create_connection=tracked_connection_class(self._connections),

@@ -1,4 +1,5 @@
-"""Plain HTTP on the WebSocket port: static files from PGWS_ROOT_PATH, or a short 200.
+"""Plain HTTP on the WebSocket port: /health, /ready, /metrics, then static files from
+PGWS_ROOT_PATH (or a short 200).
 
 websockets hands us every request before the upgrade; those that are not upgrades end here.
 A file's body is never held in memory: `serve_plain` answers with its headers only and
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import mimetypes
+from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import unquote
@@ -111,6 +113,38 @@ def serve_plain(root: Path | None, request: Request) -> Response:
     if head:
         return Response(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers)
     return FileResponse(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers, path=path, size=size)
+
+
+class Routes:
+    """Requests that are not upgrades: health, readiness, metrics, then static files."""
+
+    def __init__(
+        self,
+        root: Path | None,
+        *,
+        ready: Callable[[], bool],
+        metrics: Callable[[], tuple[bytes, str]] | None = None,
+    ) -> None:
+        self._root = root
+        self._ready = ready
+        self._metrics = metrics
+
+    def answer(self, request: Request) -> Response:
+        """The response to one plain request (never an exception)."""
+        path = request.path.split("?", 1)[0]
+        head = request.method == "HEAD"
+        if path in ("/health", "/ready", "/metrics") and request.method not in ("GET", "HEAD"):
+            return serve_plain(None, request)  # the 405 static files get
+        if path == "/health":
+            return text(HTTPStatus.OK, "ok\n", head=head)
+        if path == "/ready":
+            if self._ready():
+                return text(HTTPStatus.OK, "ready\n", head=head)
+            return text(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n", head=head)
+        if path == "/metrics" and self._metrics is not None:
+            body, media_type = self._metrics()
+            return respond(HTTPStatus.OK, body, media_type, head=head)
+        return serve_plain(self._root, request)
 
 
 async def send_file(connection: ServerConnection, response: FileResponse) -> None:

@@ -665,3 +665,20 @@ def test_signed_claims_with_integers_beyond_64_bits_are_carried() -> None:
     grant = authorize(VERIFIER, "/" + jws.sign(payload.encode(), SECRET, algorithm="HS256"))
     envelope = EnvelopeWriter(grant.claims).build("WebsocketMessage", "a", "hi", NOW)
     assert json.loads(envelope)["claims"]["n"] == 2**64
+
+
+@pytest.mark.nodb
+def test_der_public_key_or_certificate_is_never_an_hmac_secret() -> None:
+    """A DER-encoded public key as PGWS_JWT_SECRET is refused: it must never verify HS256."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from pgws.claims import Verifier
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with pytest.raises(ConfigError, match="public key or certificate") as caught:
+        Verifier.from_secret(der)
+    assert caught.value.name == "PGWS_JWT_SECRET"

@@ -669,3 +669,22 @@ def test_effective_settings_show_every_field_but_no_secret() -> None:
     text = json.dumps(shown)
     assert SECRET not in text
     assert PASSWORD not in text
+
+
+@pytest.mark.nodb
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("PGWS_ALLOWED_ORIGINS", "app.example.com", "expected origins like"),
+        ("PGWS_ALLOWED_ORIGINS", "https://a.example.com/path", "expected origins like"),
+        ("PGWS_ALLOWED_ORIGINS", " , ", "lists no origin"),
+        ("PGWS_MAX_CHANNELS", "0", "between"),
+        ("PGWS_MAX_CONNECTIONS", "none", "expected an integer"),
+    ],
+)
+def test_new_settings_are_validated(name: str, value: str, problem: str) -> None:
+    """Each hardening setting refuses bad values with a message naming it."""
+    env = {"PGWS_DB_URI": "postgresql://x", "PGWS_JWT_SECRET": "s" * 32, name: value}
+    with pytest.raises(ConfigError, match=problem) as caught:
+        Config.from_env(env)
+    assert caught.value.name == name

@@ -216,7 +216,7 @@ async def test_slow_consumer_is_dropped_and_a_fast_reader_misses_nothing(
         async with asyncio.timeout(TIMEOUT):
             await reading
         await until(lambda: len(gateway.gateway.registry.subscribers(chat)) == 1, "the drop")
-        assert gateway.gateway.handler.stats.slow_consumers == 1
+        assert gateway.gateway.socket_stats.slow_consumers == 1
         with pytest.raises(ConnectionClosed) as closed:
             await drain_until_closed(stalled)
     assert received == count
@@ -289,7 +289,7 @@ async def test_connect_disconnect_churn_leaves_nothing_behind(gateway: Running) 
     assert server is not None
     await until(lambda: not server.connections, "every socket to be closed")
     await until(lambda: gateway.gateway.registry.channel_count == 0, "every channel forgotten")
-    assert sum(gateway.gateway.handler.stats.open_by_mode.values()) == 0
+    assert sum(gateway.gateway.socket_stats.open_by_mode.values()) == 0
 
 
 async def test_file_descriptor_exhaustion_refuses_sockets_but_the_server_survives(

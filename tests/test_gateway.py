@@ -473,3 +473,10 @@ async def test_disconnect_log_line_counts_frames_in_and_messages_out(
     assert len(ends) == 1
     assert (ends[0]["frames_in"], ends[0]["messages_out"]) == (1, 3)
     assert ends[0]["code"] == 1000
+
+
+async def test_short_hmac_secret_is_warned_about_at_start(start_gateway: StartGateway) -> None:
+    """An HS256 secret under 32 bytes starts, with a loud warning."""
+    with capture_logs() as logs:
+        await start_gateway(jwt_secret=b"short-secret")
+    assert any(entry["event"] == "jwt_secret_weak" and entry["bytes"] == 12 for entry in logs)

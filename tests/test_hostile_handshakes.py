@@ -228,8 +228,8 @@ async def test_a_handler_failing_right_after_counting_its_socket_still_uncounts_
     """Before: a failure between counting and the handler's try (here the clock, the one thing
     tests may replace) left the socket counted: the next client got 503 for good."""
     gateway: Running = await start_gateway(max_connections=1)
-    handler = gateway.gateway.handler
-    real_clock = handler._clock
+    daemon = gateway.gateway
+    real_clock = daemon.clock
     calls = 0
 
     def clock_that_breaks_once() -> float:
@@ -240,7 +240,7 @@ async def test_a_handler_failing_right_after_counting_its_socket_still_uncounts_
         return real_clock()
 
     chat = channel_name()
-    handler._clock = clock_that_breaks_once
+    daemon.clock = clock_that_breaks_once
     expiring = make_token({"mode": "r", "exp": int(real_clock()) + 600})
     try:
         async with gateway.connect(f"/{chat}/{expiring}") as ws:
@@ -248,7 +248,7 @@ async def test_a_handler_failing_right_after_counting_its_socket_still_uncounts_
                 async with asyncio.timeout(TIMEOUT):
                     await ws.recv()
     finally:
-        handler._clock = real_clock
+        daemon.clock = real_clock
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1011
     async with gateway.connect(f"/{chat}/{make_token({'mode': 'r'})}"):

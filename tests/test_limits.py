@@ -19,8 +19,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
 from pgws.config import DEFAULT_MAX_BUFFERED_TOTAL, Config
+from pgws.connection import READ_ONLY_BYTES, READ_ONLY_FRAMES
 from pgws.errors import ConfigError
-from pgws.handler import READ_ONLY_BYTES, READ_ONLY_FRAMES
 from tests.conftest import (
     TIMEOUT,
     Running,
@@ -129,7 +129,7 @@ async def test_a_read_only_socket_flooding_frames_is_closed_1008_and_others_carr
         assert (closed.rcvd.code, closed.rcvd.reason) == (1008, "read-only socket")
         assert elapsed < TIMEOUT / 2, elapsed
         # Closed at the first frame past the allowance.
-        assert gateway.gateway.handler.stats.frames_in == READ_ONLY_FRAMES + 1
+        assert gateway.gateway.socket_stats.frames_in == READ_ONLY_FRAMES + 1
         await gateway.notify(db, {"channel": chat, "payload": "after the flood"})
         assert (await recv_json(neighbour))["payload"] == "after the flood"
 
@@ -146,7 +146,7 @@ async def test_a_read_only_socket_may_send_its_allowance_and_stays_open(
             await ws.send(f"{index:<{size}}")
         await gateway.notify(db, {"channel": chat, "payload": "still open"})
         assert (await recv_json(ws))["payload"] == "still open"
-    assert gateway.gateway.handler.stats.read_only_floods == 0
+    assert gateway.gateway.socket_stats.read_only_floods == 0
 
 
 def stalled_socket(gateway: Running) -> socket.socket:
@@ -232,7 +232,7 @@ async def test_past_the_total_bound_the_largest_buffers_are_dropped_first(
         assert received == list(range(60))  # the fast reader: everything, in order
         # Only the biggest was dropped: the two smaller stalled readers are still there.
         assert len(gateway.gateway.registry.subscribers(shared)) == 3
-        stats = gateway.gateway.handler.stats
+        stats = gateway.gateway.socket_stats
         assert (stats.over_total, stats.slow_consumers) == (1, 1)
         assert peak <= limit + FRAME_BYTES, peak
         status, _, body = await http_get(gateway, "/metrics")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import Callable
 from typing import Any, Literal
@@ -135,3 +136,35 @@ async def test_sigterm_closes_sockets_with_1001_and_exits_0(serve_process: Any, 
         "SELECT count(*) FROM pg_stat_activity WHERE query = %s", (f'LISTEN "{listen_channel}"',)
     )
     assert await cursor.fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "",
+        "null",
+        "[]",
+        '{"channel": null}',
+        '{"channel": ["x"]}',
+        '{"channel": "%s", "n": 1' + "0" * 400 + "}",
+        '{"channel": "%s", "nested": ' + "[" * 500 + "]" * 500 + "}",
+        "\u2603 snow",
+        '"just a string"',
+    ],
+)
+async def test_any_notification_text_is_delivered_or_ignored(
+    gateway: Running, db: DB, payload: str
+) -> None:
+    """Odd producer payloads never break the listener: the next normal one still arrives."""
+    chat = channel_name()
+    async with gateway.connect(f"/{chat}/{make_token({'mode': 'r'})}") as ws:
+        await subscribed(gateway, chat)
+        text = payload.replace("%s", chat)
+        await gateway.notify(db, text)
+        await gateway.notify(db, {"channel": chat, "payload": "after"})
+        async with asyncio.timeout(TIMEOUT):
+            first = await ws.recv()
+            if "%s" in payload:
+                assert first == text
+                first = await ws.recv()
+        assert json.loads(first)["payload"] == "after"

@@ -1,0 +1,171 @@
+"""The WebSocket upgrade: who gets in, decided in websockets' process_request.
+
+A request that is not an upgrade goes to the plain-HTTP routes. An upgrade passes the origin and
+capacity checks, then its token (from the path, `Authorization: Bearer`, or a JWT-shaped
+Sec-WebSocket-Protocol offer) becomes a Grant; the grant and its envelope writer ride on the
+connection to the session. Any refusal is an HTTP error, counted and logged here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from typing import cast
+
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from pgws import web
+from pgws.buffers import BufferLedger
+from pgws.claims import Grant, Verifier, authorize, token_shaped
+from pgws.config import Config
+from pgws.connection import Connection, SocketStats, peer
+from pgws.envelope import EnvelopeWriter
+from pgws.errors import BadRequest, Forbidden, HandshakeRefused, ServiceUnavailable
+
+# Socket events keep the logger name they had before the split, which log filters may select on.
+log = structlog.get_logger("pgws.handler")
+
+
+class Handshake:
+    """Authorizes upgrades (websockets' process_request); other requests go to `plain`."""
+
+    def __init__(
+        self,
+        config: Config,
+        verifier: Verifier,
+        stats: SocketStats,
+        buffers: BufferLedger,
+        *,
+        plain: Callable[[Request], Response],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self.verifier = verifier  # replaced on SIGHUP; sockets already open keep their grant
+        self._stats = stats
+        self._buffers = buffers
+        self._plain = plain
+        self._clock = clock
+
+    def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
+        try:
+            if not wants_websocket(request):
+                return self._plain(request)
+            self._check_origin(request)
+            self._check_capacity()
+            grant = authorize(
+                self.verifier,
+                request.path,
+                self._clock(),
+                header_token=token_from_headers(request),
+                max_channels=self._config.max_channels,
+            )
+            writer = _envelope_writer(grant)
+        except HandshakeRefused as exc:
+            self._stats.rejected[_reason_label(exc)] += 1
+            log.info("client_rejected", status=exc.status, reason=str(exc), remote=peer(connection))
+            return web.text(HTTPStatus(exc.status), str(exc))
+        conn = cast(Connection, connection)
+        conn.grant, conn.writer = grant, writer
+        conn.stats = self._stats
+        if self._buffers.limit is not None:
+            conn.ledger = self._buffers
+        return None
+
+    def _check_origin(self, request: Request) -> None:
+        """PGWS_ALLOWED_ORIGINS: browsers elsewhere are refused (clients sending none are not)."""
+        allowed = self._config.allowed_origins
+        if allowed is None:
+            return
+        origins = request.headers.get_all("Origin")
+        if origins and any(origin.strip().lower().rstrip("/") not in allowed for origin in origins):
+            raise Forbidden("origin not allowed")
+
+    def _check_capacity(self) -> None:
+        limit = self._config.max_connections
+        if limit is not None and sum(self._stats.open_by_mode.values()) >= limit:
+            raise ServiceUnavailable("too many connections")
+
+
+def wants_websocket(request: Request) -> bool:
+    """Whether the request asks to upgrade to WebSocket; raises BadRequest when ambiguous.
+
+    Upgrade is a list (RFC 9110 7.8): `websocket, h2c` offers both and the server picks one, so
+    it is an upgrade, not a static-file request. websockets' handshake accepts only a lone
+    `websocket`, so the header is narrowed to the protocol picked. Two Upgrade lines are refused.
+    """
+    lines = request.headers.get_all("Upgrade")
+    offered = [item.strip().lower() for line in lines for item in line.split(",") if item.strip()]
+    if "websocket" not in offered:
+        return False
+    if len(lines) > 1:
+        raise BadRequest("bad request: more than one Upgrade header")
+    if offered != ["websocket"]:
+        del request.headers["Upgrade"]
+        request.headers["Upgrade"] = "websocket"
+    return True
+
+
+def _envelope_writer(grant: Grant) -> EnvelopeWriter:
+    """The socket's envelope writer, built before the upgrade: claims it cannot carry are a 403."""
+    try:
+        return EnvelopeWriter(grant.claims)
+    except (TypeError, ValueError, RecursionError):
+        raise Forbidden("invalid claims: they cannot be serialised") from None
+
+
+def token_from_headers(request: Request) -> str | None:
+    """A token sent outside the URL: `Authorization: Bearer <jwt>`, or a JWT-shaped value of
+    Sec-WebSocket-Protocol (what browsers can send). URLs end up in proxy logs; headers less so.
+    """
+    for value in request.headers.get_all("Authorization"):
+        scheme, _, credentials = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    for offered in _offered_subprotocols(request):
+        if token_shaped(offered):
+            return offered
+    return None
+
+
+def select_subprotocol(
+    connection: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """websockets' select_subprotocol: answer a token-carrying offer, as browsers require.
+
+    `new WebSocket(url, ["jwt", token])` gets "jwt" back; `new WebSocket(url, [token])` gets its
+    own value back. Offers without a token negotiate nothing.
+    """
+    if not any(token_shaped(value) for value in offered):
+        return None
+    if "jwt" in offered:
+        return Subprotocol("jwt")
+    return next(value for value in offered if token_shaped(value))
+
+
+def _offered_subprotocols(request: Request) -> list[str]:
+    return [
+        item.strip()
+        for header in request.headers.get_all("Sec-WebSocket-Protocol")
+        for item in header.split(",")
+        if item.strip()
+    ]
+
+
+def _reason_label(exc: HandshakeRefused) -> str:
+    """A bounded label for the rejection metric (reasons can hold channel names)."""
+    text = str(exc)
+    for prefix in (
+        "not allowed",
+        "bad request",
+        "too many channels",
+        "invalid channel claim",
+        "invalid claims",
+    ):
+        if text.startswith(prefix):
+            return prefix.replace(" ", "_")
+    return text.replace(" ", "_")

@@ -1,0 +1,98 @@
+"""One socket's life end to end: frames published with backpressure, errors that close it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+from structlog.testing import capture_logs
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import (
+    TIMEOUT,
+    Running,
+    channel_name,
+    make_token,
+    recv_json,
+    subscribed,
+)
+
+DB = psycopg.AsyncConnection[Any]
+
+
+async def test_text_frame_with_invalid_utf8_closes_with_1007(gateway: Running) -> None:
+    """A text frame that is not UTF-8 is a protocol error: close 1007, nothing sent."""
+    async with gateway.connect(f"/{channel_name()}/{make_token({'mode': 'w'})}") as ws:
+        await ws.send(b"\xff\xfe", text=True)
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(TIMEOUT):
+                await ws.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1007
+
+
+async def test_a_flooding_writer_does_not_hold_up_other_channels(gateway: Running, db: DB) -> None:
+    """While one socket floods frames as fast as it can, a reader elsewhere still gets its news."""
+    flood, quiet = channel_name(), channel_name()
+    stop = asyncio.Event()
+
+    async def flood_forever(ws: Any) -> int:
+        sent = 0
+        while not stop.is_set():
+            await ws.send(f"flood {sent}")
+            sent += 1
+            if sent % 100 == 0:
+                await asyncio.sleep(0)  # let the rest of this test run on the shared loop
+        return sent
+
+    async with (
+        gateway.connect(f"/{flood}/{make_token({'mode': 'w'})}") as writer,
+        gateway.connect(f"/{quiet}/{make_token({'mode': 'r'})}") as reader,
+    ):
+        await subscribed(gateway, quiet)
+        flooding = asyncio.create_task(flood_forever(writer))
+        try:
+            for index in range(5):
+                await gateway.notify(db, {"channel": quiet, "payload": f"news {index}"})
+                assert (await recv_json(reader))["payload"] == f"news {index}"
+        finally:
+            stop.set()
+            sent = await flooding
+    assert sent > 100
+    # Backpressure, not buffering: the server has sent about as much as the client has written.
+    assert gateway.gateway.notifier.sent >= gateway.gateway.socket_stats.frames_in - 64
+
+
+async def test_a_bug_in_one_handler_closes_that_socket_with_1011_only(
+    gateway: Running, db: DB
+) -> None:
+    """An unexpected exception in a socket's handler is logged and closes it 1011; others go on."""
+    daemon = gateway.gateway
+    real_clock = daemon.clock
+    calls = 0
+
+    def clock_that_breaks_once() -> float:  # the clock is the one thing tests may replace
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # 1: token check, 2: socket opened, 3: the first frame's envelope
+            raise RuntimeError("simulated bug")
+        return real_clock()
+
+    chat = channel_name()
+    async with gateway.connect(f"/{chat}/{make_token({'mode': 'r'})}") as bystander:
+        await subscribed(gateway, chat)
+        daemon.clock = clock_that_breaks_once
+        with capture_logs() as logs:
+            async with gateway.connect(f"/{channel_name()}/{make_token({'mode': 'w'})}") as ws:
+                await ws.send("trigger")
+                with pytest.raises(ConnectionClosed) as closed:
+                    async with asyncio.timeout(TIMEOUT):
+                        await ws.recv()
+        daemon.clock = real_clock
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1011
+        assert any(entry["event"] == "handler_crashed" for entry in logs)
+        await gateway.notify(db, {"channel": chat, "payload": "still here"})
+        assert (await recv_json(bystander))["payload"] == "still here"
