@@ -216,26 +216,22 @@ async def test_send_many_of_nothing_stores_nothing(store: Conn) -> None:
     assert await cur.fetchone() == ([],)
 
 
-README_TRIGGER = """
-CREATE TABLE {table} (id serial PRIMARY KEY, item text NOT NULL);
-
-CREATE FUNCTION {table}_announce() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pgws.send('{channel}', json_build_object('id', NEW.id, 'item', NEW.item)::text);
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER announce AFTER INSERT ON {table}
-    FOR EACH ROW EXECUTE FUNCTION {table}_announce();
-"""
+def readme_trigger(name: str) -> str:
+    """The README's durable trigger example, as written, with `orders` renamed to `name`."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("CREATE TABLE orders")
+    end = text.index("FOR EACH ROW EXECUTE FUNCTION orders_announce();", start)
+    return (
+        text[start:end].replace("orders", name)
+        + f"FOR EACH ROW EXECUTE FUNCTION {name}_announce();"
+    )
 
 
 async def test_the_readme_trigger_sends_each_committed_row_and_wakes_readers(
     store: Conn, dsn: str
 ) -> None:
-    table, channel = f"orders_{uuid.uuid4().hex[:8]}", channel_name()
-    await store.execute(README_TRIGGER.format(table=table, channel=channel).encode())
+    table = channel = f"orders_{uuid.uuid4().hex[:8]}"
+    await store.execute(readme_trigger(table).encode())
     try:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener:
             await listener.execute(f'LISTEN "{durable.WAKE_CHANNEL}"')
@@ -257,6 +253,31 @@ async def test_the_readme_trigger_sends_each_committed_row_and_wakes_readers(
         ]
     finally:
         await store.execute(f"DROP TABLE {table}; DROP FUNCTION {table}_announce()".encode())
+
+
+async def test_a_producer_needs_only_execute_rights_not_rights_on_the_tables(
+    fresh: Conn, fresh_uri: str
+) -> None:
+    role = f"pgws_producer_{uuid.uuid4().hex[:8]}"
+    await fresh.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'producer'")
+    try:
+        as_role = make_conninfo(fresh_uri, user=role, password="producer")
+        async with await psycopg.AsyncConnection.connect(as_role, autocommit=True) as producer:
+            await fresh.execute(f"GRANT USAGE ON SCHEMA pgws TO {role}")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await send(producer, "granted", "not yet")
+            # The README's grant, as written.
+            await fresh.execute(
+                f"GRANT EXECUTE ON FUNCTION pgws.send(text, text),"
+                f" pgws.send_many(text, text[]) TO {role}"
+            )
+            await send(producer, "granted", "hi")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await producer.execute("SELECT payload FROM pgws.message")
+        assert await payloads(fresh, "granted") == ["hi"]
+    finally:
+        await fresh.execute(f"DROP OWNED BY {role}")
+        await fresh.execute(f"DROP ROLE {role}")
 
 
 # Order

@@ -147,7 +147,8 @@ async def store_batch(
 
     Frames of one channel keep their order. Channels are locked in one fixed order, so that
     concurrent batches cannot deadlock. No wake-up is sent: call send_wakeups() after the commit
-    (a NOTIFY in this transaction would serialise every writer's commit, trap 2).
+    (a NOTIFY in this transaction would serialise every writer's commit, trap 2). One bad frame
+    (channel, payload over 16 MiB) fails the whole batch with psycopg.Error: check them first.
     """
     if not frames:
         return []

@@ -66,7 +66,7 @@ END;
 -- Store payloads on a channel in order and return their positions, without a wake-up. pgws's own
 -- writer calls this, then sends the wake-ups in a NOTIFY-only transaction of their own.
 CREATE OR REPLACE FUNCTION pgws.store_many(channel text, payloads text[]) RETURNS text[]
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -118,7 +118,7 @@ $$;
 -- wake-up is a NOTIFY in the producer's transaction (the only way a function can send one);
 -- identical notifications in one transaction are folded into one by PostgreSQL.
 CREATE OR REPLACE FUNCTION pgws.send_many(channel text, payloads text[]) RETURNS text[]
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -132,7 +132,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION pgws.send(channel text, payload text) RETURNS text
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -142,5 +142,11 @@ BEGIN
     RETURN (pgws.send_many(send.channel, ARRAY[send.payload]))[1];
 END
 $$;
+
+-- The functions run with their owner's rights (SECURITY DEFINER, with a fixed search_path), so a
+-- producer needs no rights on the tables: GRANT USAGE ON SCHEMA pgws and EXECUTE on these.
+REVOKE ALL ON FUNCTION pgws.store_many(text, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgws.send_many(text, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgws.send(text, text) FROM PUBLIC;
 
 INSERT INTO pgws.schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
