@@ -340,10 +340,13 @@ def migrate(env_file: Path | None, print_sql: bool) -> None:
     if print_sql:
         click.echo(schema_sql(), nl=False)
         return
+    # PGWS_DB_URI alone, read as `serve` reads it (@FILE too): migrating needs no JWT secret.
+    # config.py has no public reader for it yet, hence its private helpers.
+    from pgws.config import _db_uri, _read_at_file, _required
+
     try:
-        db_uri = load_env(env_file).get("PGWS_DB_URI", "").strip()
-        if not db_uri:
-            raise ConfigError("PGWS_DB_URI", "must be set")
+        env = load_env(env_file)
+        db_uri = _db_uri(_read_at_file(env, "PGWS_DB_URI", _required(env, "PGWS_DB_URI")))
         done = asyncio.run(migrate_database(db_uri))
     except PgwsError as exc:
         fail(exc)

@@ -132,6 +132,23 @@ def test_migrate_without_a_database_uri_is_a_config_error() -> None:
     assert result.stderr == "Error: PGWS_DB_URI: must be set\n"
 
 
+def test_migrate_reads_the_database_uri_from_a_file_as_serve_does(
+    fresh_uri: str, tmp_path: Path
+) -> None:
+    (tmp_path / "db_uri").write_text(fresh_uri + "\n")
+    result = run_pgws("migrate", env={"PGWS_DB_URI": f"@{tmp_path / 'db_uri'}"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "pgws migrate: created schema pgws at version 1\n"
+
+
+def test_migrate_names_an_unreachable_database_without_its_password() -> None:
+    uri = "postgresql://pgws:hunter2@127.0.0.1:1/nowhere"
+    result = run_pgws("migrate", env={"PGWS_DB_URI": uri})
+    assert result.returncode == 69
+    assert result.stderr.startswith("Error: cannot connect to the database at 127.0.0.1:1/nowhere")
+    assert "hunter2" not in result.stderr
+
+
 def test_the_schema_is_package_data_so_the_wheel_carries_it() -> None:
     # setuptools leaves non-Python files out of the wheel unless package-data names them (checked
     # once by building the wheel; building one here would need the network for setuptools).
