@@ -319,3 +319,36 @@ def token(
 def main() -> None:
     """Console-script entry point."""
     cli.main(prog_name="pgws")
+
+
+@cli.command()
+@env_file_option
+@click.option(
+    "--print",
+    "print_sql",
+    is_flag=True,
+    help="Print the SQL instead of applying it (for a DBA; needs no database).",
+)
+def migrate(env_file: Path | None, print_sql: bool) -> None:
+    """Create or upgrade the `pgws` schema of durable channels in PGWS_DB_URI's database.
+
+    Safe to run again and from several processes at once. Durable channels are a preview: the
+    schema and its SQL functions exist, sockets do not use them yet.
+    """
+    # Imported here: the other commands do not need the durable store.
+    from pgws.db.durable import migrate_database, schema_sql
+
+    if print_sql:
+        click.echo(schema_sql(), nl=False)
+        return
+    # PGWS_DB_URI alone, read as `serve` reads it (@FILE too): migrating needs no JWT secret.
+    # config.py has no public reader for it yet, hence its private helpers.
+    from pgws.config import _db_uri, _read_at_file, _required
+
+    try:
+        env = load_env(env_file)
+        db_uri = _db_uri(_read_at_file(env, "PGWS_DB_URI", _required(env, "PGWS_DB_URI")))
+        done = asyncio.run(migrate_database(db_uri))
+    except PgwsError as exc:
+        fail(exc)
+    click.echo(f"pgws migrate: {done.describe()}")

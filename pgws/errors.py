@@ -96,3 +96,9 @@ def first_pgws_error(exc: BaseException) -> PgwsError | None:
             if (found := first_pgws_error(inner)) is not None:
                 return found
     return None
+
+
+class SchemaMismatch(PgwsError):
+    """The database's pgws schema is missing or not the version this pgws knows (SPEC 7)."""
+
+    exit_code = 78  # EX_CONFIG: `pgws migrate` (or a DBA) has to act

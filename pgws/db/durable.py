@@ -1,0 +1,324 @@
+"""The durable store (SPEC 7): the `pgws` schema, storing batches, reading back, resume, pruning.
+
+Library code only: nothing here runs on its own, and the socket path does not call it yet. The
+schema and the SQL producer functions are in durable.sql beside this module.
+
+Connections: store_batch(), send_wakeups(), fetch_after() and migrate() work on any connection
+(inside a caller's transaction too); resume() and prune() need an autocommit connection, since
+each opens transactions of its own (a snapshot; short delete batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib.resources
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import psycopg
+
+from pgws.db.connect import connection_kwargs, db_target, with_retries
+from pgws.errors import SchemaMismatch
+from pgws.positions import make_position, parse_position
+
+__all__ = [
+    "DEFAULT_DURABLE",
+    "DEFAULT_MIGRATE",
+    "DEFAULT_REPLAY_MAX",
+    "DEFAULT_RETENTION",
+    "SCHEMA_VERSION",
+    "WAKE_CHANNEL",
+    "Migration",
+    "NotRecovered",
+    "Reason",
+    "Replay",
+    "StoredMessage",
+    "fetch_after",
+    "installed_version",
+    "migrate",
+    "migrate_database",
+    "prune",
+    "resume",
+    "schema_sql",
+    "send_wakeups",
+    "store_batch",
+]
+
+# Defaults of the settings SPEC 7 names (PGWS_DURABLE, _MIGRATE, _RETENTION, _REPLAY_MAX); config.py
+# takes them over when durable mode is wired in.
+DEFAULT_DURABLE = False
+DEFAULT_MIGRATE = True
+DEFAULT_RETENTION = 86400.0  # seconds
+DEFAULT_REPLAY_MAX = 1000  # messages
+
+SCHEMA_VERSION = 1
+WAKE_CHANNEL = "pgws.wake"  # the NOTIFY channel of wake-ups; their payload is the channel
+# Advisory lock keys ("pgws" in ASCII, then a number): one migration, one pruner at a time.
+_MIGRATION_LOCK = 0x70677773_0001
+_PRUNE_LOCK = 0x70677773_0002
+PRUNE_BATCH = 1000  # rows per delete transaction: each holds its row locks for a few ms only
+
+
+def _script() -> str:
+    return importlib.resources.files("pgws.db").joinpath("durable.sql").read_text("utf-8")
+
+
+def schema_sql() -> str:
+    """The whole schema as one transaction a DBA can review and run (`pgws migrate --print`)."""
+    return (
+        f"BEGIN;\nSELECT pg_advisory_xact_lock({_MIGRATION_LOCK});\n\n{_script().rstrip()}\n\n"
+        "COMMIT;\n"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """What migrate() found and left: version None means no pgws schema."""
+
+    before: int | None
+    after: int
+
+    def describe(self) -> str:
+        if self.before is None:
+            return f"created schema pgws at version {self.after}"
+        if self.before == self.after:
+            return f"schema pgws already at version {self.after}, nothing to do"
+        return f"upgraded schema pgws from version {self.before} to {self.after}"
+
+
+async def installed_version(conn: psycopg.AsyncConnection[Any]) -> int | None:
+    """The pgws schema version in the database, or None when there is none."""
+    cur = await conn.execute("SELECT to_regclass('pgws.schema_version') IS NOT NULL")
+    exists = await cur.fetchone()
+    if exists is None or not exists[0]:
+        return None
+    cur = await conn.execute("SELECT max(version) FROM pgws.schema_version")
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def migrate(conn: psycopg.AsyncConnection[Any]) -> Migration:
+    """Create or upgrade the schema in one transaction; concurrent callers wait for each other.
+
+    The advisory lock comes before any check, so that of several processes starting at once one
+    creates the schema and the others find it done.
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        before = await installed_version(conn)
+        if before is not None and before > SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"the database's pgws schema is at version {before}, newer than this pgws"
+                f" knows ({SCHEMA_VERSION}): upgrade pgws"
+            )
+        if before != SCHEMA_VERSION:
+            await conn.execute(_script().encode())  # no parameters: several statements at once
+    return Migration(before, SCHEMA_VERSION)
+
+
+async def migrate_database(db_uri: str) -> Migration:
+    """`pgws migrate`: connect (DatabaseUnavailable, ConfigError as `serve` would), migrate."""
+    kwargs = connection_kwargs(db_uri, "pgws migrate")
+
+    async def connect() -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(db_uri, autocommit=True, **kwargs)
+
+    conn: psycopg.AsyncConnection[Any] = await with_retries(
+        "migrate", 1, connect, where=db_target(db_uri)
+    )
+    async with conn:
+        return await migrate(conn)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A durable message read back: its offset and position in its channel, and the payload."""
+
+    offset: int
+    position: str
+    payload: str
+
+
+async def store_batch(
+    conn: psycopg.AsyncConnection[Any], frames: Sequence[tuple[str, str]]
+) -> list[str]:
+    """Store (channel, payload) frames of many sockets in one transaction; their positions.
+
+    Frames of one channel keep their order. Channels are locked in one fixed order, so that
+    concurrent batches cannot deadlock. No wake-up is sent: call send_wakeups() after the commit
+    (a NOTIFY in this transaction would serialise every writer's commit, trap 2). One bad frame
+    (channel, payload over 16 MiB) fails the whole batch with psycopg.Error: check them first.
+    """
+    if not frames:
+        return []
+    channels = [channel for channel, _ in frames]
+    payloads = [payload for _, payload in frames]
+    async with conn.transaction():
+        cur = await conn.execute(
+            """
+            SELECT g.ch, pgws.store_many(g.ch, g.payloads)
+            FROM (
+                SELECT f.ch, array_agg(f.payload ORDER BY f.i) AS payloads
+                FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS f(ch, payload, i)
+                GROUP BY f.ch
+                ORDER BY f.ch COLLATE "C"
+            ) AS g
+            """,
+            (channels, payloads),
+        )
+        per_channel = {channel: iter(positions) for channel, positions in await cur.fetchall()}
+    return [next(per_channel[channel]) for channel in channels]
+
+
+async def send_wakeups(conn: psycopg.AsyncConnection[Any], channels: Iterable[str]) -> None:
+    """Wake readers of `channels` up, in a NOTIFY-only transaction of its own (cheap: no WAL)."""
+    unique = sorted(set(channels))
+    if unique:
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT pg_notify(%s, ch) FROM unnest(%s::text[]) AS ch", (WAKE_CHANNEL, unique)
+            )
+
+
+_FETCH = """
+    SELECT m."offset", pgws.channel_hash(m.channel), c.epoch, m.tag, m.payload
+    FROM pgws.message AS m JOIN pgws.channel AS c ON c.name = m.channel
+    WHERE m.channel = %s AND m."offset" > %s AND m."offset" <= %s
+    ORDER BY m."offset"
+    LIMIT %s
+"""
+
+
+async def fetch_after(
+    conn: psycopg.AsyncConnection[Any], channel: str, offset: int, limit: int
+) -> list[StoredMessage]:
+    """Up to `limit` messages of `channel` past `offset`, in order (what a wake-up asks for)."""
+    return await _fetch(conn, channel, offset, 2**63 - 1, limit)
+
+
+async def _fetch(
+    conn: psycopg.AsyncConnection[Any], channel: str, after: int, upto: int, limit: int
+) -> list[StoredMessage]:
+    cur = await conn.execute(_FETCH, (channel, after, upto, limit))
+    return [
+        StoredMessage(offset, make_position(channel_hash, epoch, offset, tag), payload)
+        for offset, channel_hash, epoch, tag, payload in await cur.fetchall()
+    ]
+
+
+class Reason(enum.StrEnum):
+    """Why a position cannot be resumed from exactly (SPEC 7)."""
+
+    MALFORMED = "malformed"
+    UNKNOWN = "unknown"
+    OTHER_CHANNEL = "other channel"
+    EXPIRED = "older than retention"
+    HISTORY_RESET = "history reset"
+    TOO_FAR_BEHIND = "too far behind"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replay:
+    """An exact resume: every message after the position up to `top`, the channel's last offset.
+
+    Live messages past `top` follow (a caller buffers them while replaying, SPEC 7 design).
+    """
+
+    messages: list[StoredMessage]
+    top: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NotRecovered:
+    """The position cannot be resumed from exactly; `top` is where live delivery starts."""
+
+    reason: Reason
+    top: int
+
+
+async def resume(
+    conn: psycopg.AsyncConnection[Any],
+    channel: str,
+    position: str,
+    replay_max: int = DEFAULT_REPLAY_MAX,
+) -> Replay | NotRecovered:
+    """The messages of `channel` after `position`, exactly, or why not; never a partial replay.
+
+    One REPEATABLE READ snapshot: a prune running meanwhile cannot take rows out of the replay.
+    """
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        cur = await conn.execute(
+            "SELECT pgws.channel_hash(%s), c.epoch, c.top"
+            " FROM (VALUES (1)) AS v LEFT JOIN pgws.channel AS c ON c.name = %s",
+            (channel, channel),
+        )
+        row = await cur.fetchone()
+        assert row is not None  # noqa: S101 (one row by construction)
+        channel_hash, epoch, top = row[0], row[1], row[2] or 0
+        parsed = parse_position(position)
+        if parsed is None:
+            return NotRecovered(Reason.MALFORMED, top)
+        if parsed.channel_hash != channel_hash:
+            return NotRecovered(Reason.OTHER_CHANNEL, top)
+        if epoch is None:
+            return NotRecovered(Reason.UNKNOWN, top)  # no history (yet, or since a reset)
+        if parsed.epoch != epoch:
+            return NotRecovered(Reason.HISTORY_RESET, top)
+        if parsed.offset > top:
+            return NotRecovered(Reason.UNKNOWN, top)  # never given out (a failover lost it)
+        if top - parsed.offset > replay_max:
+            return NotRecovered(Reason.TOO_FAR_BEHIND, top)
+        cur = await conn.execute(
+            'SELECT tag FROM pgws.message WHERE channel = %s AND "offset" = %s',
+            (channel, parsed.offset),
+        )
+        if (tag := await cur.fetchone()) is None:
+            return NotRecovered(Reason.EXPIRED, top)  # pruned: rows go oldest first
+        if tag[0] != parsed.tag:
+            return NotRecovered(Reason.UNKNOWN, top)  # the offset was given out again
+        messages = await _fetch(conn, channel, parsed.offset, top, top - parsed.offset)
+    return Replay(messages, top)
+
+
+async def prune(
+    conn: psycopg.AsyncConnection[Any], retention: float, batch: int = PRUNE_BATCH
+) -> int | None:
+    """Delete messages older than `retention` seconds in short batches; how many, or None when
+    another process is pruning (one at a time; this one does not wait).
+
+    Each batch is its own transaction and locks only the old rows it deletes, so producers
+    (which insert new rows and update channel rows) never wait on it.
+    """
+    if not conn.autocommit:
+        raise ValueError("prune() needs an autocommit connection")
+    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (_PRUNE_LOCK,))
+    locked = await cur.fetchone()
+    if locked is None or not locked[0]:
+        return None
+    try:
+        cur = await conn.execute("SELECT now() - make_interval(secs => %s)", (retention,))
+        cutoff = await cur.fetchone()
+        assert cutoff is not None  # noqa: S101
+        deleted = 0
+        while True:
+            cur = await conn.execute(
+                """
+                DELETE FROM pgws.message AS m
+                USING (
+                    SELECT channel, "offset" FROM pgws.message
+                    WHERE created_at < %s
+                    ORDER BY created_at
+                    LIMIT %s
+                    FOR UPDATE SKIP LOCKED
+                ) AS old
+                WHERE m.channel = old.channel AND m."offset" = old."offset"
+                """,
+                (cutoff[0], batch),
+            )
+            deleted += cur.rowcount
+            if cur.rowcount < batch:
+                return deleted
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(%s)", (_PRUNE_LOCK,))
