@@ -2,7 +2,8 @@
 
 A reader whose transport buffer passes PGWS_CLIENT_MAX_BUFFER is closed 1008 "slow consumer";
 all sockets together report to the process's BufferLedger (PGWS_MAX_BUFFERED_TOTAL). Readers get
-notifications through `deliver()`, i.e. `websockets.broadcast()`, so an idle reader costs no task.
+notifications through `pgws.fanout` (shared frames, one write per batch), so an idle reader costs
+no task.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import asyncio
 import collections
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
 
 from pgws.buffers import BufferLedger
@@ -83,7 +84,7 @@ class Connection(ServerConnection):
     stats: SocketStats
     opened_at: float
     frames_in: int = 0
-    # Set once the buffer passed PGWS_CLIENT_MAX_BUFFER: deliver() writes nothing more to it, so
+    # Set once the buffer passed PGWS_CLIENT_MAX_BUFFER: fan_out() writes nothing more to it, so
     # the limit holds within one message even when a burst is delivered before the drop can run.
     lagging: bool = False
     # Set once drop() failed the connection: RFC 6455 7.1.7, no further data is processed, so
@@ -246,14 +247,6 @@ class HeldUntilAnswered(ServerConnection):
             held, self._held = self._held, None
             if held and self.protocol.state is State.OPEN:
                 super().data_received(bytes(held))
-
-
-def deliver(connections: Iterable[ServerConnection], message: str) -> None:
-    """Send one notification to many sockets: encoded once, written without waiting.
-
-    Readers already over their buffer limit are skipped; they are being dropped (1008).
-    """
-    broadcast((c for c in connections if not getattr(c, "lagging", False)), message)
 
 
 def peer(ws: ServerConnection) -> str:

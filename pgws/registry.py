@@ -8,14 +8,15 @@ many sockets) a dictionary lookup and one call.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 from pgws.envelope import route_channel
 
 S = TypeVar("S")
 
-Deliver = Callable[[Iterable[S], str], None]
+# Hands a batch of (readers, raw text) to sockets, in order; returns how many messages it handed.
+Deliver = Callable[[Sequence[tuple[Iterable[S], str]]], int]
 SendOut = Callable[[str], Awaitable[None]]
 
 
@@ -54,21 +55,30 @@ class Registry(Generic[S]):
                     self._published.pop(channel, None)
 
     def publish_in(self, raw: str) -> int:
-        """Deliver a notification's raw text to the readers of its channel; return how many.
+        """Deliver one notification's raw text to the readers of its channel; return how many."""
+        return self.publish_batch((raw,))
+
+    def publish_batch(self, raws: Iterable[str]) -> int:
+        """Deliver notifications, in order, to the readers of their channels; return how many.
 
         The channel is the JSON object's string `channel`; anything else goes to readers of a
-        channel named like the listen channel (SPEC 3).
+        channel named like the listen channel (SPEC 3). The whole batch goes out in one call, so
+        each socket gets all of its frames in one write.
         """
-        channel = route_channel(raw)
-        if channel is None:
-            channel = self._listen_channel
-        subscribers = self._channels.get(channel)
-        if not subscribers:
+        batch = []
+        for raw in raws:
+            channel = route_channel(raw)
+            if channel is None:
+                channel = self._listen_channel
+            subscribers = self._channels.get(channel)
+            if subscribers:
+                self._published[channel] = self._published.get(channel, 0) + 1
+                batch.append((subscribers, raw))
+        if not batch:
             return 0
-        self._published[channel] = self._published.get(channel, 0) + 1
-        self._deliver(subscribers, raw)
-        self.delivered += len(subscribers)
-        return len(subscribers)
+        handed = self._deliver(batch)
+        self.delivered += handed
+        return handed
 
     async def publish_out(self, envelope: str) -> None:
         """Send an envelope to the database, which brings it back to every pgws reading it."""

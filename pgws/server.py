@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import signal
 import time
 from collections.abc import Callable
@@ -24,11 +25,12 @@ from pgws import __version__, metrics, web
 from pgws.buffers import BufferLedger
 from pgws.claims import Verifier
 from pgws.config import Config
-from pgws.connection import SocketStats, deliver, tracked_connection_class
+from pgws.connection import SocketStats, tracked_connection_class
 from pgws.db.connect import db_host
 from pgws.db.listener import Listener
 from pgws.db.notifier import Notifier
 from pgws.errors import ConfigError
+from pgws.fanout import fan_out
 from pgws.handshake import Handshake, select_subprotocol
 from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
 from pgws.registry import Registry
@@ -94,9 +96,11 @@ class Gateway:
         self.tls = ReloadableTls(config)
         self.notifier = Notifier(config)
         self.registry: Registry[ServerConnection] = Registry(
-            config.listen_channel, deliver, self.notifier.notify
+            config.listen_channel,
+            functools.partial(fan_out, buffer_limit=config.client_max_buffer),
+            self.notifier.notify,
         )
-        self.listener = Listener(config, self.registry.publish_in)
+        self.listener = Listener(config, self.registry.publish_batch)
         # The one clock handshakes and sessions read, looked up at each call: tests replace it.
         self.clock: Callable[[], float] = time.time
         self.socket_stats = SocketStats()

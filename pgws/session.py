@@ -1,7 +1,7 @@
 """One accepted socket, from open to close: it runs the legacy protocol's actions.
 
 A reading socket is subscribed to its channels in the registry and receives notifications
-through `connection.deliver()`; a writing socket's frames become the envelopes the protocol
+through `pgws.fanout`; a writing socket's frames become the envelopes the protocol
 builds, one NOTIFY each. The session also owns the expiry timer, the meta-channel events and
 the open-socket count that PGWS_MAX_CONNECTIONS reads.
 """

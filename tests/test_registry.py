@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import pytest
 from hypothesis import strategies as st
@@ -23,9 +23,13 @@ class Recorder:
         self.deliveries: list[tuple[frozenset[str], str]] = []
         self.sent: list[str] = []
 
-    def deliver(self, subscribers: Iterable[str], message: str) -> None:
-        """Record one delivery (a snapshot of the subscribers, and the raw text)."""
-        self.deliveries.append((frozenset(subscribers), message))
+    def deliver(self, batch: Sequence[tuple[Iterable[str], str]]) -> int:
+        """Record each delivery of a batch (a snapshot of the subscribers, and the raw text)."""
+        handed = 0
+        for subscribers, message in batch:
+            self.deliveries.append((frozenset(subscribers), message))
+            handed += len(frozenset(subscribers))
+        return handed
 
     async def send_out(self, envelope: str) -> None:
         """Record one envelope sent to the database."""
@@ -219,3 +223,18 @@ class RegistryMachine(RuleBasedStateMachine):
 
 
 TestRegistryMachine = RegistryMachine.TestCase
+
+
+def test_a_batch_is_delivered_in_one_call_in_order() -> None:
+    """What one read of the LISTEN socket brought goes out together: one write per socket."""
+    registry, recorder = make()
+    registry.subscribe("s1", ["a", "b"])
+    registry.subscribe("s2", ["b"])
+    raws = [on("a", "1"), on("nobody"), on("b", "2"), on("a", "3")]
+    assert registry.publish_batch(raws) == 4
+    assert recorder.deliveries == [
+        (frozenset({"s1"}), raws[0]),
+        (frozenset({"s1", "s2"}), raws[2]),
+        (frozenset({"s1"}), raws[3]),
+    ]
+    assert registry.published(["a"]) == 2

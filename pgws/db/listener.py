@@ -42,6 +42,9 @@ log = structlog.get_logger("pgws.db.listener")
 
 # How long delivering a burst may hold the event loop before it lets everything else run.
 DELIVERY_SLICE = 0.01
+# A part of a batch handed on at once: a few dozen large notifications or a few hundred small.
+BATCH_BYTES = 64 * 1024
+BATCH_MAX = 256
 _PROBE = b"SELECT 1"
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.EMPTY_QUERY)
 
@@ -114,16 +117,20 @@ class ListenerStats:
 
 
 class Listener:
-    """The LISTEN connection, feeding `on_notify` with each payload in the order received.
+    """The LISTEN connection, feeding `on_batch` with the payloads in the order received.
+
+    A batch is what one read of the socket brought, cut into parts of at most BATCH_BYTES of
+    payload so that one part's fan-out stays short; the consumer writes each part to every socket
+    at once (pgws.fanout).
 
     With `check_listener_interval` set it heals itself: a dead connection (noticed at once when the
     socket closes, or by a probe sent after an interval without traffic) is replaced, with
     back-off, while sockets stay open. Without it, losing the connection raises ListenerLost.
     """
 
-    def __init__(self, config: Config, on_notify: Callable[[str], object]) -> None:
+    def __init__(self, config: Config, on_batch: Callable[[list[str]], object]) -> None:
         self._config = config
-        self._on_notify = on_notify
+        self._on_batch = on_batch
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._wire: _Wire | None = None
         # Live state, written only here: `up` is awaited and read by /ready; counters by tests.
@@ -254,22 +261,32 @@ class Listener:
             since = loop.time()
 
     async def _deliver(self, payloads: list[bytes]) -> None:
-        on_notify = self._on_notify
+        on_batch = self._on_batch
         loop = asyncio.get_running_loop()
         # Fan-out cost grows with readers x notifications, so yield by time, not by count:
         # /health, slow-consumer drops and other sockets wait at most one slice.
         slice_ends = loop.time() + DELIVERY_SLICE
+        part: list[str] = []
+        size = 0
         for payload in payloads:
             try:
                 text = payload.decode("utf-8")
             except UnicodeDecodeError as exc:
                 self._skip_undecodable(exc)
                 continue
-            self.received += 1
-            on_notify(text)
+            part.append(text)
+            size += len(payload)
+            if size < BATCH_BYTES and len(part) < BATCH_MAX:
+                continue
+            self.received += len(part)
+            on_batch(part)
+            part, size = [], 0
             if loop.time() >= slice_ends:
                 await asyncio.sleep(0)
                 slice_ends = loop.time() + DELIVERY_SLICE
+        if part:
+            self.received += len(part)
+            on_batch(part)
 
     def _skip_undecodable(self, exc: UnicodeDecodeError) -> None:
         # A SQL_ASCII database passes whatever bytes a producer sent; no reader could use them.
