@@ -23,12 +23,11 @@ from websockets.http11 import Request, Response
 
 from pgws import __version__, metrics, web
 from pgws.buffers import BufferLedger
+from pgws.bus import NotifyBus
 from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.connection import SocketStats, tracked_connection_class
 from pgws.db.connect import db_host
-from pgws.db.listener import Listener
-from pgws.db.notifier import Notifier
 from pgws.errors import ConfigError
 from pgws.fanout import fan_out
 from pgws.handshake import Handshake, select_subprotocol
@@ -43,8 +42,6 @@ log = structlog.get_logger("pgws.server")
 # SPEC 3: the server pings each socket about every 30 s and drops one that stops answering.
 PING_INTERVAL = 30.0
 PING_TIMEOUT = 30.0
-# How often pg_notification_queue_usage() is read for /metrics.
-QUEUE_SAMPLE_INTERVAL = 10.0
 
 
 # Config fields SIGHUP applies to a running gateway; every other change needs a restart.
@@ -94,13 +91,14 @@ class Gateway:
             config.jwt_secret, audience=config.jwt_audience, issuer=config.jwt_issuer
         )
         self.tls = ReloadableTls(config)
-        self.notifier = Notifier(config)
+        self.bus = NotifyBus(config, feed=lambda batch: self.registry.publish_batch(batch))
         self.registry: Registry[ServerConnection] = Registry(
             config.listen_channel,
             functools.partial(fan_out, buffer_limit=config.client_max_buffer),
-            self.notifier.notify,
+            self.bus.publish,
         )
-        self.listener = Listener(config, self.registry.publish_batch)
+        # The bus's parts, for /metrics and the tests that reach into them.
+        self.listener, self.notifier = self.bus.listener, self.bus.notifier
         # The one clock handshakes and sessions read, looked up at each call: tests replace it.
         self.clock: Callable[[], float] = time.time
         self.socket_stats = SocketStats()
@@ -178,7 +176,7 @@ class Gateway:
 
     def is_ready(self) -> bool:
         """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""
-        return self.server is not None and self.server.is_serving() and self.listener.up.is_set()
+        return self.server is not None and self.server.is_serving() and self.bus.is_up()
 
     def buffered_bytes(self) -> int:
         """What every socket's transport holds unsent right now (read at each scrape)."""
@@ -243,10 +241,7 @@ class Gateway:
             stack.callback(_log_stopped)
             stack.callback(sock.close)  # already closed by the server if it got that far
             stack.enter_context(tls_failures_quieted(asyncio.get_running_loop()))
-            stack.push_async_callback(self.listener.close)
-            await self.listener.connect()
-            stack.push_async_callback(self.notifier.close)
-            await self.notifier.open()
+            await self.bus.start(stack)
             server = await stack.enter_async_context(
                 serve(
                     self.sessions.handle,
@@ -273,10 +268,7 @@ class Gateway:
         self, stop: asyncio.Event, on_ready: Callable[[Gateway], Any] | None
     ) -> None:
         async with asyncio.TaskGroup() as tasks:
-            listening = tasks.create_task(self.listener.listen_forever(), name="listener")
-            sampling = tasks.create_task(
-                self.notifier.sample_queue_usage_forever(QUEUE_SAMPLE_INTERVAL), name="queue-usage"
-            )
+            feeding = tasks.create_task(self.bus.run(), name="bus")
             log.info(
                 "server_started",
                 port=self.port,
@@ -290,8 +282,7 @@ class Gateway:
             if on_ready is not None:
                 on_ready(self)
             await stop.wait()  # a crashing child cancels this wait too
-            listening.cancel()
-            sampling.cancel()
+            feeding.cancel()
 
     async def _close_sockets(self, server: Server) -> None:
         """Close every socket with 1001; abort the ones that do not go in time.
