@@ -14,7 +14,9 @@ from pathlib import Path
 
 from pgws import logs
 from pgws.claims import Verifier, issue_token
-from pgws.config import Config, parse_env_file
+from pgws.config import Config
+from pgws.db.connect import check_db_uri
+from pgws.envfile import parse_env_file
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
 from pgws.server import run
 
@@ -39,7 +41,7 @@ def main() -> int:
         cluster.start()
         env["PGWS_DB_URI"] = cluster.uri
     try:
-        config = Config.from_env(env)
+        config = Config.from_env(env, check_db_uri=check_db_uri)
         token = issue_token(
             Verifier.from_secret(config.jwt_secret), {"mode": "rw", "channels": ["chat"]}, ttl=86400
         )

@@ -23,15 +23,20 @@ from pgws import __version__, logs
 from pgws.check import Finding, database_findings, static_findings
 from pgws.claims import Verifier, issue_token
 from pgws.config import (
+    DB_URI,
+    DEBUG,
+    LOG_LEVEL,
     LOG_LEVELS,
     SETTINGS,
+    WORKER_COUNT,
+    WORKERS,
     Config,
-    credentials_env_file,
     effective_settings,
-    parse_env_file,
     read_jwt_secret,
     unknown_settings,
 )
+from pgws.db.connect import check_db_uri, masked_db_uri
+from pgws.envfile import credentials_env_file, parse_env_file
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
 from pgws.net import tls_context
 from pgws.server import run
@@ -46,7 +51,7 @@ def _settings_help() -> str:
     for setting in SETTINGS:
         if setting.required:
             default = "required"
-        elif setting.default is not None:
+        elif setting.default:
             default = f"default {setting.default}"
         else:
             default = "unset by default"
@@ -99,7 +104,7 @@ env_file_option = click.option(
 )
 @click.option(
     "--workers",
-    type=click.IntRange(1, 256),
+    type=click.IntRange(WORKER_COUNT.minimum, WORKER_COUNT.maximum),
     default=None,
     help="Processes sharing the port (overrides PGWS_WORKERS).",
 )
@@ -143,7 +148,10 @@ def debug_requested(env_file: Path | None) -> bool:
         env = load_env(env_file)
     except ConfigError:
         env = dict(os.environ)
-    return env.get("PGWS_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return DEBUG.read(env)
+    except ConfigError:
+        return False  # the last resort must not fail in turn
 
 
 def serve_gateway(
@@ -158,10 +166,10 @@ def serve_gateway(
     def read_settings() -> tuple[Config, dict[str, str]]:
         env = load_env(env_file)
         if workers is not None:
-            env["PGWS_WORKERS"] = str(workers)
+            env[WORKERS.name] = str(workers)
         if log_level is not None:
-            env["PGWS_LOG_LEVEL"] = log_level
-        return Config.from_env(env), env
+            env[LOG_LEVEL.name] = log_level
+        return Config.from_env(env, check_db_uri=check_db_uri), env
 
     def reload_config() -> Config:
         # On SIGHUP: --env-file and @FILE values are read again, the environment is not.
@@ -182,7 +190,7 @@ def serve_gateway(
     logs.configure(json=json_logs, level=logging.getLevelNamesMapping()[config.log_level.upper()])
     if ident is None:  # workers would repeat what their supervisor says
         warn_unknown_settings(env)
-        log.info("settings", settings=effective_settings(config))
+        log.info("settings", settings=effective_settings(config, mask_db_uri=masked_db_uri))
     systemd = SystemdNotifier.from_env(os.environ)
 
     def serving() -> None:
@@ -227,7 +235,7 @@ def check(env_file: Path | None) -> None:
     """
     try:
         env = load_env(env_file)
-        config = Config.from_env(env)
+        config = Config.from_env(env, check_db_uri=check_db_uri)
         findings = [Finding("settings", f"{len(SETTINGS)} known; {describe_source(env_file)}")]
         findings += [
             Finding(
@@ -342,12 +350,10 @@ def migrate(env_file: Path | None, print_sql: bool) -> None:
         click.echo(schema_sql(), nl=False)
         return
     # PGWS_DB_URI alone, read as `serve` reads it (@FILE too): migrating needs no JWT secret.
-    # config.py has no public reader for it yet, hence its private helpers.
-    from pgws.config import _db_uri, _read_at_file, _required
-
     try:
         env = load_env(env_file)
-        db_uri = _db_uri(_read_at_file(env, "PGWS_DB_URI", _required(env, "PGWS_DB_URI")))
+        db_uri = DB_URI.read(env)
+        check_db_uri(db_uri)
         done = asyncio.run(migrate_database(db_uri))
     except PgwsError as exc:
         fail(exc)

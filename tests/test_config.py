@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import re
 import ssl
 import urllib.parse
@@ -23,14 +24,9 @@ from hypothesis import strategies as st
 from jose import jwk
 
 from pgws.claims import Verifier
-from pgws.config import (
-    SETTINGS,
-    Config,
-    effective_settings,
-    masked_db_uri,
-    parse_env_file,
-    unknown_settings,
-)
+from pgws.config import SETTINGS, Config, effective_settings, unknown_settings
+from pgws.db.connect import masked_db_uri
+from pgws.envfile import parse_env_file
 from pgws.errors import ConfigError
 from pgws.net import tls_context
 
@@ -107,6 +103,20 @@ def test_config_repr_hides_the_secret_and_the_database_uri() -> None:
     text = repr(Config.from_env(REQUIRED))
     assert SECRET not in text
     assert PASSWORD not in text
+
+
+def test_readme_settings_table_shows_every_setting_with_its_default() -> None:
+    """README's settings table names every setting, each with the default SETTINGS declares."""
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (`PGWS_[^|]*) \| ([^|]*) \|", readme, flags=re.MULTILINE)
+    documented = {
+        name: default.strip() for names, default in rows for name in re.findall(r"`(\w+)`", names)
+    }
+    declared = {
+        s.name: "required" if s.required else f"`{s.default}`" if s.default else "unset"
+        for s in SETTINGS
+    }
+    assert documented == declared
 
 
 # --- invalid values -------------------------------------------------------------------------
@@ -513,6 +523,40 @@ def test_env_file_line_without_equals_is_refused(tmp_path: Path) -> None:
     assert "line 2" in caught.value.problem
 
 
+def test_bare_key_is_refused_even_when_a_later_line_sets_it(tmp_path: Path) -> None:
+    """`KEY` then `KEY=value` is still a typo on the first line, not taken from the second."""
+    path = tmp_path / "env"
+    path.write_text("PGWS_HOST=*4\nPGWS_PORT\nPGWS_PORT=3001\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_env_file(path)
+    assert "line 2" in caught.value.problem
+
+
+def test_a_key_alone_inside_a_quoted_value_is_part_of_the_value(tmp_path: Path) -> None:
+    """A line that looks like a bare `KEY` inside a multi-line quoted value is no statement."""
+    path = tmp_path / "env"
+    path.write_text('PGWS_META_CHANNEL="first\nPGWS_META_CHANNEL\n"\n')
+    assert parse_env_file(path) == {"PGWS_META_CHANNEL": "first\nPGWS_META_CHANNEL\n"}
+
+
+def test_bad_env_file_line_is_refused_whatever_the_log_level(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At PGWS_LOG_LEVEL=error (a SIGHUP reload) a bad line still stops, and logs nothing."""
+    path = tmp_path / "env"
+    path.write_text("PGWS_PORT=3000\nnot a setting\n")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with pytest.raises(ConfigError) as caught:
+            parse_env_file(path)
+    finally:
+        root.setLevel(level)
+    assert "line 2" in caught.value.problem
+    assert caplog.records == []  # python-dotenv's own warning went nowhere
+
+
 def test_missing_env_file_is_a_config_error(tmp_path: Path) -> None:
     """A missing env file raises ConfigError, not OSError."""
     with pytest.raises(ConfigError) as caught:
@@ -660,7 +704,7 @@ def test_masked_db_uri_never_shows_the_password(password: str) -> None:
 def test_effective_settings_show_every_field_but_no_secret() -> None:
     """The `settings` line has one entry per Config field; secret and password are masked."""
     config = from_env(PGWS_PORT="4000", PGWS_ALLOWED_ORIGINS="https://b.example,https://a.example")
-    shown = effective_settings(config)
+    shown = effective_settings(config, mask_db_uri=masked_db_uri)
     assert set(shown) == {field.name for field in dataclasses.fields(Config)}
     assert shown["port"] == 4000
     assert shown["allowed_origins"] == ["https://a.example", "https://b.example"]

@@ -26,7 +26,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from websockets.asyncio.client import connect
 
-from pgws.config import parse_env_file
+from pgws.envfile import parse_env_file
 from tests.conftest import SECRET, TIMEOUT, ServeProcess, channel_name, make_token, recv_json
 from tests.test_tls import Pki, client_context, pki  # noqa: F401 (pki is a fixture)
 

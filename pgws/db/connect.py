@@ -12,8 +12,9 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgws.config import REDACTED
 from pgws.errors import ConfigError, DatabaseUnavailable
 
 log = structlog.get_logger("pgws.db.connect")
@@ -78,6 +79,37 @@ def db_target(db_uri: str) -> str:
     except psycopg.ProgrammingError:
         return "?"
     return f"{db_host(db_uri)}/{info.get('dbname', info.get('user', '?'))}"
+
+
+def check_db_uri(value: str) -> None:
+    """Refuse a connection string libpq cannot parse; the error never repeats it (passwords).
+
+    Config.from_env calls it (check_db_uri=) before anything connects, so a typo is one
+    `PGWS_DB_URI:` line at start-up rather than a failed connection.
+    """
+    try:
+        info = conninfo_to_dict(value)
+    except psycopg.ProgrammingError:
+        raise ConfigError(
+            "PGWS_DB_URI",
+            "not a valid connection string: expected postgresql://user:password@host:port/dbname"
+            " or key=value pairs (the value is not shown: it may hold a password)",
+        ) from None
+    for port in str(info.get("port") or "5432").split(","):
+        if not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError("PGWS_DB_URI", f"port {port!r} is not a number from 1 to 65535")
+
+
+def masked_db_uri(value: str) -> str:
+    """The connection string as key=value pairs, every password replaced by [redacted]."""
+    try:
+        params: dict[str, Any] = conninfo_to_dict(value)
+    except psycopg.ProgrammingError:
+        return REDACTED
+    for key in params:
+        if "password" in key:  # password, sslpassword
+            params[key] = REDACTED
+    return make_conninfo(**params)
 
 
 # Connection failures that no retry can fix: refused credentials, a missing database or role,

@@ -1,0 +1,245 @@
+"""What one setting is: the `Setting` descriptor and the parsers a value goes through.
+
+A parser gets the variable's name (for its messages) and its value exactly as set; it returns
+the typed value or raises `ConfigError` naming the variable, never echoing a secret. The
+settings themselves are declared in `config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Generic, TypeVar
+from urllib.parse import urlsplit
+
+from pgws.errors import ConfigError
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+T = TypeVar("T")
+# (variable name, value as set; blank only for an optional setting's default) -> typed value.
+Parse = Callable[[str, str], T]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Setting(Generic[T]):
+    """One environment variable: name, parser, default as written in an env file, help.
+
+    The default goes through `parse` like any value an operator writes, so the typed default and
+    the one `--help` shows are the same by construction. An empty default means unset, as
+    `KEY=` does in an env file; a blank value is the same as no value.
+    """
+
+    name: str
+    parse: Parse[T]
+    help: str
+    default: str = ""
+    required: bool = False
+    secret: bool = False  # shown as [redacted] (or masked) in the `settings` line
+
+    def __post_init__(self) -> None:
+        if self.required and self.default:
+            raise ValueError(f"{self.name}: a required setting has no default")
+
+    @property
+    def field(self) -> str:
+        """The Config field it fills (STYLE: PGWS_X is Config.x)."""
+        return self.name.removeprefix("PGWS_").lower()
+
+    @property
+    def default_value(self) -> T:
+        """What the variable gives when it is not set."""
+        return self.read({})
+
+    def read(self, env: Mapping[str, str]) -> T:
+        """The typed value from `env`; raise ConfigError naming the variable."""
+        value = env.get(self.name, "")
+        if not value.strip():
+            if self.required:
+                raise ConfigError(self.name, "must be set")
+            value = self.default
+        return self.parse(self.name, value)
+
+
+def optional(parse: Parse[T]) -> Parse[T | None]:
+    """`parse`, with blank (the default of an unset setting) meaning None."""
+
+    def parse_optional(name: str, value: str) -> T | None:
+        return parse(name, value) if value.strip() else None
+
+    return parse_optional
+
+
+def text(name: str, value: str) -> str:
+    """Any text, surrounding whitespace dropped."""
+    return value.strip()
+
+
+def boolean(name: str, value: str) -> bool:
+    """true/false, 1/0, yes/no, on/off in any case."""
+    folded = value.strip().lower()
+    if folded in _TRUE:
+        return True
+    if folded in _FALSE:
+        return False
+    raise ConfigError(name, f"expected true or false, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Integer:
+    """A whole number from `minimum` to `maximum`."""
+
+    minimum: int
+    maximum: int
+
+    def __call__(self, name: str, value: str) -> int:
+        value = value.strip()
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(name, f"expected an integer, got {value!r}") from None
+        if not self.minimum <= number <= self.maximum:
+            raise ConfigError(
+                name, f"must be between {self.minimum} and {self.maximum}, got {number}"
+            )
+        return number
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteBound:
+    """A size in bytes from `minimum` to `maximum`, where 0 means no bound (None)."""
+
+    minimum: int
+    maximum: int = 2**40
+
+    def __call__(self, name: str, value: str) -> int | None:
+        value = value.strip()
+        if value.isdecimal() and int(value) == 0:
+            return None
+        try:
+            return Integer(self.minimum, self.maximum)(name, value)
+        except ConfigError:
+            raise ConfigError(
+                name,
+                f"expected 0 (no bound) or bytes from {self.minimum} to {self.maximum},"
+                f" got {value!r}",
+            ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One of a few words, in any case."""
+
+    choices: Sequence[str]
+
+    def __call__(self, name: str, value: str) -> str:
+        folded = value.strip().lower()
+        if folded not in self.choices:
+            raise ConfigError(name, f"expected one of {', '.join(self.choices)}, got {folded!r}")
+        return folded
+
+
+def seconds(name: str, value: str) -> float:
+    """A duration in seconds, more than 0 and at most an hour."""
+    value = value.strip()
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(name, f"expected a number of seconds, got {value!r}") from None
+    if not 0 < number <= 3600:
+        raise ConfigError(name, f"must be more than 0 and at most 3600 seconds, got {value!r}")
+    return number
+
+
+def interval_ms(name: str, value: str) -> float | None:
+    """Milliseconds in the env, float seconds in Config; 0 means off (None)."""
+    value = value.strip()
+    try:
+        milliseconds = int(value)
+    except ValueError:
+        raise ConfigError(name, f"expected milliseconds (an integer), got {value!r}") from None
+    if milliseconds < 0 or milliseconds > 86_400_000:
+        raise ConfigError(name, f"must be between 0 and 86400000 ms, got {milliseconds}")
+    return milliseconds / 1000 if milliseconds else None
+
+
+def host(name: str, value: str) -> str:
+    """*4, *6, * or a host name or address, checked as getaddrinfo() would first."""
+    value = value.strip()
+    if any(char.isspace() for char in value) or "/" in value:
+        raise ConfigError(name, f"expected *4, *6, * or a host or address, got {value!r}")
+    try:
+        value.encode("idna")  # what getaddrinfo() does first: empty or over-long labels fail
+    except UnicodeError:
+        raise ConfigError(name, f"{value!r} is not a valid host name") from None
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel:
+    """A PostgreSQL channel name that LISTEN and pg_notify() both keep whole."""
+
+    max_bytes: int
+
+    def __call__(self, name: str, value: str) -> str:
+        value = value.strip()
+        if len(value.encode()) > self.max_bytes:
+            raise ConfigError(name, f"must be at most {self.max_bytes} bytes (a PostgreSQL name)")
+        if any(ord(char) < 32 for char in value):
+            raise ConfigError(name, "must not contain control characters")
+        return value
+
+
+def origins(name: str, value: str) -> frozenset[str]:
+    """Origins as browsers send them: scheme://host[:port], compared case-insensitively."""
+    found = set()
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        parsed = urlsplit(item)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path.strip("/"):
+            raise ConfigError(name, f"expected origins like https://app.example.com, got {item!r}")
+        found.add(f"{parsed.scheme}://{parsed.netloc}".lower())
+    if not found:
+        raise ConfigError(name, "lists no origin")
+    return frozenset(found)
+
+
+def existing_file(name: str, value: str) -> Path:
+    """A readable file."""
+    value = value.strip()
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(name, f"no such file: {value!r}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(name, f"cannot read {value!r}: permission denied")
+    return path
+
+
+def existing_dir(name: str, value: str) -> Path:
+    """A folder, as an absolute path."""
+    value = value.strip()
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigError(name, f"no such folder: {value!r}")
+    return path.resolve()
+
+
+def at_file(name: str, value: str) -> str:
+    """The value, or with `@path` the file's contents, trailing newline stripped."""
+    value = value.strip()
+    if not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    try:
+        contents = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(name, f"cannot read {str(path)!r}: {reason}") from None
+    contents = contents.rstrip("\r\n")
+    if not contents.strip():
+        raise ConfigError(name, f"file {str(path)!r} is empty")
+    return contents
