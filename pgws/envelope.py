@@ -20,6 +20,7 @@ from pgws.limits import NOTIFY_PAYLOAD_LIMIT
 __all__ = ["NOTIFY_PAYLOAD_LIMIT", "EnvelopeWriter", "dump_json", "route_channel"]
 
 DELIVERED_AT = "message_delivered_at"
+SENDER = "sender"  # SPEC 8: the extra key of a v2 writer's envelope
 
 
 def dump_json(value: Any) -> str:
@@ -35,13 +36,16 @@ def dump_json(value: Any) -> str:
 class EnvelopeWriter:
     """Builds the envelopes one connection sends: `claims` is fixed, so it is serialised once."""
 
-    __slots__ = ("_claims_head",)
+    __slots__ = ("_claims_head", "_tail")
 
-    def __init__(self, claims: Mapping[str, Any]) -> None:
+    def __init__(self, claims: Mapping[str, Any], *, sender: str | None = None) -> None:
         # The server's timestamp always wins over a claim of the same name in the token.
         kept = {key: value for key, value in claims.items() if key != DELIVERED_AT}
         head = dump_json(kept)[:-1]  # without the closing brace; the timestamp goes last
         self._claims_head = head + ("," if kept else "")
+        # SPEC 8 echo: a v2 writer's envelopes carry one extra key naming the sending socket, so
+        # delivery can skip that socket without rewriting the shared frame.
+        self._tail = "}" if sender is None else f',"{SENDER}":{dump_json(sender)}}}'
 
     def build(self, event: str, channel: str, payload: str, delivered_at: float) -> str:
         """Return the envelope text; raise MessageTooBig when NOTIFY could not carry it."""
@@ -50,7 +54,7 @@ class EnvelopeWriter:
         text = (
             f'{{"event":{dump_json(event)},"channel":{dump_json(channel)},'
             f'"payload":{dump_json(payload)},"claims":{self._claims_head}'
-            f'"{DELIVERED_AT}":{delivered_at!r}}}}}'
+            f'"{DELIVERED_AT}":{delivered_at!r}}}{self._tail}'
         )
         size = len(text) if text.isascii() else len(text.encode())
         if size > NOTIFY_PAYLOAD_LIMIT:
