@@ -112,6 +112,12 @@ SETTINGS: tuple[Setting, ...] = (
         "false",
         "on an internal error, print its traceback (it may show the database URI or secret)",
     ),
+    Setting(
+        "PGWS_AUTH_TIMEOUT", "5", "seconds a pgws.v2 socket without a token has to send `auth`"
+    ),
+    Setting(
+        "PGWS_EXPIRY_WARNING", "60", "seconds before `exp` a pgws.v2 socket is sent `expiring`"
+    ),
 )
 
 
@@ -144,6 +150,8 @@ class Config:
     jwt_issuer: str | None = None
     allowed_origins: frozenset[str] | None = None  # None = any Origin
     log_level: str = "info"
+    auth_timeout: float = 5.0  # SPEC 8: first-frame auth
+    expiry_warning: float = 60.0  # SPEC 8: `expiring`
 
     @property
     def tls(self) -> bool:
@@ -190,6 +198,8 @@ class Config:
             jwt_issuer=_raw(env, "PGWS_JWT_ISSUER"),
             allowed_origins=_origins(env, "PGWS_ALLOWED_ORIGINS"),
             log_level=_choice(env, "PGWS_LOG_LEVEL", LOG_LEVELS, "info"),
+            auth_timeout=_seconds(env, "PGWS_AUTH_TIMEOUT", 5.0),
+            expiry_warning=_seconds(env, "PGWS_EXPIRY_WARNING", 60.0),
         )
 
 

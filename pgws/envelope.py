@@ -17,7 +17,13 @@ import orjson
 from pgws.errors import MessageTooBig
 from pgws.limits import NOTIFY_PAYLOAD_LIMIT
 
-__all__ = ["NOTIFY_PAYLOAD_LIMIT", "EnvelopeWriter", "dump_json", "route_channel"]
+__all__ = [
+    "NOTIFY_PAYLOAD_LIMIT",
+    "EnvelopeWriter",
+    "dump_json",
+    "inspect_notification",
+    "route_channel",
+]
 
 DELIVERED_AT = "message_delivered_at"
 SENDER = "sender"  # SPEC 8: the extra key of a v2 writer's envelope
@@ -63,6 +69,26 @@ class EnvelopeWriter:
                 f"{NOTIFY_PAYLOAD_LIMIT}"
             )
         return text
+
+
+def inspect_notification(raw: str) -> tuple[bool, str | None]:
+    """For pgws.v2 delivery: whether `raw` is strict JSON (no NaN), and the v2 sender it names.
+
+    Parsed once per notification, never per socket: the `msg` frame is then built around `raw`.
+    """
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:  # numbers beyond a double are still JSON; NaN and Infinity are not
+            value = json.loads(raw, parse_constant=_not_json)
+        except (ValueError, RecursionError):
+            return False, None
+    sender = value.get(SENDER) if isinstance(value, dict) else None
+    return True, sender if isinstance(sender, str) else None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def route_channel(raw: str) -> str | None:

@@ -16,6 +16,8 @@ from pgws.envelope import route_channel
 S = TypeVar("S")
 
 Deliver = Callable[[Iterable[S], str], None]
+# pgws.v2 readers (SPEC 8) get a `msg` frame naming the channel, built once per notification.
+DeliverV2 = Callable[[Iterable[S], str, str], None]  # (readers, channel, raw)
 SendOut = Callable[[str], Awaitable[None]]
 
 
@@ -30,11 +32,20 @@ class RegistryStats:
 class Registry(Generic[S]):
     """Maps channels to their subscribers; routes notifications in and envelopes out."""
 
-    def __init__(self, listen_channel: str, deliver: Deliver[S], send_out: SendOut) -> None:
+    def __init__(
+        self,
+        listen_channel: str,
+        deliver: Deliver[S],
+        send_out: SendOut,
+        deliver_v2: DeliverV2[S] | None = None,
+    ) -> None:
         self._listen_channel = listen_channel
         self._deliver = deliver
         self._send_out = send_out
+        self._deliver_v2 = deliver_v2
         self._channels: dict[str, set[S]] = {}
+        # pgws.v2 readers, apart: their subscriptions change at run time and they get other frames.
+        self._v2: dict[str, set[S]] = {}
         self._published: dict[str, int] = {}  # per channel with readers: notifications so far
         self.delivered = 0  # messages handed to sockets; live, /metrics reads stats()
 
@@ -53,6 +64,19 @@ class Registry(Generic[S]):
                     del self._channels[channel]
                     self._published.pop(channel, None)
 
+    def subscribe_v2(self, subscriber: S, channel: str) -> None:
+        """Start delivering `msg` frames on `channel` to a pgws.v2 `subscriber`."""
+        self._v2.setdefault(channel, set()).add(subscriber)
+
+    def unsubscribe_v2(self, subscriber: S, channels: Iterable[str]) -> None:
+        """Stop delivering `msg` frames on `channels` to a pgws.v2 `subscriber`."""
+        for channel in channels:
+            readers = self._v2.get(channel)
+            if readers is not None:
+                readers.discard(subscriber)
+                if not readers:
+                    del self._v2[channel]
+
     def publish_in(self, raw: str) -> int:
         """Deliver a notification's raw text to the readers of its channel; return how many.
 
@@ -62,13 +86,17 @@ class Registry(Generic[S]):
         channel = route_channel(raw)
         if channel is None:
             channel = self._listen_channel
+        v2_readers = self._v2.get(channel) if self._v2 else None
+        if v2_readers and self._deliver_v2 is not None:
+            self._deliver_v2(v2_readers, channel, raw)
+            self.delivered += len(v2_readers)
         subscribers = self._channels.get(channel)
         if not subscribers:
-            return 0
+            return len(v2_readers) if v2_readers else 0
         self._published[channel] = self._published.get(channel, 0) + 1
         self._deliver(subscribers, raw)
         self.delivered += len(subscribers)
-        return len(subscribers)
+        return len(subscribers) + (len(v2_readers) if v2_readers else 0)
 
     async def publish_out(self, envelope: str) -> None:
         """Send an envelope to the database, which brings it back to every pgws reading it."""
@@ -87,8 +115,8 @@ class Registry(Generic[S]):
     @property
     def channel_count(self) -> int:
         """How many channels have at least one reader."""
-        return len(self._channels)
+        return len(self._channels.keys() | self._v2.keys()) if self._v2 else len(self._channels)
 
     def stats(self) -> RegistryStats:
         """A snapshot of the figures, for /metrics."""
-        return RegistryStats(channels=len(self._channels), delivered=self.delivered)
+        return RegistryStats(channels=self.channel_count, delivered=self.delivered)

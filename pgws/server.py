@@ -24,7 +24,7 @@ from pgws import __version__, metrics, web
 from pgws.buffers import BufferLedger
 from pgws.claims import Verifier
 from pgws.config import Config
-from pgws.connection import SocketStats, deliver, tracked_connection_class
+from pgws.connection import SocketStats, deliver, deliver_v2, tracked_connection_class
 from pgws.db.connect import db_host
 from pgws.db.listener import Listener
 from pgws.db.notifier import Notifier
@@ -94,7 +94,7 @@ class Gateway:
         self.tls = ReloadableTls(config)
         self.notifier = Notifier(config)
         self.registry: Registry[ServerConnection] = Registry(
-            config.listen_channel, deliver, self.notifier.notify
+            config.listen_channel, deliver, self.notifier.notify, deliver_v2
         )
         self.listener = Listener(config, self.registry.publish_in)
         # The one clock handshakes and sessions read, looked up at each call: tests replace it.
@@ -113,7 +113,11 @@ class Gateway:
             clock=lambda: self.clock(),
         )
         self.sessions = Sessions(
-            config, self.registry, self.socket_stats, clock=lambda: self.clock()
+            config,
+            self.registry,
+            self.socket_stats,
+            verifier=lambda: self.handshake.verifier,
+            clock=lambda: self.clock(),
         )
         self.server: Server | None = None
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
