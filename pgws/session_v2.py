@@ -105,7 +105,12 @@ class V2Sessions:
             if conn.dropped:
                 break
             actions = v2.receive(
-                socket.grant, socket.subscribed, socket.writer, frame, self._clock()
+                socket.grant,
+                socket.subscribed,
+                socket.writer,
+                frame,
+                self._clock(),
+                max_channels=self._config.max_channels,
             )
             if not await self._execute(socket, actions):
                 break

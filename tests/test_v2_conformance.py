@@ -360,3 +360,13 @@ async def test_wildcard_grants_for_both_protocols(gateway: Running) -> None:
         await auth(ws, {"mode": "r", "channels": ["room:*"]})
         assert (await request(ws, op="sub", ch="room:7"))["op"] == "ok"
         assert (await request(ws, op="sub", ch="rooms"))["code"] == 403
+
+
+async def test_subscriptions_beyond_pgws_max_channels_are_403(start_gateway: StartGateway) -> None:
+    gateway: Running = await start_gateway(max_channels=1)
+    async with v2_connect(gateway) as ws:
+        await auth(ws, {"mode": "r"})
+        assert (await request(ws, op="sub", ch="a"))["op"] == "ok"
+        assert (await request(ws, op="sub", ch="b"))["code"] == 403
+        await request(ws, op="unsub", ch="a")
+        assert (await request(ws, op="sub", ch="b"))["op"] == "ok"

@@ -244,3 +244,16 @@ def test_legacy_path_channels_take_wildcards_and_never_subscribe_one() -> None:
         grant_for(claims, "rooms")
     with pytest.raises(Forbidden, match="no channels"):
         grant_for({"mode": "r", "channels": ["room:*"]}, None)
+
+
+def test_sub_beyond_max_channels_is_403() -> None:
+    granted = grant()
+    actions = v2.receive(
+        granted,
+        ("chat",),
+        EnvelopeWriter(granted.claims),
+        '{"op":"sub","ch":"room:1"}',
+        AT,
+        max_channels=1,
+    )
+    assert reply(actions)["reason"] == "too many channels: at most 1"

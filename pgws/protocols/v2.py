@@ -16,7 +16,7 @@ import math
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from pgws.claims import Grant, channel_problem
+from pgws.claims import DEFAULT_MAX_CHANNELS, Grant, channel_problem
 from pgws.envelope import EnvelopeWriter, dump_json
 from pgws.errors import MessageTooBig
 
@@ -95,11 +95,14 @@ def receive(
     writer: EnvelopeWriter | None,
     frame: str | bytes,
     now: float,
+    *,
+    max_channels: int = DEFAULT_MAX_CHANNELS,
 ) -> list[Action]:
     """The actions one client frame calls for, read at UNIX time `now`.
 
     `grant` is None until the first `auth` succeeded (then `writer` is None too); `subscribed`
-    holds the socket's current channels. Never raises: a frame it cannot read is `err 400`.
+    holds the socket's current channels, at most `max_channels` (PGWS_MAX_CHANNELS). Never
+    raises: a frame it cannot read is `err 400`.
     """
     if grant is not None and grant.expires_at is not None and now >= grant.expires_at:
         return [Close(EXPIRED, "JWT expired", at_once=True)]  # as legacy: nothing after `exp`
@@ -118,7 +121,7 @@ def receive(
             _check_fields(request, op)  # a malformed request is a 400 before it is a 401
             return _unauthenticated(ref)
         if op == "sub":
-            return [_sub(grant, subscribed, request, ref)]
+            return [_sub(grant, subscribed, request, ref, max_channels)]
         if op == "unsub":
             channel = _channel(request)
             if channel not in subscribed:
@@ -129,7 +132,9 @@ def receive(
         return [Reply(err(ref, MALFORMED, str(exc)))]
 
 
-def _sub(grant: Grant, subscribed: Collection[str], request: dict[str, Any], ref: Ref) -> Action:
+def _sub(
+    grant: Grant, subscribed: Collection[str], request: dict[str, Any], ref: Ref, max_channels: int
+) -> Action:
     channel = _channel(request)
     echo = request.get("echo", True)
     if not isinstance(echo, bool):
@@ -143,6 +148,8 @@ def _sub(grant: Grant, subscribed: Collection[str], request: dict[str, Any], ref
         return Reply(err(ref, NOT_GRANTED, "channel not granted for reading"))
     if channel in subscribed:
         return Reply(err(ref, CONFLICT, "already subscribed"))
+    if len(subscribed) >= max_channels:  # as at a legacy handshake: a bound on one socket's cost
+        return Reply(err(ref, NOT_GRANTED, f"too many channels: at most {max_channels}"))
     return Subscribe(channel, echo, resume, ref)
 
 
