@@ -71,6 +71,13 @@ class Grant:
     mode: Mode
     claims: Mapping[str, Any]
     expires_at: float | None  # UNIX seconds, from `exp`
+    # What the token names (`channel` + `channels`, wildcards kept); empty: any channel (SPEC 2
+    # rule 4). Not compared: two grants for the same channels are equal whatever named them.
+    allowed: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+
+    def allows(self, channel: str) -> bool:
+        """Whether the token grants `channel` (SPEC 8: wildcards), whatever the mode."""
+        return channel_granted(self.allowed, channel)
 
     @property
     def can_read(self) -> bool:
@@ -228,22 +235,62 @@ def grant_for(
         raise Forbidden("invalid mode")
     allowed = _allowed_channels(claims)
     if requested is not None:
-        if allowed and requested not in allowed:
+        if not channel_granted(allowed, requested):
             raise Forbidden(f"not allowed: {requested}")
         channels: tuple[str, ...] = (requested,)
     else:
-        if not allowed:
+        # A wildcard is never subscribed by itself (SPEC 8): only the names it stands for are.
+        channels = tuple(name for name in allowed if not is_wildcard(name))
+        if not channels:
             raise Forbidden("no channels")
-        if len(allowed) > max_channels:
+        if len(channels) > max_channels:
             raise Forbidden(f"too many channels: at most {max_channels}")
-        channels = allowed
+    return _grant(claims, mode, channels, allowed)
+
+
+def grant_for_v2(claims: Mapping[str, Any]) -> Grant:
+    """A `pgws.v2` socket's grant (SPEC 8): mode and allowed channels, nothing subscribed yet.
+
+    A token that names no channels grants any channel, as SPEC 2 rule 4 does for a path.
+    """
+    if "mode" not in claims:
+        raise Forbidden("missing mode")
+    mode = claims["mode"]
+    if not isinstance(mode, str) or mode not in MODES:
+        raise Forbidden("invalid mode")
+    return _grant(claims, mode, (), _allowed_channels(claims))
+
+
+def _grant(
+    claims: Mapping[str, Any], mode: str, channels: tuple[str, ...], allowed: tuple[str, ...]
+) -> Grant:
     exp = claims.get("exp")
     return Grant(
         channels=channels,
-        mode=mode,  # type: ignore[arg-type]  # checked against MODES above
+        mode=mode,  # type: ignore[arg-type]  # checked against MODES by the callers
         claims=claims,
         expires_at=float(exp) if exp is not None else None,
+        allowed=allowed,
     )
+
+
+def is_wildcard(entry: str) -> bool:
+    """Whether a `channels` entry is a wildcard: it ends in `*` (SPEC 8)."""
+    return entry.endswith("*")
+
+
+def channel_granted(allowed: Sequence[str], channel: str) -> bool:
+    """Whether a token naming `allowed` grants `channel` (SPEC 2 rule 4 and SPEC 8).
+
+    Nothing named grants everything; `room:*` grants every name starting with `room:` (`room:1`,
+    not `rooms`); any other entry grants exactly itself.
+    """
+    if not allowed:
+        return True
+    for entry in allowed:
+        if entry == channel or (is_wildcard(entry) and channel.startswith(entry[:-1])):
+            return True
+    return False
 
 
 def _allowed_channels(claims: Mapping[str, Any]) -> tuple[str, ...]:

@@ -197,6 +197,18 @@ LOG_LEVEL = Setting(
     help="debug, info, warning or error; warning silences the per-socket lines"
     " (errors always show)",
 )
+AUTH_TIMEOUT = Setting(
+    name="PGWS_AUTH_TIMEOUT",
+    parse=seconds,
+    default="5",
+    help="seconds a pgws.v2 socket without a token has to send `auth`",
+)
+EXPIRY_WARNING = Setting(
+    name="PGWS_EXPIRY_WARNING",
+    parse=seconds,
+    default="60",
+    help="seconds before `exp` a pgws.v2 socket is sent `expiring`",
+)
 DEBUG = Setting(
     name="PGWS_DEBUG",
     parse=boolean,
@@ -232,6 +244,8 @@ SETTINGS: tuple[Setting[Any], ...] = (
     ALLOWED_ORIGINS,
     LOG_LEVEL,
     DEBUG,
+    AUTH_TIMEOUT,
+    EXPIRY_WARNING,
 )
 
 
@@ -264,6 +278,8 @@ class Config:
     jwt_issuer: str | None = JWT_ISSUER.default_value
     allowed_origins: frozenset[str] | None = ALLOWED_ORIGINS.default_value
     log_level: str = LOG_LEVEL.default_value
+    auth_timeout: float = AUTH_TIMEOUT.default_value  # SPEC 8: first-frame auth
+    expiry_warning: float = EXPIRY_WARNING.default_value  # SPEC 8: `expiring`
 
     @property
     def tls(self) -> bool:
@@ -313,6 +329,8 @@ class Config:
             jwt_issuer=JWT_ISSUER.read(env),
             allowed_origins=ALLOWED_ORIGINS.read(env),
             log_level=LOG_LEVEL.read(env),
+            auth_timeout=AUTH_TIMEOUT.read(env),
+            expiry_warning=EXPIRY_WARNING.read(env),
         )
 
 

@@ -12,16 +12,17 @@ import asyncio
 import collections
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import structlog
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.protocol import State
 
 from pgws.buffers import BufferLedger
 from pgws.claims import Grant
-from pgws.envelope import EnvelopeWriter
+from pgws.envelope import EnvelopeWriter, inspect_notification
+from pgws.protocols import v2
 
 # Socket events keep the logger name they had before the split, which log filters may select on.
 log = structlog.get_logger("pgws.handler")
@@ -97,6 +98,12 @@ class Connection(ServerConnection):
     # PGWS_MAX_BUFFERED_TOTAL: the ledger this socket reports to, and what it last counted here.
     ledger: BufferLedger | None = None
     counted: int = 0
+    # pgws.v2 (SPEC 8): selected at the handshake; the grant its handshake token gave, if any;
+    # the name its envelopes carry, and the channels on which it does not hear itself.
+    v2: bool = False
+    v2_grant: Grant | None = None
+    v2_sender: str = ""
+    v2_no_echo: frozenset[str] = frozenset()
 
     def send_data(self) -> None:
         """Write what websockets has queued, then tell the ledger what the transport holds."""
@@ -247,6 +254,26 @@ class HeldUntilAnswered(ServerConnection):
             held, self._held = self._held, None
             if held and self.protocol.state is State.OPEN:
                 super().data_received(bytes(held))
+
+
+def deliver_v2(connections: Iterable[ServerConnection], channel: str, raw: str) -> None:
+    """Send one notification to many pgws.v2 sockets as one shared `msg` frame.
+
+    Echo suppression skips the sender's own socket on channels it subscribed with `echo:false`;
+    the frame itself is never rewritten (SPEC 8).
+    """
+    is_json, sender = inspect_notification(raw)
+    frame = v2.msg(channel, raw, is_json)
+    readers: Iterable[ServerConnection] = (
+        c for c in connections if not getattr(c, "lagging", False)
+    )
+    if sender is not None:
+        readers = (c for c in readers if not _own_echo(c, sender, channel))
+    broadcast(readers, frame)
+
+
+def _own_echo(conn: ServerConnection, sender: str, channel: str) -> bool:
+    return getattr(conn, "v2_sender", None) == sender and channel in getattr(conn, "v2_no_echo", ())
 
 
 def peer(ws: ServerConnection) -> str:

@@ -17,9 +17,16 @@ import orjson
 from pgws.errors import MessageTooBig
 from pgws.limits import NOTIFY_PAYLOAD_LIMIT
 
-__all__ = ["NOTIFY_PAYLOAD_LIMIT", "EnvelopeWriter", "dump_json", "route_channel"]
+__all__ = [
+    "NOTIFY_PAYLOAD_LIMIT",
+    "EnvelopeWriter",
+    "dump_json",
+    "inspect_notification",
+    "route_channel",
+]
 
 DELIVERED_AT = "message_delivered_at"
+SENDER = "sender"  # SPEC 8: the extra key of a v2 writer's envelope
 
 
 def dump_json(value: Any) -> str:
@@ -35,13 +42,16 @@ def dump_json(value: Any) -> str:
 class EnvelopeWriter:
     """Builds the envelopes one connection sends: `claims` is fixed, so it is serialised once."""
 
-    __slots__ = ("_claims_head",)
+    __slots__ = ("_claims_head", "_tail")
 
-    def __init__(self, claims: Mapping[str, Any]) -> None:
+    def __init__(self, claims: Mapping[str, Any], *, sender: str | None = None) -> None:
         # The server's timestamp always wins over a claim of the same name in the token.
         kept = {key: value for key, value in claims.items() if key != DELIVERED_AT}
         head = dump_json(kept)[:-1]  # without the closing brace; the timestamp goes last
         self._claims_head = head + ("," if kept else "")
+        # SPEC 8 echo: a v2 writer's envelopes carry one extra key naming the sending socket, so
+        # delivery can skip that socket without rewriting the shared frame.
+        self._tail = "}" if sender is None else f',"{SENDER}":{dump_json(sender)}}}'
 
     def build(self, event: str, channel: str, payload: str, delivered_at: float) -> str:
         """Return the envelope text; raise MessageTooBig when NOTIFY could not carry it."""
@@ -50,7 +60,7 @@ class EnvelopeWriter:
         text = (
             f'{{"event":{dump_json(event)},"channel":{dump_json(channel)},'
             f'"payload":{dump_json(payload)},"claims":{self._claims_head}'
-            f'"{DELIVERED_AT}":{delivered_at!r}}}}}'
+            f'"{DELIVERED_AT}":{delivered_at!r}}}{self._tail}'
         )
         size = len(text) if text.isascii() else len(text.encode())
         if size > NOTIFY_PAYLOAD_LIMIT:
@@ -59,6 +69,26 @@ class EnvelopeWriter:
                 f"{NOTIFY_PAYLOAD_LIMIT}"
             )
         return text
+
+
+def inspect_notification(raw: str) -> tuple[bool, str | None]:
+    """For pgws.v2 delivery: whether `raw` is strict JSON (no NaN), and the v2 sender it names.
+
+    Parsed once per notification, never per socket: the `msg` frame is then built around `raw`.
+    """
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:  # numbers beyond a double are still JSON; NaN and Infinity are not
+            value = json.loads(raw, parse_constant=_not_json)
+        except (ValueError, RecursionError):
+            return False, None
+    sender = value.get(SENDER) if isinstance(value, dict) else None
+    return True, sender if isinstance(sender, str) else None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def route_channel(raw: str) -> str | None:

@@ -20,11 +20,20 @@ from websockets.typing import Subprotocol
 
 from pgws import web
 from pgws.buffers import BufferLedger
-from pgws.claims import Grant, Verifier, authorize, token_shaped
+from pgws.claims import (
+    Grant,
+    Verifier,
+    authorize,
+    grant_for_v2,
+    parse_channel_path,
+    parse_path,
+    token_shaped,
+)
 from pgws.config import Config
 from pgws.connection import Connection, SocketStats, peer
 from pgws.envelope import EnvelopeWriter
 from pgws.errors import BadRequest, Forbidden, HandshakeRefused, ServiceUnavailable
+from pgws.protocols.v2 import SUBPROTOCOL as V2
 
 # Socket events keep the logger name they had before the split, which log filters may select on.
 log = structlog.get_logger("pgws.handler")
@@ -57,6 +66,9 @@ class Handshake:
                 return self._plain(request)
             self._check_origin(request)
             self._check_capacity()
+            if V2 in _offered_subprotocols(request):
+                self._accept_v2(connection, request)
+                return None
             grant = authorize(
                 self.verifier,
                 request.path,
@@ -75,6 +87,29 @@ class Handshake:
         if self._buffers.limit is not None:
             conn.ledger = self._buffers
         return None
+
+    def _accept_v2(self, connection: ServerConnection, request: Request) -> None:
+        """A `pgws.v2` upgrade (SPEC 8): a token is optional here (else the first frame is `auth`);
+        one that is given must verify, and a path channel must be granted, though it is not
+        subscribed. Refusals raise HandshakeRefused, answered like SPEC 2's."""
+        token = token_from_headers(request)
+        if token is not None:
+            requested = parse_channel_path(request.path)
+        elif _last_segment(request.path) and token_shaped(_last_segment(request.path)):
+            requested, token = parse_path(request.path)
+        else:
+            requested = parse_channel_path(request.path)
+        grant = None
+        if token is not None:
+            grant = grant_for_v2(self.verifier.verify(token, self._clock()))
+            if requested is not None and not grant.allows(requested):
+                raise Forbidden(f"not allowed: {requested}")
+            _envelope_writer(grant)  # claims it cannot carry are a 403 here, as for legacy
+        conn = cast(Connection, connection)
+        conn.v2, conn.v2_grant = True, grant
+        conn.stats = self._stats
+        if self._buffers.limit is not None:
+            conn.ledger = self._buffers
 
     def _check_origin(self, request: Request) -> None:
         """PGWS_ALLOWED_ORIGINS: browsers elsewhere are refused (clients sending none are not)."""
@@ -138,8 +173,11 @@ def select_subprotocol(
     """websockets' select_subprotocol: answer a token-carrying offer, as browsers require.
 
     `new WebSocket(url, ["jwt", token])` gets "jwt" back; `new WebSocket(url, [token])` gets its
-    own value back. Offers without a token negotiate nothing.
+    own value back. Offers without a token negotiate nothing. `pgws.v2` is selected whenever it
+    is offered (SPEC 8), with or without a token beside it.
     """
+    if V2 in offered:
+        return Subprotocol(V2)
     if not any(token_shaped(value) for value in offered):
         return None
     if "jwt" in offered:
@@ -154,6 +192,10 @@ def _offered_subprotocols(request: Request) -> list[str]:
         for item in header.split(",")
         if item.strip()
     ]
+
+
+def _last_segment(path: str) -> str:
+    return path.split("?", 1)[0].split("#", 1)[0].rstrip("/").rpartition("/")[2]
 
 
 def _reason_label(exc: HandshakeRefused) -> str:

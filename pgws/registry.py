@@ -17,6 +17,8 @@ S = TypeVar("S")
 
 # Hands a batch of (readers, raw text) to sockets, in order; returns how many messages it handed.
 Deliver = Callable[[Sequence[tuple[Iterable[S], str]]], int]
+# pgws.v2 readers (SPEC 8) get a `msg` frame naming the channel, built once per notification.
+DeliverV2 = Callable[[Iterable[S], str, str], None]  # (readers, channel, raw)
 SendOut = Callable[[str], Awaitable[None]]
 
 
@@ -31,11 +33,20 @@ class RegistryStats:
 class Registry(Generic[S]):
     """Maps channels to their subscribers; routes notifications in and envelopes out."""
 
-    def __init__(self, listen_channel: str, deliver: Deliver[S], send_out: SendOut) -> None:
+    def __init__(
+        self,
+        listen_channel: str,
+        deliver: Deliver[S],
+        send_out: SendOut,
+        deliver_v2: DeliverV2[S] | None = None,
+    ) -> None:
         self._listen_channel = listen_channel
         self._deliver = deliver
         self._send_out = send_out
+        self._deliver_v2 = deliver_v2
         self._channels: dict[str, set[S]] = {}
+        # pgws.v2 readers, apart: their subscriptions change at run time and they get other frames.
+        self._v2: dict[str, set[S]] = {}
         self._published: dict[str, int] = {}  # per channel with readers: notifications so far
         self.delivered = 0  # messages handed to sockets; live, /metrics reads stats()
 
@@ -54,6 +65,19 @@ class Registry(Generic[S]):
                     del self._channels[channel]
                     self._published.pop(channel, None)
 
+    def subscribe_v2(self, subscriber: S, channel: str) -> None:
+        """Start delivering `msg` frames on `channel` to a pgws.v2 `subscriber`."""
+        self._v2.setdefault(channel, set()).add(subscriber)
+
+    def unsubscribe_v2(self, subscriber: S, channels: Iterable[str]) -> None:
+        """Stop delivering `msg` frames on `channels` to a pgws.v2 `subscriber`."""
+        for channel in channels:
+            readers = self._v2.get(channel)
+            if readers is not None:
+                readers.discard(subscriber)
+                if not readers:
+                    del self._v2[channel]
+
     def publish_in(self, raw: str) -> int:
         """Deliver one notification's raw text to the readers of its channel; return how many."""
         return self.publish_batch((raw,))
@@ -66,17 +90,24 @@ class Registry(Generic[S]):
         each socket gets all of its frames in one write.
         """
         batch = []
+        handed = 0
+        v2 = self._v2 if self._deliver_v2 is not None else None
         for raw in raws:
             channel = route_channel(raw)
             if channel is None:
                 channel = self._listen_channel
+            if v2:
+                v2_readers = v2.get(channel)
+                if v2_readers and self._deliver_v2 is not None:
+                    # A socket speaks one protocol, so each socket's order holds across both.
+                    self._deliver_v2(v2_readers, channel, raw)
+                    handed += len(v2_readers)
             subscribers = self._channels.get(channel)
             if subscribers:
                 self._published[channel] = self._published.get(channel, 0) + 1
                 batch.append((subscribers, raw))
-        if not batch:
-            return 0
-        handed = self._deliver(batch)
+        if batch:
+            handed += self._deliver(batch)
         self.delivered += handed
         return handed
 
@@ -97,8 +128,8 @@ class Registry(Generic[S]):
     @property
     def channel_count(self) -> int:
         """How many channels have at least one reader."""
-        return len(self._channels)
+        return len(self._channels.keys() | self._v2.keys()) if self._v2 else len(self._channels)
 
     def stats(self) -> RegistryStats:
         """A snapshot of the figures, for /metrics."""
-        return RegistryStats(channels=len(self._channels), delivered=self.delivered)
+        return RegistryStats(channels=self.channel_count, delivered=self.delivered)

@@ -26,7 +26,7 @@ from pgws.buffers import BufferLedger
 from pgws.bus import NotifyBus
 from pgws.claims import Verifier
 from pgws.config import Config
-from pgws.connection import SocketStats, tracked_connection_class
+from pgws.connection import SocketStats, deliver_v2, tracked_connection_class
 from pgws.db.connect import db_host
 from pgws.errors import ConfigError
 from pgws.fanout import fan_out
@@ -96,6 +96,7 @@ class Gateway:
             config.listen_channel,
             functools.partial(fan_out, buffer_limit=config.client_max_buffer),
             self.bus.publish,
+            deliver_v2,
         )
         # The bus's parts, for /metrics and the tests that reach into them.
         self.listener, self.notifier = self.bus.listener, self.bus.notifier
@@ -115,7 +116,11 @@ class Gateway:
             clock=lambda: self.clock(),
         )
         self.sessions = Sessions(
-            config, self.registry, self.socket_stats, clock=lambda: self.clock()
+            config,
+            self.registry,
+            self.socket_stats,
+            verifier=lambda: self.handshake.verifier,
+            clock=lambda: self.clock(),
         )
         self.server: Server | None = None
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake

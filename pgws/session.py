@@ -17,13 +17,14 @@ import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from pgws.claims import Grant
+from pgws.claims import Grant, Verifier
 from pgws.config import Config
 from pgws.connection import Connection, SocketStats, peer
 from pgws.envelope import EnvelopeWriter
 from pgws.errors import MessageRefused, MessageTooBig
 from pgws.protocols import legacy
 from pgws.registry import Registry
+from pgws.session_v2 import V2Sessions
 
 # Socket events keep the logger name they had before the split, which log filters may select on.
 log = structlog.get_logger("pgws.handler")
@@ -38,16 +39,23 @@ class Sessions:
         registry: Registry[ServerConnection],
         stats: SocketStats,
         *,
+        verifier: Callable[[], Verifier] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
         self._registry = registry
         self._stats = stats
         self._clock = clock
+        self._v2 = (
+            None if verifier is None else V2Sessions(config, registry, stats, verifier, clock)
+        )
 
     async def handle(self, ws: ServerConnection) -> None:
         """Run one accepted socket until it closes."""
         conn = cast(Connection, ws)
+        if conn.v2 and self._v2 is not None:
+            await self._v2.handle(conn)
+            return
         grant, stats = conn.grant, self._stats
         conn.opened_at = self._clock()
         structlog.contextvars.bind_contextvars(conn_id=str(ws.id)[:8])
