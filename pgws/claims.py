@@ -22,6 +22,7 @@ from urllib.parse import unquote
 from jose import jws
 from jose.exceptions import JOSEError
 
+from pgws.envelope import strict_loads
 from pgws.errors import BadRequest, ConfigError, Forbidden, TokenExpired, Unauthorized
 from pgws.keys import Key, load_keys
 from pgws.limits import MAX_CHANNEL_BYTES
@@ -367,22 +368,11 @@ def _token_json(data: bytes | str | None) -> dict[str, Any] | None:
     if data is None:
         return None
     try:
-        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = strict_loads(data)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     if not isinstance(value, dict) or not _nesting_within(value, MAX_JSON_DEPTH):
         return None
-    return value
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("number out of range")
     return value
 
 

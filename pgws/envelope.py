@@ -107,3 +107,22 @@ def route_channel(raw: str) -> str | None:
         if isinstance(channel, str):
             return channel
     return None
+
+
+def strict_loads(data: str | bytes) -> Any:
+    """json.loads refusing what JSON is not: NaN, Infinity, and numbers beyond a float (1e400).
+
+    Raises ValueError (RecursionError for absurd nesting, as json.loads does).
+    """
+    return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value

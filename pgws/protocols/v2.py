@@ -11,13 +11,11 @@ socket of a channel.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from collections.abc import Collection, Iterable
 from typing import Any
 
 from pgws.claims import DEFAULT_MAX_CHANNELS, Grant, channel_problem
-from pgws.envelope import EnvelopeWriter, dump_json
+from pgws.envelope import EnvelopeWriter, dump_json, strict_loads
 from pgws.errors import MessageTooBig
 
 SUBPROTOCOL = "pgws.v2"
@@ -184,7 +182,7 @@ def _parse(frame: str | bytes) -> dict[str, Any]:
     if not isinstance(frame, str):
         raise _Malformed("frames must be text")
     try:
-        value = json.loads(frame, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = strict_loads(frame)
     except (ValueError, RecursionError):
         raise _Malformed("not JSON") from None
     if not isinstance(value, dict):
@@ -222,17 +220,6 @@ def _channel(request: dict[str, Any]) -> str:
 
 def _not_unicode(text: str) -> bool:
     return any(0xD800 <= ord(char) <= 0xDFFF for char in text)
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("number out of range")
-    return value
 
 
 # Server frames: exact JSON text, keys in the order SPEC 8 lists them.
