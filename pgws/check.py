@@ -34,7 +34,10 @@ class Finding:
 def static_findings(config: Config) -> list[Finding]:
     """Secret and TLS files, as the gateway would load them; raises ConfigError like `serve`."""
     verifier = Verifier.from_secret(
-        config.jwt_secret, audience=config.jwt_audience, issuer=config.jwt_issuer
+        config.jwt_secret,
+        audience=config.jwt_audience,
+        issuer=config.jwt_issuer,
+        leeway=config.jwt_leeway,
     )
     algorithms = ", ".join(verifier.algorithms)
     findings = [Finding("jwt", f"keys load ({algorithms})")]

@@ -95,20 +95,31 @@ class Verifier:
     """Checks tokens against the configured key(s); built once at start-up from PGWS_JWT_SECRET."""
 
     def __init__(
-        self, keys: Sequence[Key], *, audience: str | None = None, issuer: str | None = None
+        self,
+        keys: Sequence[Key],
+        *,
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = 0.0,
     ) -> None:
         if not keys:
             raise ConfigError("PGWS_JWT_SECRET", "holds no usable key")
         self._keys = tuple(keys)
         self._audience = audience
         self._issuer = issuer
+        self.leeway = leeway  # seconds of clock skew allowed on `exp` and `nbf` (PGWS_JWT_LEEWAY)
 
     @classmethod
     def from_secret(
-        cls, secret: bytes, *, audience: str | None = None, issuer: str | None = None
+        cls,
+        secret: bytes,
+        *,
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = 0.0,
     ) -> Verifier:
         """A plain secret is an HS256 key; a JSON object is a JWK, or a JWKS with `keys`."""
-        return cls(load_keys(secret), audience=audience, issuer=issuer)
+        return cls(load_keys(secret), audience=audience, issuer=issuer, leeway=leeway)
 
     @property
     def weakest_secret(self) -> int | None:
@@ -155,7 +166,7 @@ class Verifier:
         claims = _token_json(payload)
         if claims is None:
             raise Unauthorized(INVALID)
-        _check_times(claims, time.time() if now is None else now)
+        _check_times(claims, time.time() if now is None else now, self.leeway)
         if self._audience is not None and not _has_audience(claims, self._audience):
             raise Unauthorized(INVALID)
         if self._issuer is not None and claims.get("iss") != self._issuer:
@@ -190,7 +201,7 @@ def authorize(
     else:
         requested, token = parse_channel_path(path), header_token
     claims = verifier.verify(token, now)
-    return grant_for(claims, requested, max_channels)
+    return grant_for(claims, requested, max_channels, leeway=verifier.leeway)
 
 
 def _segments(path: str) -> list[str]:
@@ -226,7 +237,11 @@ def parse_channel_path(path: str) -> str | None:
 
 
 def grant_for(
-    claims: Mapping[str, Any], requested: str | None, max_channels: int = DEFAULT_MAX_CHANNELS
+    claims: Mapping[str, Any],
+    requested: str | None,
+    max_channels: int = DEFAULT_MAX_CHANNELS,
+    *,
+    leeway: float = 0.0,
 ) -> Grant:
     """Apply SPEC 2 rules 2-5 to verified claims and the channel named in the path, if any."""
     if "mode" not in claims:
@@ -246,10 +261,10 @@ def grant_for(
             raise Forbidden("no channels")
         if len(channels) > max_channels:
             raise Forbidden(f"too many channels: at most {max_channels}")
-    return _grant(claims, mode, channels, allowed)
+    return _grant(claims, mode, channels, allowed, leeway)
 
 
-def grant_for_v2(claims: Mapping[str, Any]) -> Grant:
+def grant_for_v2(claims: Mapping[str, Any], *, leeway: float = 0.0) -> Grant:
     """A `pgws.v2` socket's grant (SPEC 8): mode and allowed channels, nothing subscribed yet.
 
     A token that names no channels grants any channel, as SPEC 2 rule 4 does for a path.
@@ -259,18 +274,22 @@ def grant_for_v2(claims: Mapping[str, Any]) -> Grant:
     mode = claims["mode"]
     if not isinstance(mode, str) or mode not in MODES:
         raise Forbidden("invalid mode")
-    return _grant(claims, mode, (), _allowed_channels(claims))
+    return _grant(claims, mode, (), _allowed_channels(claims), leeway)
 
 
 def _grant(
-    claims: Mapping[str, Any], mode: str, channels: tuple[str, ...], allowed: tuple[str, ...]
+    claims: Mapping[str, Any],
+    mode: str,
+    channels: tuple[str, ...],
+    allowed: tuple[str, ...],
+    leeway: float = 0.0,
 ) -> Grant:
-    exp = claims.get("exp")
+    exp = claims.get("exp")  # the socket lives until exp + leeway: the 3001 timer, per frame
     return Grant(
         channels=channels,
         mode=mode,  # type: ignore[arg-type]  # checked against MODES by the callers
         claims=claims,
-        expires_at=float(exp) if exp is not None else None,
+        expires_at=float(exp) + leeway if exp is not None else None,
         allowed=allowed,
     )
 
@@ -344,7 +363,7 @@ def channel_problem(name: str) -> str | None:
     return None
 
 
-def _check_times(claims: Mapping[str, Any], now: float) -> None:
+def _check_times(claims: Mapping[str, Any], now: float, leeway: float = 0.0) -> None:
     for name in ("exp", "nbf", "iat"):
         if name in claims:
             value = claims[name]
@@ -353,9 +372,9 @@ def _check_times(claims: Mapping[str, Any], now: float) -> None:
             # abs() first: math.isfinite() overflows on integers too large for a float.
             if abs(value) > 1e11 or not math.isfinite(value):  # beyond year 5000: nonsense
                 raise Unauthorized(INVALID)
-    if "nbf" in claims and now < claims["nbf"]:
+    if "nbf" in claims and now + leeway < claims["nbf"]:
         raise Unauthorized(INVALID)
-    if "exp" in claims and now >= claims["exp"]:
+    if "exp" in claims and now - leeway >= claims["exp"]:
         raise TokenExpired("token expired")
 
 

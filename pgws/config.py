@@ -39,6 +39,7 @@ from pgws.setting import (
     optional,
     origins,
     seconds,
+    skew_seconds,
     text,
 )
 
@@ -185,6 +186,12 @@ JWT_ISSUER = Setting(
     parse=optional(text),
     help="when set, every token's `iss` must equal it",
 )
+JWT_LEEWAY = Setting(
+    name="PGWS_JWT_LEEWAY",
+    parse=skew_seconds,
+    default="0",
+    help="seconds of clock skew allowed on a token's exp and nbf (and the 3001 timer)",
+)
 ALLOWED_ORIGINS = Setting(
     name="PGWS_ALLOWED_ORIGINS",
     parse=optional(origins),  # None = any Origin
@@ -241,6 +248,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     MAX_CONNECTIONS,
     JWT_AUDIENCE,
     JWT_ISSUER,
+    JWT_LEEWAY,
     ALLOWED_ORIGINS,
     LOG_LEVEL,
     DEBUG,
@@ -276,6 +284,7 @@ class Config:
     max_connections: int | None = MAX_CONNECTIONS.default_value
     jwt_audience: str | None = JWT_AUDIENCE.default_value
     jwt_issuer: str | None = JWT_ISSUER.default_value
+    jwt_leeway: float = JWT_LEEWAY.default_value
     allowed_origins: frozenset[str] | None = ALLOWED_ORIGINS.default_value
     log_level: str = LOG_LEVEL.default_value
     auth_timeout: float = AUTH_TIMEOUT.default_value  # SPEC 8: first-frame auth
@@ -327,6 +336,7 @@ class Config:
             max_connections=MAX_CONNECTIONS.read(env),
             jwt_audience=JWT_AUDIENCE.read(env),
             jwt_issuer=JWT_ISSUER.read(env),
+            jwt_leeway=JWT_LEEWAY.read(env),
             allowed_origins=ALLOWED_ORIGINS.read(env),
             log_level=LOG_LEVEL.read(env),
             auth_timeout=AUTH_TIMEOUT.read(env),

@@ -46,7 +46,7 @@ PING_TIMEOUT = 30.0
 
 # Config fields SIGHUP applies to a running gateway; every other change needs a restart.
 _RELOADABLE = frozenset(
-    {"jwt_secret", "jwt_audience", "jwt_issuer", "certificate_file", "key_file"}
+    {"jwt_secret", "jwt_audience", "jwt_issuer", "jwt_leeway", "certificate_file", "key_file"}
 )
 
 
@@ -88,7 +88,10 @@ class Gateway:
         self.config = config
         self._reuse_port = reuse_port  # a worker sharing the port with its siblings
         self.verifier = Verifier.from_secret(
-            config.jwt_secret, audience=config.jwt_audience, issuer=config.jwt_issuer
+            config.jwt_secret,
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+            leeway=config.jwt_leeway,
         )
         self.tls = ReloadableTls(config)
         self.bus = NotifyBus(config, feed=lambda batch: self.registry.publish_batch(batch))
@@ -148,13 +151,16 @@ class Gateway:
 
     def _reload_verifier(self, new: Config) -> list[str]:
         old = self.config
-        fields = ("jwt_secret", "jwt_audience", "jwt_issuer")
+        fields = ("jwt_secret", "jwt_audience", "jwt_issuer", "jwt_leeway")
         changed = [_variable(f) for f in fields if getattr(old, f) != getattr(new, f)]
         if not changed:
             return []
         try:
             verifier = Verifier.from_secret(
-                new.jwt_secret, audience=new.jwt_audience, issuer=new.jwt_issuer
+                new.jwt_secret,
+                audience=new.jwt_audience,
+                issuer=new.jwt_issuer,
+                leeway=new.jwt_leeway,
             )
         except ConfigError as exc:
             log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")

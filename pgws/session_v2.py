@@ -162,7 +162,9 @@ class V2Sessions:
         """First auth or refresh; False when a failed first auth closed the socket (4401)."""
         conn = socket.conn
         try:
-            grant = grant_for_v2(self._verifier().verify(action.token, self._clock()))
+            verifier = self._verifier()
+            claims = verifier.verify(action.token, self._clock())
+            grant = grant_for_v2(claims, leeway=verifier.leeway)
             writer = EnvelopeWriter(grant.claims, sender=conn.v2_sender)
         except (HandshakeRefused, TypeError, ValueError, RecursionError) as exc:
             code = exc.status if isinstance(exc, HandshakeRefused) else v2.NOT_GRANTED

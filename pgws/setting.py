@@ -154,6 +154,18 @@ def seconds(name: str, value: str) -> float:
     return number
 
 
+def skew_seconds(name: str, value: str) -> float:
+    """Seconds of clock skew: 0 (none, the default) to 300."""
+    value = value.strip()
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(name, f"expected a number of seconds, got {value!r}") from None
+    if not 0 <= number <= 300:
+        raise ConfigError(name, f"must be between 0 and 300 seconds, got {value!r}")
+    return number
+
+
 def interval_ms(name: str, value: str) -> float | None:
     """Milliseconds in the env, float seconds in Config; 0 means off (None)."""
     value = value.strip()

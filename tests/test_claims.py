@@ -618,6 +618,10 @@ def test_any_claimed_channel_is_granted_only_if_the_path_would_accept_it(
         assert str(refused.value).startswith("invalid channel claim: ")
         assert name not in str(refused.value) or not name
         return
+    if name.endswith("*"):  # a wildcard grant (SPEC 8): it allows channels, names none itself
+        with pytest.raises(Forbidden, match="no channels"):
+            grant_for(claims, None)
+        return
     assert grant_for(claims, None).channels == (name,)
     EnvelopeWriter(claims).build("WebsocketMessage", name, "hi", NOW).encode()
 
@@ -682,3 +686,41 @@ def test_der_public_key_or_certificate_is_never_an_hmac_secret() -> None:
     with pytest.raises(ConfigError, match="public key or certificate") as caught:
         Verifier.from_secret(der)
     assert caught.value.name == "PGWS_JWT_SECRET"
+
+
+# PGWS_JWT_LEEWAY (issue 13 item 2): clock skew allowed on exp and nbf; 0 keeps the drop-in rules.
+
+AT = 1_800_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("claims", "leeway", "outcome"),
+    [
+        ({"exp": AT - 5}, 0.0, TokenExpired),
+        ({"exp": AT - 5}, 10.0, None),
+        ({"exp": AT - 10}, 10.0, TokenExpired),  # exp + leeway reached: expired, as at exp
+        ({"nbf": AT + 5}, 0.0, Unauthorized),
+        ({"nbf": AT + 5}, 10.0, None),
+        ({"nbf": AT + 11}, 10.0, Unauthorized),
+    ],
+)
+def test_leeway_widens_exp_and_nbf_by_that_many_seconds(
+    claims: dict[str, Any], leeway: float, outcome: type[Exception] | None
+) -> None:
+    verifier = Verifier.from_secret(SECRET.encode(), leeway=leeway)
+    token = make_token({"mode": "r", **claims})
+    if outcome is None:
+        assert verifier.verify(token, AT)["mode"] == "r"
+    else:
+        with pytest.raises(outcome):
+            verifier.verify(token, AT)
+
+
+def test_a_grant_under_leeway_expires_that_much_later() -> None:
+    """The 3001 timer and the per-frame check read expires_at: both move with the leeway."""
+    verifier = Verifier.from_secret(SECRET.encode(), leeway=30.0)
+    token = make_token({"mode": "r", "exp": AT + 60})
+    grant = authorize(verifier, f"/chat/{token}", AT)
+    assert grant.expires_at == AT + 90
+    assert grant.claims["exp"] == AT + 60  # the claims readers see are the token's own
+    assert authorize(VERIFIER, f"/chat/{token}", AT).expires_at == AT + 60
