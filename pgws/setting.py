@@ -142,13 +142,17 @@ class Choice:
         return folded
 
 
+def _number_of_seconds(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(name, f"expected a number of seconds, got {value!r}") from None
+
+
 def seconds(name: str, value: str) -> float:
     """A duration in seconds, more than 0 and at most an hour."""
     value = value.strip()
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(name, f"expected a number of seconds, got {value!r}") from None
+    number = _number_of_seconds(name, value)
     if not 0 < number <= 3600:
         raise ConfigError(name, f"must be more than 0 and at most 3600 seconds, got {value!r}")
     return number
@@ -157,10 +161,7 @@ def seconds(name: str, value: str) -> float:
 def skew_seconds(name: str, value: str) -> float:
     """Seconds of clock skew: 0 (none, the default) to 300."""
     value = value.strip()
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(name, f"expected a number of seconds, got {value!r}") from None
+    number = _number_of_seconds(name, value)
     if not 0 <= number <= 300:
         raise ConfigError(name, f"must be between 0 and 300 seconds, got {value!r}")
     return number
