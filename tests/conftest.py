@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from jose import jwt
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from dev.devdb import ThrowawayPostgres
 from pgws import logs
@@ -328,6 +329,17 @@ def run_pgws(
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+async def signal_closes_1001_and_exits_0(serving: Any, ws: Any, sig: int) -> None:
+    """Send `sig` to a `pgws serve` process: its open socket `ws` gets 1001, it exits 0."""
+    serving.process.send_signal(sig)
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(TIMEOUT):
+            await ws.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1001
+    assert await serving.wait_exit() == 0
 
 
 async def http_get(gateway: Running, path: str) -> tuple[int, dict[str, str], bytes]:

@@ -21,6 +21,7 @@ from tests.conftest import (
     channel_name,
     make_token,
     recv_json,
+    signal_closes_1001_and_exits_0,
     subscribed,
     until,
 )
@@ -124,13 +125,7 @@ async def test_sigterm_closes_sockets_with_1001_and_exits_0(serve_process: Any, 
     serving, port = await serve_process()
     listen_channel = serving.events[-1]["listen_channel"]
     async with connect(f"ws://127.0.0.1:{port}/x/{make_token({'mode': 'rw'})}") as ws:
-        serving.process.send_signal(signal.SIGTERM)
-        with pytest.raises(ConnectionClosed) as closed:
-            async with asyncio.timeout(TIMEOUT):
-                await ws.recv()
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == 1001
-    assert await serving.wait_exit() == 0
+        await signal_closes_1001_and_exits_0(serving, ws, signal.SIGTERM)
     await serving.wait_for_event("server_stopped")
     cursor = await db.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE query = %s", (f'LISTEN "{listen_channel}"',)

@@ -13,9 +13,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
-from tests.conftest import SECRET, TIMEOUT, channel_name, make_token, recv_json
+from tests.conftest import (
+    SECRET,
+    TIMEOUT,
+    channel_name,
+    make_token,
+    recv_json,
+    signal_closes_1001_and_exits_0,
+)
 from tests.test_tls import _certificate, _key_pem, _pem
 
 NEW_SECRET = "a-brand-new-secret-for-the-rotation-test-0123456789"
@@ -186,13 +193,7 @@ async def test_sigquit_stops_as_cleanly_as_sigterm(serve_process: Any) -> None:
     serving, port = await serve_process()
     token = make_token({"mode": "r"})
     async with connect(f"ws://127.0.0.1:{port}/{channel_name()}/{token}") as ws:
-        serving.process.send_signal(signal.SIGQUIT)
-        with pytest.raises(ConnectionClosed) as closed:
-            async with asyncio.timeout(TIMEOUT):
-                await ws.recv()
-    assert closed.value.rcvd is not None
-    assert closed.value.rcvd.code == 1001
-    assert await serving.wait_exit() == 0
+        await signal_closes_1001_and_exits_0(serving, ws, signal.SIGQUIT)
     assert any(e.get("signal") == "SIGQUIT" for e in serving.events)
 
 
