@@ -14,40 +14,27 @@ import json
 import math
 import re
 import time
-import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
-from urllib.parse import unquote
 
 from jose import jws
 from jose.exceptions import JOSEError
 
+from pgws.channels import channel_granted, channel_problem, is_wildcard
 from pgws.envelope import strict_loads
-from pgws.errors import BadRequest, ConfigError, Forbidden, TokenExpired, Unauthorized
+from pgws.errors import INVALID_TOKEN, ConfigError, Forbidden, TokenExpired, Unauthorized
 from pgws.keys import Key, load_keys
-from pgws.limits import MAX_CHANNEL_BYTES
+from pgws.paths import parse_channel_path, parse_path
 
 Mode = Literal["r", "w", "rw"]
 MODES: frozenset[str] = frozenset({"r", "w", "rw"})
 # Far above any real token, far below what would let a client make us do real work.
 MAX_TOKEN_LENGTH = 8192
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-INVALID = "invalid token"
 DEFAULT_MAX_CHANNELS = 100
 # Deeper than any real JOSE header or claims set; bounds what may later be walked or re-serialised
 # (jose and the envelope writer recurse) so a hostile token is an `invalid token`, not a crash.
 MAX_JSON_DEPTH = 32
-# Bidi formatting characters (ALM, LRM, RLM, LRE..RLO, LRI..PDI): they make a channel name print
-# as another one in logs and dashboards.
-_BIDI_CONTROLS = frozenset(
-    [
-        "\u061c",
-        "\u200e",
-        "\u200f",
-        *map(chr, range(0x202A, 0x202F)),
-        *map(chr, range(0x2066, 0x206A)),
-    ]
-)
 
 
 def token_shaped(value: str) -> bool:
@@ -143,11 +130,11 @@ class Verifier:
     def verify(self, token: str, now: float | None = None) -> dict[str, Any]:
         """Return the token's claims; raise Unauthorized (or TokenExpired) when it does not hold."""
         if not token_shaped(token):
-            raise Unauthorized(INVALID)
+            raise Unauthorized(INVALID_TOKEN)
         # Read here rather than by jose, whose json.loads has no depth bound (RecursionError).
         header = _token_json(_b64url_decode(token.partition(".")[0]))
         if header is None or "crit" in header:
-            raise Unauthorized(INVALID)
+            raise Unauthorized(INVALID_TOKEN)
         algorithm, kid = header.get("alg"), header.get("kid")
         candidates = [key for key in self._keys if key.algorithm == algorithm]
         if kid is not None and any(key.kid == kid for key in candidates):
@@ -162,15 +149,15 @@ class Verifier:
             except JOSEError:
                 continue
         if payload is None:
-            raise Unauthorized(INVALID)
+            raise Unauthorized(INVALID_TOKEN)
         claims = _token_json(payload)
         if claims is None:
-            raise Unauthorized(INVALID)
+            raise Unauthorized(INVALID_TOKEN)
         _check_times(claims, time.time() if now is None else now, self.leeway)
         if self._audience is not None and not _has_audience(claims, self._audience):
-            raise Unauthorized(INVALID)
+            raise Unauthorized(INVALID_TOKEN)
         if self._issuer is not None and claims.get("iss") != self._issuer:
-            raise Unauthorized(INVALID)
+            raise Unauthorized(INVALID_TOKEN)
         return claims
 
 
@@ -202,38 +189,6 @@ def authorize(
         requested, token = parse_channel_path(path), header_token
     claims = verifier.verify(token, now)
     return grant_for(claims, requested, max_channels, leeway=verifier.leeway)
-
-
-def _segments(path: str) -> list[str]:
-    path = path.split("?", 1)[0].split("#", 1)[0]
-    if not path.startswith("/"):
-        raise BadRequest("bad request: the path must start with /")
-    segments = path[1:].split("/")
-    if len(segments) > 1 and segments[-1] == "":
-        segments.pop()  # a trailing slash
-    return segments
-
-
-def parse_path(path: str) -> tuple[str | None, str]:
-    """Split a request path into (channel or None, token); raise BadRequest when malformed."""
-    segments = _segments(path)
-    if len(segments) == 1:
-        if not segments[0]:
-            raise Unauthorized(INVALID)
-        return None, segments[0]
-    if len(segments) != 2:
-        raise BadRequest("bad request: expected /<channel>/<token> or /<token>")
-    return _decode_channel(segments[0]), segments[1]
-
-
-def parse_channel_path(path: str) -> str | None:
-    """The channel of a path when the token came in a header: `/` (None) or `/<channel>`."""
-    segments = _segments(path)
-    if segments == [""]:
-        return None
-    if len(segments) != 1:
-        raise BadRequest("bad request: with a token header the path is / or /<channel>")
-    return _decode_channel(segments[0])
 
 
 def grant_for(
@@ -294,25 +249,6 @@ def _grant(
     )
 
 
-def is_wildcard(entry: str) -> bool:
-    """Whether a `channels` entry is a wildcard: it ends in `*` (SPEC 8)."""
-    return entry.endswith("*")
-
-
-def channel_granted(allowed: Sequence[str], channel: str) -> bool:
-    """Whether a token naming `allowed` grants `channel` (SPEC 2 rule 4 and SPEC 8).
-
-    Nothing named grants everything; `room:*` grants every name starting with `room:` (`room:1`,
-    not `rooms`); any other entry grants exactly itself.
-    """
-    if not allowed:
-        return True
-    for entry in allowed:
-        if entry == channel or (is_wildcard(entry) and channel.startswith(entry[:-1])):
-            return True
-    return False
-
-
 def _allowed_channels(claims: Mapping[str, Any]) -> tuple[str, ...]:
     """`channel` (legacy string) plus `channels` (list of strings), first occurrence order kept."""
     found: list[str] = []
@@ -333,47 +269,17 @@ def _allowed_channels(claims: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
-def _decode_channel(segment: str) -> str:
-    try:
-        channel = unquote(segment, errors="strict")
-    except UnicodeDecodeError:
-        raise BadRequest("bad request: the channel is not valid UTF-8") from None
-    if (problem := channel_problem(channel)) is not None:
-        raise BadRequest(f"bad request: {problem}")
-    return channel
-
-
-def channel_problem(name: str) -> str | None:
-    """Why `name` cannot be a channel, or None: one rule for path channels and claimed ones.
-
-    Channel names reach log lines, envelopes and the database, so each must be valid Unicode that
-    encodes to UTF-8 (no lone surrogates, which JSON claims can carry), printable as itself (no
-    control or bidi formatting characters) and short.
-    """
-    if not name:
-        return "empty channel name"
-    if any(0xD800 <= ord(char) <= 0xDFFF for char in name):
-        return "the channel name is not valid Unicode"
-    if any(unicodedata.category(char) == "Cc" for char in name):
-        return "control characters in the channel name"
-    if any(char in _BIDI_CONTROLS for char in name):
-        return "bidi control characters in the channel name"
-    if len(name.encode()) > MAX_CHANNEL_BYTES:
-        return f"channel names are at most {MAX_CHANNEL_BYTES} bytes"
-    return None
-
-
 def _check_times(claims: Mapping[str, Any], now: float, leeway: float = 0.0) -> None:
     for name in ("exp", "nbf", "iat"):
         if name in claims:
             value = claims[name]
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise Unauthorized(INVALID)
+                raise Unauthorized(INVALID_TOKEN)
             # abs() first: math.isfinite() overflows on integers too large for a float.
             if abs(value) > 1e11 or not math.isfinite(value):  # beyond year 5000: nonsense
-                raise Unauthorized(INVALID)
+                raise Unauthorized(INVALID_TOKEN)
     if "nbf" in claims and now + leeway < claims["nbf"]:
-        raise Unauthorized(INVALID)
+        raise Unauthorized(INVALID_TOKEN)
     if "exp" in claims and now - leeway >= claims["exp"]:
         raise TokenExpired("token expired")
 

@@ -6,6 +6,10 @@ upgrade, a close code after it), so the handler maps them to the wire in one pla
 
 from __future__ import annotations
 
+# Everything a client learns from a token that does not verify (SPEC 2): the same words whatever
+# was wrong, so a refusal tells an attacker nothing.
+INVALID_TOKEN = "invalid token"  # noqa: S105  (a message, not a password)
+
 
 class PgwsError(Exception):
     """Base class for every error pgws raises on purpose."""

@@ -25,14 +25,13 @@ from pgws.claims import (
     Verifier,
     authorize,
     grant_for_v2,
-    parse_channel_path,
-    parse_path,
     token_shaped,
 )
 from pgws.config import Config
 from pgws.connection import Connection, SocketStats, peer
 from pgws.envelope import EnvelopeWriter
 from pgws.errors import BadRequest, Forbidden, HandshakeRefused, ServiceUnavailable
+from pgws.paths import parse_channel_path, parse_path
 from pgws.protocols.v2 import SUBPROTOCOL as V2
 
 # Socket events keep the logger name they had before the split, which log filters may select on.

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgws.claims import Grant, Mode, channel_granted, grant_for, grant_for_v2
+from pgws.channels import channel_granted
+from pgws.claims import Grant, Mode, grant_for, grant_for_v2
 from pgws.envelope import NOTIFY_PAYLOAD_LIMIT, EnvelopeWriter
 from pgws.errors import Forbidden
 from pgws.protocols import v2

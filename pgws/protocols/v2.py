@@ -14,7 +14,8 @@ import dataclasses
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from pgws.claims import DEFAULT_MAX_CHANNELS, Grant, channel_problem
+from pgws.channels import channel_problem
+from pgws.claims import DEFAULT_MAX_CHANNELS, Grant
 from pgws.envelope import EnvelopeWriter, dump_json, strict_loads
 from pgws.errors import MessageTooBig
 
