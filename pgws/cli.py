@@ -31,15 +31,14 @@ from pgws.config import (
     WORKER_COUNT,
     WORKERS,
     Config,
-    effective_settings,
     read_jwt_secret,
-    unknown_settings,
 )
 from pgws.db.connect import check_db_uri, masked_db_uri
 from pgws.envfile import credentials_env_file, parse_env_file
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
 from pgws.net import tls_context
 from pgws.server import run
+from pgws.settings_log import effective_settings, unknown_settings
 from pgws.systemd import SystemdNotifier
 from pgws.workers import bind_to_supervisor, parent_pipe, supervise, worker_id
 

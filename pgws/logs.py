@@ -15,6 +15,9 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
+# What stands in for a secret wherever one would have been shown.
+REDACTED = "[redacted]"
+
 # Field names whose values are never printed, whatever they hold.
 SECRET_FIELDS = frozenset(
     {"token", "jwt", "jwt_secret", "secret", "db_uri", "password", "authorization"}
@@ -42,7 +45,7 @@ def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mutab
     """structlog processor: drop secret fields and scrub token-shaped text from every value."""
     for key, value in event.items():
         if key.lower() in SECRET_FIELDS:
-            event[key] = "[redacted]"
+            event[key] = REDACTED
         elif isinstance(value, str):
             event[key] = scrub(value)
     return event

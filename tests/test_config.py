@@ -24,11 +24,12 @@ from hypothesis import strategies as st
 from jose import jwk
 
 from pgws.claims import Verifier
-from pgws.config import SETTINGS, Config, effective_settings, unknown_settings
+from pgws.config import SETTINGS, Config
 from pgws.db.connect import masked_db_uri
 from pgws.envfile import parse_env_file
 from pgws.errors import ConfigError
 from pgws.net import tls_context
+from pgws.settings_log import effective_settings, unknown_settings
 
 pytestmark = pytest.mark.nodb
 

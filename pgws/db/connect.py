@@ -14,8 +14,8 @@ import psycopg
 import structlog
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgws.config import REDACTED
 from pgws.errors import ConfigError, DatabaseUnavailable
+from pgws.logs import REDACTED
 
 log = structlog.get_logger("pgws.db.connect")
 
