@@ -16,6 +16,7 @@ from typing import Protocol
 from pgws.config import Config
 from pgws.db.listener import Listener
 from pgws.db.notifier import Notifier
+from pgws.shared_listener import SharedListener
 
 # How often the notification queue's usage is sampled for /metrics.
 QUEUE_SAMPLE_INTERVAL = 10.0
@@ -70,3 +71,44 @@ class NotifyBus:
 
     def is_up(self) -> bool:
         return self.listener.up.is_set()
+
+
+class SharedNotifyBus(NotifyBus):
+    """LISTEN/NOTIFY with one LISTEN connection per host: `--workers` elect the worker that holds
+    it and relays to the others (pgws.shared_listener). Each worker keeps its own senders."""
+
+    def __init__(
+        self, config: Config, feed: Feed, name: str, on_gap: Callable[[], object] = lambda: None
+    ) -> None:
+        self.notifier = Notifier(config)
+        self.listener = Listener(config, lambda batch: self.shared.relay(batch))
+        self.shared = SharedListener(
+            name,
+            feed,
+            connect=self.listener.connect,
+            listen=self.listener.listen_forever,
+            listener_up=lambda: self.listener.up.is_set(),
+            on_gap=on_gap,
+        )
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        # The LISTEN connection opens only in the worker that leads, when it starts leading.
+        stack.push_async_callback(self.listener.close)
+        stack.push_async_callback(self.shared.close)
+        await self.shared.start()
+        stack.push_async_callback(self.notifier.close)
+        await self.notifier.open()
+
+    async def run(self) -> None:
+        sampling = asyncio.create_task(
+            self.notifier.sample_queue_usage_forever(QUEUE_SAMPLE_INTERVAL), name="queue-usage"
+        )
+        try:
+            await self.shared.run()
+        finally:
+            sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampling
+
+    def is_up(self) -> bool:
+        return self.shared.is_up()

@@ -40,7 +40,13 @@ from pgws.net import tls_context
 from pgws.server import run
 from pgws.settings_log import effective_settings, unknown_settings
 from pgws.systemd import SystemdNotifier
-from pgws.workers import bind_to_supervisor, parent_pipe, supervise, worker_id
+from pgws.workers import (
+    bind_to_supervisor,
+    parent_pipe,
+    shared_listener_name,
+    supervise,
+    worker_id,
+)
 
 log = structlog.get_logger("pgws.cli")
 
@@ -213,6 +219,7 @@ def serve_gateway(
                     config,
                     systemd,
                     reuse_port=ident is not None,
+                    shared_listener=shared_listener_name(os.environ),
                     parent_pipe=parent_pipe(os.environ),
                     reload_config=reload_config,
                     on_ready=serving,

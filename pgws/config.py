@@ -156,7 +156,13 @@ WORKERS = Setting(
     name="PGWS_WORKERS",
     parse=WORKER_COUNT,
     default="1",
-    help="processes sharing the port (SO_REUSEPORT), each with its own LISTEN",
+    help="processes sharing the port (SO_REUSEPORT)",
+)
+SHARED_LISTENER = Setting(
+    name="PGWS_SHARED_LISTENER",
+    parse=boolean,
+    default="true",
+    help="with workers: one LISTEN connection per host, relayed to the others (Linux)",
 )
 UVLOOP = Setting(
     name="PGWS_UVLOOP",
@@ -242,6 +248,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
     COMPRESSION,
     SHUTDOWN_TIMEOUT,
     WORKERS,
+    SHARED_LISTENER,
     UVLOOP,
     MAX_CHANNELS,
     MAX_CONNECTIONS,
@@ -278,6 +285,7 @@ class Config:
     compression: bool = COMPRESSION.default_value
     shutdown_timeout: float = SHUTDOWN_TIMEOUT.default_value
     workers: int = WORKERS.default_value
+    shared_listener: bool = SHARED_LISTENER.default_value
     uvloop: bool = UVLOOP.default_value
     max_channels: int = MAX_CHANNELS.default_value
     max_connections: int | None = MAX_CONNECTIONS.default_value
@@ -330,6 +338,7 @@ class Config:
             compression=COMPRESSION.read(env),
             shutdown_timeout=SHUTDOWN_TIMEOUT.read(env),
             workers=WORKERS.read(env),
+            shared_listener=SHARED_LISTENER.read(env),
             uvloop=UVLOOP.read(env),
             max_channels=MAX_CHANNELS.read(env),
             max_connections=MAX_CONNECTIONS.read(env),

@@ -23,7 +23,7 @@ from websockets.http11 import Request, Response
 
 from pgws import __version__, metrics, web
 from pgws.buffers import BufferLedger
-from pgws.bus import NotifyBus
+from pgws.bus import NotifyBus, SharedNotifyBus
 from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.connection import SocketStats, deliver_v2, tracked_connection_class
@@ -84,7 +84,9 @@ async def finish_response(
 class Gateway:
     """The running parts of one pgws process, exposed for the CLI, health checks and tests."""
 
-    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, reuse_port: bool = False, shared_listener: str | None = None
+    ) -> None:
         self.config = config
         self._reuse_port = reuse_port  # a worker sharing the port with its siblings
         self.verifier = Verifier.from_secret(
@@ -94,7 +96,16 @@ class Gateway:
             leeway=config.jwt_leeway,
         )
         self.tls = ReloadableTls(config)
-        self.bus = NotifyBus(config, feed=lambda batch: self.registry.publish_batch(batch))
+
+        def feed(batch: list[str]) -> object:
+            return self.registry.publish_batch(batch)  # the registry is made below
+
+        # --workers on one host: one LISTEN connection among them (shared_listener: its name).
+        self.bus = (
+            NotifyBus(config, feed)
+            if shared_listener is None
+            else SharedNotifyBus(config, feed, shared_listener)
+        )
         self.registry: Registry[ServerConnection] = Registry(
             config.listen_channel,
             functools.partial(fan_out, buffer_limit=config.client_max_buffer),
@@ -215,7 +226,7 @@ class Gateway:
             notifications_undecodable=listener.undecodable,
             messages_delivered=registry.delivered,
             handshakes_rejected=handler.rejected,
-            listener_up=listener.up,
+            listener_up=self.bus.is_up(),  # a worker fed through its host's shared LISTEN too
             listener_reconnects=listener.reconnects,
             slow_consumers_closed=handler.slow_consumers,
             buffered_bytes=self.buffered_bytes(),
@@ -325,6 +336,7 @@ async def run(
     systemd: SystemdNotifier | None = None,
     *,
     reuse_port: bool = False,
+    shared_listener: str | None = None,
     parent_pipe: int | None = None,
     reload_config: Callable[[], Config] | None = None,
     on_ready: Callable[[], None] | None = None,
@@ -337,7 +349,7 @@ async def run(
     (its supervisor is gone) stops it as SIGTERM does.
     """
     systemd = systemd or SystemdNotifier(None)
-    gateway = Gateway(config, reuse_port=reuse_port)
+    gateway = Gateway(config, reuse_port=reuse_port, shared_listener=shared_listener)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -14,7 +14,9 @@ from pgws.logs import REDACTED
 
 # PGWS_* names that are not settings: the --workers supervisor gives each worker its number, and
 # the test suite reads PGWS_TEST_*.
-_NOT_SETTINGS = frozenset({"PGWS_WORKER_ID", "PGWS_SUPERVISOR_PID", "PGWS_PARENT_PIPE"})
+_NOT_SETTINGS = frozenset(
+    {"PGWS_WORKER_ID", "PGWS_SUPERVISOR_PID", "PGWS_PARENT_PIPE", "PGWS_SHARED_LISTENER_NAME"}
+)
 _NOT_SETTINGS_PREFIX = "PGWS_TEST_"
 
 

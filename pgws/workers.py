@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -38,6 +39,8 @@ log = structlog.get_logger("pgws.workers")
 WORKER_ID = "PGWS_WORKER_ID"  # set in a worker's environment: bind with SO_REUSEPORT, log the id
 SUPERVISOR_PID = "PGWS_SUPERVISOR_PID"  # a worker's expected parent
 PARENT_PIPE = "PGWS_PARENT_PIPE"  # a worker's fd of the pipe whose EOF means the supervisor is gone
+# The abstract Unix socket name the workers elect their LISTEN holder on (pgws.shared_listener).
+SHARED_LISTENER_NAME = "PGWS_SHARED_LISTENER_NAME"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # A worker that dies this soon after starting, this many times in a row, is not restarted again.
 _QUICK_DEATH = 2.0
@@ -111,6 +114,8 @@ async def supervise(
         key: value for key, value in env.items() if key not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")
     }
     child_env.update({"PGWS_PORT": str(port), "PGWS_WORKERS": "1"})
+    if config.shared_listener and sys.platform == "linux":  # abstract socket names are Linux's
+        child_env[SHARED_LISTENER_NAME] = f"pgws-{os.getpid()}-{secrets.token_hex(8)}-listener"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
@@ -261,6 +266,11 @@ def _set_parent_death_signal(sig: signal.Signals) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(sig), 0, 0, 0) != 0:
         log.warning("parent_death_signal_failed", error=os.strerror(ctypes.get_errno()))
+
+
+def shared_listener_name(env: Mapping[str, str]) -> str | None:
+    """In a worker whose siblings share one LISTEN connection: the name they elect it on."""
+    return env.get(SHARED_LISTENER_NAME) or None
 
 
 def parent_pipe(env: Mapping[str, str]) -> int | None:
