@@ -44,6 +44,7 @@ __all__ = [
     "schema_sql",
     "send_wakeups",
     "store_batch",
+    "store_frames",
 ]
 
 # Defaults of the settings SPEC 7 names (PGWS_DURABLE, _MIGRATE, _RETENTION, _REPLAY_MAX); config.py
@@ -180,22 +181,33 @@ async def store_batch(
     """
     if not frames:
         return []
+    async with conn.transaction():
+        return await store_frames(conn, frames)
+
+
+async def store_frames(
+    conn: psycopg.AsyncConnection[Any], frames: Sequence[tuple[str, str]]
+) -> list[str]:
+    """store_batch()'s statement alone, in the caller's open transaction: the caller commits
+    (and so knows whether a failure came before the commit, when a retry cannot duplicate)."""
+    if not frames:
+        return []
     channels = [channel for channel, _ in frames]
     payloads = [payload for _, payload in frames]
-    async with conn.transaction():
-        cur = await conn.execute(
-            """
-            SELECT g.ch, pgws.store_many(g.ch, g.payloads)
-            FROM (
-                SELECT f.ch, array_agg(f.payload ORDER BY f.i) AS payloads
-                FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS f(ch, payload, i)
-                GROUP BY f.ch
-                ORDER BY f.ch COLLATE "C"
-            ) AS g
-            """,
-            (channels, payloads),
-        )
-        per_channel = {channel: iter(positions) for channel, positions in await cur.fetchall()}
+    # One statement: every channel's store_many, channels locked in one fixed order.
+    cur = await conn.execute(
+        """
+        SELECT g.ch, pgws.store_many(g.ch, g.payloads)
+        FROM (
+            SELECT f.ch, array_agg(f.payload ORDER BY f.i) AS payloads
+            FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS f(ch, payload, i)
+            GROUP BY f.ch
+            ORDER BY f.ch COLLATE "C"
+        ) AS g
+        """,
+        (channels, payloads),
+    )
+    per_channel = {channel: iter(positions) for channel, positions in await cur.fetchall()}
     return [next(per_channel[channel]) for channel in channels]
 
 

@@ -283,20 +283,26 @@ class DurableReader:
         Raises DatabaseUnavailable (and does not call `start`) when the database cannot answer.
         """
         async with self._resume_slots:
-            conn = self._idle.pop() if self._idle else None
-            try:
-                async with asyncio.timeout(QUERY_TIMEOUT):
-                    if conn is None or conn.closed:
-                        conn = await psycopg.AsyncConnection.connect(
-                            self._config.db_uri, **self._kwargs
-                        )
-                    result = await self._resume(conn, channel, position, replay_max)
-            except (psycopg.OperationalError, OSError) as exc:
-                if conn is not None:
-                    sever(conn)
-                    with contextlib.suppress(psycopg.Error, OSError):
-                        await conn.close()
-                raise DatabaseUnavailable(f"database unavailable: {describe(exc)}") from None
+            # An idle connection may have died meanwhile (a database restart): a resume only
+            # reads, so it is asked again once on a fresh connection.
+            idle = self._idle.pop() if self._idle else None
+            for conn in (idle, None) if idle is not None else (None,):
+                try:
+                    async with asyncio.timeout(QUERY_TIMEOUT):
+                        if conn is None or conn.closed:
+                            conn = await psycopg.AsyncConnection.connect(
+                                self._config.db_uri, **self._kwargs
+                            )
+                        result = await self._resume(conn, channel, position, replay_max)
+                    break
+                except (psycopg.OperationalError, OSError) as exc:
+                    if conn is not None:
+                        sever(conn)
+                        with contextlib.suppress(psycopg.Error, OSError):
+                            await conn.close()
+                    error = exc
+            else:
+                raise DatabaseUnavailable(f"database unavailable: {describe(error)}") from None
             self._idle.append(conn)
         # From here to the end: no await, so no live row can slip between replay and live.
         created = channel not in self._cursors
