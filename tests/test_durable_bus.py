@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
@@ -27,8 +30,10 @@ from tests.conftest import (
     StartGateway,
     assert_nothing_received,
     channel_name,
+    http_get,
     make_token,
     recv_json,
+    run_pgws,
     subscribed,
     until,
 )
@@ -528,3 +533,110 @@ async def test_sub_from_while_the_database_is_down_is_503_retry(
     reply = await request(ws, op="sub", ch=chat, **{"from": position})
     assert reply["recovered"] is True
     await ws.close()
+
+
+async def test_a_hostile_from_is_malformed_and_the_socket_stays(
+    start_gateway: StartGateway,
+) -> None:
+    """Huge, odd or typed-wrong `from` values: recovered:false `malformed` or err 400, never a
+    crash; the socket keeps working."""
+    chat = channel_name()
+    running = await start_durable(start_gateway, chat)
+    ws = await v2_socket(running, {"mode": "r"})
+    for n, value in enumerate(["", "x" * 5000, "0:0:0:0", "\u202e:1:2:3", 10**30, -1]):
+        reply = await request(ws, op="sub", ch=chat, **{"from": value})
+        assert reply["recovered"] is False
+        assert reply["reason"] == "malformed", value
+        assert (await request(ws, op="unsub", ch=chat, ref=n))["op"] == "ok"
+    for value in [None, [], {}, True, 1.5]:
+        reply = await request(ws, op="sub", ch=chat, **{"from": value})
+        assert reply["code"] == 400
+    assert (await request(ws, op="ping"))["op"] == "pong"
+    await ws.close()
+
+
+async def test_metrics_show_the_durable_counters(start_gateway: StartGateway, db: DB) -> None:
+    """/metrics: stored, failed, batches, delivered, replayed and resumes by outcome."""
+    chat = channel_name()
+    running = await start_durable(start_gateway, chat)
+    ws = await reader(running, chat)
+    async with running.connect(f"/{chat}/{make_token({'mode': 'w'})}") as w:
+        await w.send("one")
+        await receive(ws, 1)
+    position = await send(db, chat, "two")
+    await receive(ws, 1)
+    v2 = await v2_socket(running, {"mode": "r"})
+    [earlier] = await durable.fetch_after(db, chat, 0, 1)  # the socket's message, offset 1
+    assert earlier.offset == 1
+    assert parse_position(position) is not None
+    assert (await request(v2, op="sub", ch=chat, **{"from": earlier.position}))["recovered"] is True
+    await recv_json(v2)
+    status, _, body = await http_get(running, "/metrics")
+    assert status == 200
+    text = body.decode()
+
+    def value(name: str) -> float:
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        assert found is not None, name
+        return float(found.group(1))
+
+    assert value("pgws_durable_stored_total") == 1
+    assert value("pgws_durable_failed_total") == 0
+    assert value("pgws_durable_batches_total") == 1
+    assert value("pgws_durable_delivered_total") == 2
+    assert value("pgws_durable_replayed_total") == 1
+    assert value('pgws_durable_resumes_total{result="recovered"}') == 1
+    assert value('pgws_durable_resumes_total{result="not_recovered"}') == 0
+    assert value("pgws_durable_channels") == 1
+    await ws.close()
+    await v2.close()
+
+
+async def test_without_migrate_a_missing_schema_stops_serve_with_exit_78(db: DB, dsn: str) -> None:
+    """PGWS_DURABLE_MIGRATE=false against a database without the schema: one line, exit 78."""
+    name = f"pgws_durable_{uuid.uuid4().hex[:8]}"
+    await db.execute(f"CREATE DATABASE {name}")
+    try:
+        result = await asyncio.to_thread(
+            run_pgws,
+            "serve",
+            env={
+                "PGWS_DB_URI": make_conninfo(dsn, dbname=name),
+                "PGWS_JWT_SECRET": "s" * 32,
+                "PGWS_PORT": "0",
+                "PGWS_RETRIES": "1",
+                "PGWS_DURABLE": "true",
+                "PGWS_DURABLE_MIGRATE": "false",
+            },
+        )
+    finally:
+        await db.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    assert result.returncode == 78
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1
+    assert "PGWS_DURABLE_MIGRATE is false and the database has no pgws schema" in errors[0]
+    assert "pgws migrate" in errors[0]
+
+
+async def test_meta_events_on_a_durable_meta_channel_are_stored_too(
+    start_gateway: StartGateway, db: DB
+) -> None:
+    """A meta channel that PGWS_DURABLE selects gets ConnectionOpen/Close as durable rows."""
+    meta, chat = channel_name(), channel_name()
+    running = await start_durable(start_gateway, meta, meta_channel=meta)
+    watcher = await reader(running, meta)
+
+    async def next_event_of_chat() -> str:
+        while True:
+            [text] = await receive(watcher, 1)
+            if json.loads(text)["payload"] == chat:  # the watcher's own open may come first
+                return text
+
+    async with running.connect(f"/{chat}/{make_token({'mode': 'r'})}"):
+        opened = await next_event_of_chat()
+    closed = await next_event_of_chat()
+    assert json.loads(opened)["event"] == "ConnectionOpen"
+    assert json.loads(closed)["event"] == "ConnectionClose"
+    stored = await stored_payloads(db, meta)
+    assert stored[-2:] == [opened, closed]
+    await watcher.close()
