@@ -41,7 +41,7 @@ class Snapshot:
     read_only_floods_closed: int
     notification_queue_usage: float | None  # None until sampled, and while the database is away
     # SPEC 7 durable counters by name (pgws.durable_bus.DurableStats); None in NOTIFY-only mode.
-    durable: Mapping[str, int] | None = None
+    durable: Mapping[str, float] | None = None
 
 
 # name in DurableStats -> (metric, help, counter or gauge)
@@ -176,7 +176,7 @@ class SnapshotCollector(Collector):
             )
 
 
-def _durable_families(figures: Mapping[str, int]) -> Iterator[Metric]:
+def _durable_families(figures: Mapping[str, float]) -> Iterator[Metric]:
     for key, name, text, counter in _DURABLE:
         family = CounterMetricFamily if counter else GaugeMetricFamily
         yield family(name, text, value=figures.get(key, 0))
@@ -186,6 +186,11 @@ def _durable_families(figures: Mapping[str, int]) -> Iterator[Metric]:
     resumes.add_metric(["recovered"], figures.get("recovered", 0))
     resumes.add_metric(["not_recovered"], figures.get("not_recovered", 0))
     yield resumes
+    yield GaugeMetricFamily(
+        "pgws_durable_oldest_undelivered_seconds",
+        "Age of the oldest durable message not yet delivered here, at the last reconcile",
+        value=figures.get("oldest_undelivered", 0.0),
+    )
 
 
 def exposition(take: Callable[[], Snapshot]) -> Callable[[], tuple[bytes, str]]:

@@ -283,6 +283,7 @@ async def test_a_lost_wake_up_is_repaired_by_the_reconcile(
     assert bus is not None
     assert bus.stats().repairs >= 1
     assert bus.stats().caught_up == 3
+    assert bus.stats().oldest_undelivered > 0  # seen behind by the reconcile that repaired it
     await ws.close()
 
 
@@ -588,6 +589,7 @@ async def test_metrics_show_the_durable_counters(start_gateway: StartGateway, db
     assert value('pgws_durable_resumes_total{result="recovered"}') == 1
     assert value('pgws_durable_resumes_total{result="not_recovered"}') == 0
     assert value("pgws_durable_channels") == 1
+    assert value("pgws_durable_oldest_undelivered_seconds") >= 0
     await ws.close()
     await v2.close()
 

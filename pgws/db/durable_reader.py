@@ -56,6 +56,12 @@ Gap = Callable[[str], object]
 Start = Callable[[Replay | NotRecovered], object]
 
 _TOPS = "SELECT name, epoch, top FROM pgws.channel WHERE name = ANY(%s)"
+# The age of the oldest row past the cursors of the channels that are behind (primary-key lookups).
+_OLDEST = """
+    SELECT extract(epoch FROM now() - min(m.created_at))::float8
+    FROM unnest(%s::text[], %s::bigint[]) AS c(name, after)
+    JOIN pgws.message AS m ON m.channel = c.name AND m."offset" = c.after + 1
+"""
 
 
 @dataclasses.dataclass(slots=True)
@@ -78,6 +84,7 @@ class ReaderStats:
     recovered: int  # resumes answered with an exact replay
     not_recovered: int  # resumes answered "not recovered"
     gaps: int  # continuity lost on a followed channel (pruned rows, a reset history)
+    oldest_undelivered: float  # seconds, at the last reconcile (0: nothing was behind)
 
 
 class DurableReader:
@@ -112,6 +119,7 @@ class DurableReader:
         self.recovered = 0
         self.not_recovered = 0
         self.gaps = 0
+        self.oldest_undelivered = 0.0
 
     def stats(self) -> ReaderStats:
         """A snapshot of the counters, for /metrics."""
@@ -124,6 +132,7 @@ class DurableReader:
             recovered=self.recovered,
             not_recovered=self.not_recovered,
             gaps=self.gaps,
+            oldest_undelivered=self.oldest_undelivered,
         )
 
     # --- which channels -------------------------------------------------------------------------
@@ -138,6 +147,7 @@ class DurableReader:
         """Stop following `channel` (its last reader here went away)."""
         self._cursors.pop(channel, None)
         self._dirty.discard(channel)
+        self._found.discard(channel)
 
     def following(self, channel: str) -> bool:
         """Whether `channel` is followed from a known offset (new rows will be delivered)."""
@@ -222,6 +232,7 @@ class DurableReader:
         async with asyncio.timeout(QUERY_TIMEOUT):
             cur = await conn.execute(_TOPS, (names,))
             rows = {name: (epoch, top) for name, epoch, top in await cur.fetchall()}
+        behind: dict[str, int] = {}
         for name in names:
             cursor = self._cursors.get(name)
             if cursor is None:
@@ -237,10 +248,19 @@ class DurableReader:
                 self._lost_continuity(name)
             elif cursor.epoch is None:
                 cursor.epoch = epoch
-            if top > cursor.offset and name not in self._dirty:
-                self.repairs += 1
-                self._dirty.add(name)
-                self._found.add(name)
+            if top > cursor.offset:
+                behind[name] = cursor.offset
+                if name not in self._dirty:
+                    self.repairs += 1
+                    self._dirty.add(name)
+                    self._found.add(name)
+        self.oldest_undelivered = 0.0
+        if behind:
+            async with asyncio.timeout(QUERY_TIMEOUT):
+                cur = await conn.execute(_OLDEST, (list(behind), list(behind.values())))
+                row = await cur.fetchone()
+            if row is not None and row[0] is not None:
+                self.oldest_undelivered = max(float(row[0]), 0.0)
 
     async def _catch_up(self, conn: psycopg.AsyncConnection[Any], channel: str) -> None:
         """Fetch and deliver every row of `channel` past its cursor, in order."""

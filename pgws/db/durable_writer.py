@@ -117,7 +117,11 @@ class DurableWriter:
             raise NotifyFailed(_STOPPING)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        size = len(payload) if payload.isascii() else len(payload.encode())
+        try:
+            size = len(payload) if payload.isascii() else len(payload.encode())
+        except UnicodeEncodeError:
+            self.failed += 1
+            raise NotifyFailed("the message is not valid UTF-8") from None
         self._queue.put_nowait(
             _Pending(channel, payload, size, future, loop.time() + STORE_TIMEOUT)
         )
