@@ -642,3 +642,20 @@ async def test_meta_events_on_a_durable_meta_channel_are_stored_too(
     stored = await stored_payloads(db, meta)
     assert stored[-2:] == [opened, closed]
     await watcher.close()
+
+
+async def test_two_gateways_on_one_database_see_each_others_socket_writes(
+    start_gateway: StartGateway,
+) -> None:
+    """A socket's write stored through one pgws process reaches readers on another (the wake-up
+    and the rows go through the database), in order."""
+    chat = channel_name()
+    first = await start_durable(start_gateway, chat)
+    second = await start_durable(start_gateway, chat)
+    ws = await reader(second, chat)
+    async with first.connect(f"/{chat}/{make_token({'mode': 'w'})}") as writer:
+        for n in range(10):
+            await writer.send(str(n))
+        got = [json.loads(text)["payload"] for text in await receive(ws, 10)]
+    assert got == [str(n) for n in range(10)]
+    await ws.close()
