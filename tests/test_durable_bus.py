@@ -659,3 +659,27 @@ async def test_two_gateways_on_one_database_see_each_others_socket_writes(
         got = [json.loads(text)["payload"] for text in await receive(ws, 10)]
     assert got == [str(n) for n in range(10)]
     await ws.close()
+
+
+async def test_fetch_many_reads_several_channels_within_a_byte_budget(db: DB) -> None:
+    """One query serves many channels' cursors; a channel stops once past the byte budget (the
+    first row always comes) and says whether more may follow."""
+    await durable.migrate(db)
+    a, b, empty = channel_name(), channel_name(), channel_name()
+    for payload in ("aaa", "bbb", "ccc"):
+        await send(db, a, payload)
+    await send(db, b, "x" * 10)
+    found = await durable.fetch_many(db, [(a, 0), (b, 0), (empty, 0)], 10, 5)
+    assert set(found) == {a, b}
+    rows, more = found[a]
+    assert [row.payload for row in rows] == ["aaa", "bbb"]
+    assert more is True
+    rows, more = found[b]
+    assert [row.payload for row in rows] == ["x" * 10]  # over the budget alone: still read
+    assert more is True
+    rows, more = (await durable.fetch_many(db, [(a, 2)], 10, 1000))[a]
+    assert [(row.offset, row.payload) for row in rows] == [(3, "ccc")]
+    assert more is False
+    rows, more = (await durable.fetch_many(db, [(a, 0)], 1, 1000))[a]
+    assert [row.payload for row in rows] == ["aaa"]
+    assert more is True

@@ -35,6 +35,7 @@ __all__ = [
     "Replay",
     "StoredMessage",
     "fetch_after",
+    "fetch_many",
     "installed_version",
     "migrate",
     "migrate_database",
@@ -235,6 +236,58 @@ async def fetch_after(
 ) -> list[StoredMessage]:
     """Up to `limit` messages of `channel` past `offset`, in order (what a wake-up asks for)."""
     return await _fetch(conn, channel, offset, 2**63 - 1, limit)
+
+
+_FETCH_MANY = """
+    SELECT c.i, r."offset", pgws.channel_hash(c.name), ch.epoch, r.tag, r.payload, r.running
+    FROM unnest(%(names)s::text[], %(afters)s::bigint[]) WITH ORDINALITY AS c(name, after, i)
+    JOIN pgws.channel AS ch ON ch.name = c.name
+    CROSS JOIN LATERAL (
+        SELECT m."offset", m.tag, m.payload,
+               sum(octet_length(m.payload)) OVER (ORDER BY m."offset") AS running
+        FROM pgws.message AS m
+        WHERE m.channel = c.name AND m."offset" > c.after
+        ORDER BY m."offset"
+        LIMIT %(limit)s
+    ) AS r
+    WHERE r.running - octet_length(r.payload) < %(budget)s
+    ORDER BY c.i, r."offset"
+"""
+
+
+async def fetch_many(
+    conn: psycopg.AsyncConnection[Any],
+    cursors: Sequence[tuple[str, int]],
+    limit: int,
+    budget: int,
+) -> dict[str, tuple[list[StoredMessage], bool]]:
+    """For each (channel, offset): up to `limit` messages past it, in order, in one query, and
+    whether more may follow (the limit or the budget was reached).
+
+    Per channel the payloads stop once they pass `budget` bytes (the first message always
+    comes), so a catch-up of large messages is read in parts. Channels without new messages are
+    left out of the result.
+    """
+    if not cursors:
+        return {}
+    names = [channel for channel, _ in cursors]
+    cur = await conn.execute(
+        _FETCH_MANY,
+        {
+            "names": names,
+            "afters": [after for _, after in cursors],
+            "limit": limit,
+            "budget": budget,
+        },
+    )
+    found: dict[str, list[StoredMessage]] = {}
+    full: dict[str, bool] = {}
+    for i, offset, channel_hash, epoch, tag, payload, running in await cur.fetchall():
+        channel = names[i - 1]
+        rows = found.setdefault(channel, [])
+        rows.append(StoredMessage(offset, make_position(channel_hash, epoch, offset, tag), payload))
+        full[channel] = len(rows) >= limit or running >= budget
+    return {channel: (rows, full[channel]) for channel, rows in found.items()}
 
 
 async def _fetch(

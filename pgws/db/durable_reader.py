@@ -45,7 +45,9 @@ from pgws.positions import parse_position
 log = structlog.get_logger("pgws.db.durable_reader")
 
 RECONCILE_INTERVAL = 1.0  # seconds: the longest a lost wake-up delays delivery
-FETCH_MAX = 500  # rows per fetch; a catch-up takes as many fetches as it needs
+FETCH_MAX = 500  # rows per channel per fetch; a catch-up takes as many fetches as it needs
+FETCH_BYTES = 4 * 1024 * 1024  # payload per channel per fetch (one large message may pass it)
+FETCH_CHANNELS = 200  # channels per fetch query
 QUERY_TIMEOUT = 5.0  # a query the database does not answer in this time: connection replaced
 RESUME_CONNECTIONS = 2  # resumes come in bursts after a restart: a few at a time is enough
 # The wake-up listener always heals itself: a lost one only delays delivery until the reconcile.
@@ -198,8 +200,7 @@ class DurableReader:
                         self._reconcile_due = False
                         next_reconcile = loop.time() + RECONCILE_INTERVAL
                         await self._reconcile(conn)
-                    while self._dirty:
-                        await self._catch_up(conn, self._dirty.pop())
+                    await self._catch_up(conn)
                     backoff.reset()
                 except (psycopg.OperationalError, OSError) as exc:  # TimeoutError is an OSError
                     log.warning("durable_reader_lost", error=describe(exc), action="reconnect")
@@ -262,31 +263,45 @@ class DurableReader:
             if row is not None and row[0] is not None:
                 self.oldest_undelivered = max(float(row[0]), 0.0)
 
-    async def _catch_up(self, conn: psycopg.AsyncConnection[Any], channel: str) -> None:
-        """Fetch and deliver every row of `channel` past its cursor, in order."""
-        by_reconcile = channel in self._found
-        self._found.discard(channel)
-        while True:
-            cursor = self._cursors.get(channel)
-            if cursor is None or cursor.offset is None:
-                return
-            after = cursor.offset
+    async def _catch_up(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Fetch and deliver every row past the cursors of the marked channels, in order.
+
+        Up to FETCH_CHANNELS channels per query (a burst over many channels costs few round
+        trips); a channel with more to read stays marked for the next round.
+        """
+        while self._dirty:
+            chosen = []
+            for channel in list(self._dirty)[:FETCH_CHANNELS]:
+                self._dirty.discard(channel)
+                cursor = self._cursors.get(channel)
+                if cursor is not None and cursor.offset is not None:
+                    chosen.append((channel, cursor, cursor.offset))
+            if not chosen:
+                continue
             async with asyncio.timeout(QUERY_TIMEOUT):
-                rows = await durable.fetch_after(conn, channel, after, FETCH_MAX)
-            if self._cursors.get(channel) is not cursor or cursor.offset != after:
-                return  # unfollowed, or moved by a resume, while fetching: read again later
-            if not rows:
-                return
-            if rows[0].offset != after + 1:
-                self._lost_continuity(channel)  # pruned before this process read them
-            cursor.offset = rows[-1].offset
-            self.delivered += len(rows)
-            if by_reconcile:
-                self.caught_up += len(rows)
-            self._deliver(channel, rows)
-            if len(rows) < FETCH_MAX:
-                return
-            await asyncio.sleep(0)  # a long catch-up lets the rest of the process run
+                found = await durable.fetch_many(
+                    conn, [(channel, after) for channel, _, after in chosen], FETCH_MAX, FETCH_BYTES
+                )
+            for channel, cursor, after in chosen:
+                by_reconcile = channel in self._found
+                rows, more = found.get(channel, ([], False))
+                if self._cursors.get(channel) is not cursor or cursor.offset != after:
+                    continue  # unfollowed, or started anew, while fetching
+                if not more:
+                    self._found.discard(channel)
+                else:
+                    self._dirty.add(channel)
+                if not rows:
+                    continue
+                if rows[0].offset != after + 1:
+                    self._lost_continuity(channel)  # pruned before this process read them
+                cursor.offset = rows[-1].offset
+                self.delivered += len(rows)
+                if by_reconcile:
+                    self.caught_up += len(rows)
+                self._deliver(channel, rows)
+            if self._dirty:
+                await asyncio.sleep(0)  # a long catch-up lets the rest of the process run
 
     def _lost_continuity(self, channel: str) -> None:
         self.gaps += 1
