@@ -109,6 +109,7 @@ class DurableReader:
         self._cursors: dict[str, _Cursor] = {}
         self._dirty: set[str] = set()
         self._found: set[str] = set()  # marked by the reconcile: their next fetch is a catch-up
+        self._pending: set[str] = set()  # followed, starting point not read yet
         self._reconcile_due = True
         self._changed = asyncio.Event()
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -143,6 +144,7 @@ class DurableReader:
         """Start following `channel` from its current top (read at the next query)."""
         if channel not in self._cursors:
             self._cursors[channel] = _Cursor()
+            self._pending.add(channel)
             self._changed.set()
 
     def unfollow(self, channel: str) -> None:
@@ -150,6 +152,7 @@ class DurableReader:
         self._cursors.pop(channel, None)
         self._dirty.discard(channel)
         self._found.discard(channel)
+        self._pending.discard(channel)
 
     def following(self, channel: str) -> bool:
         """Whether `channel` is followed from a known offset (new rows will be delivered)."""
@@ -192,7 +195,7 @@ class DurableReader:
                 if self.wake_listener.reconnects != listener_reconnects:
                     listener_reconnects = self.wake_listener.reconnects
                     self._reconcile_due = True  # wake-ups sent while it was away are lost
-                if any(cursor.offset is None for cursor in self._cursors.values()):
+                if self._pending:
                     self._reconcile_due = True  # new channels: read where they stand
                 try:
                     conn = await self._connection()
@@ -228,6 +231,7 @@ class DurableReader:
     async def _reconcile(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Compare every followed channel's top with its cursor; mark the ones behind."""
         names = list(self._cursors)
+        self._pending.clear()  # read now (or followed from a resume's top)
         if not names:
             return
         async with asyncio.timeout(QUERY_TIMEOUT):
@@ -342,6 +346,7 @@ class DurableReader:
         # From here to the end: no await, so no live row can slip between replay and live.
         created = channel not in self._cursors
         cursor = self._cursors.setdefault(channel, _Cursor())
+        self._pending.discard(channel)
         if cursor.offset is None:
             epoch = None
             if isinstance(result, Replay) and (parsed := parse_position(position)) is not None:
