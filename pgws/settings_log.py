@@ -11,6 +11,7 @@ from typing import Any
 
 from pgws.config import DB_URI, SETTINGS, Config
 from pgws.logs import REDACTED
+from pgws.setting import ChannelSet
 
 # PGWS_* names that are not settings: the --workers supervisor gives each worker its number, and
 # the test suite reads PGWS_TEST_*.
@@ -52,7 +53,7 @@ def effective_settings(config: Config, *, mask_db_uri: Callable[[str], str]) -> 
         value = getattr(config, field.name)
         if field.name in secret:
             value = REDACTED
-        elif isinstance(value, Path):
+        elif isinstance(value, Path | ChannelSet):
             value = str(value)
         elif isinstance(value, frozenset):
             value = sorted(value)
