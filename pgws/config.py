@@ -24,6 +24,7 @@ from typing import Any
 
 from pgws.errors import ConfigError
 from pgws.limits import MAX_CHANNEL_BYTES, NOTIFY_PAYLOAD_LIMIT
+from pgws.proxies import proxy_networks
 from pgws.setting import (
     ByteBound,
     Channel,
@@ -36,6 +37,7 @@ from pgws.setting import (
     existing_file,
     host,
     interval_ms,
+    metrics_place,
     optional,
     origins,
     seconds,
@@ -216,6 +218,20 @@ EXPIRY_WARNING = Setting(
     default="60",
     help="seconds before `exp` a pgws.v2 socket is sent `expiring`",
 )
+# Operators' settings (issue 13 items 4, 5): who may name the client, where /metrics is served.
+TRUSTED_PROXIES = Setting(
+    name="PGWS_TRUSTED_PROXIES",
+    parse=proxy_networks,
+    help="comma-separated proxy addresses/CIDRs whose X-Forwarded-For/Forwarded give the client"
+    " address (unset = trust nobody)",
+)
+METRICS = Setting(
+    name="PGWS_METRICS",
+    parse=metrics_place,
+    default="on",
+    help="on: /metrics on the main port; off: no /metrics; host:port: a separate listener"
+    " serving only /metrics",
+)
 DEBUG = Setting(
     name="PGWS_DEBUG",
     parse=boolean,
@@ -254,6 +270,8 @@ SETTINGS: tuple[Setting[Any], ...] = (
     DEBUG,
     AUTH_TIMEOUT,
     EXPIRY_WARNING,
+    TRUSTED_PROXIES,
+    METRICS,
 )
 
 
@@ -289,6 +307,8 @@ class Config:
     log_level: str = LOG_LEVEL.default_value
     auth_timeout: float = AUTH_TIMEOUT.default_value  # SPEC 8: first-frame auth
     expiry_warning: float = EXPIRY_WARNING.default_value  # SPEC 8: `expiring`
+    trusted_proxies: tuple[str, ...] = TRUSTED_PROXIES.default_value
+    metrics: str = METRICS.default_value  # "on", "off" or "host:port"
 
     @property
     def tls(self) -> bool:
@@ -341,6 +361,8 @@ class Config:
             log_level=LOG_LEVEL.read(env),
             auth_timeout=AUTH_TIMEOUT.read(env),
             expiry_warning=EXPIRY_WARNING.read(env),
+            trusted_proxies=TRUSTED_PROXIES.read(env),
+            metrics=METRICS.read(env),
         )
 
 
