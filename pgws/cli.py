@@ -214,6 +214,7 @@ def serve_gateway(
                     config,
                     systemd,
                     reuse_port=ident is not None,
+                    worker=ident,
                     parent_pipe=parent_pipe(os.environ),
                     reload_config=reload_config,
                     on_ready=serving,

@@ -37,6 +37,7 @@ from pgws.setting import (
     existing_file,
     host,
     interval_ms,
+    metrics_address,
     metrics_place,
     optional,
     origins,
@@ -332,6 +333,11 @@ class Config:
         db_uri = DB_URI.read(env)
         if check_db_uri is not None:
             check_db_uri(db_uri)
+        metrics, workers = METRICS.read(env), WORKERS.read(env)
+        if (address := metrics_address(metrics)) and address[1] and address[1] + workers > 65536:
+            raise ConfigError(
+                METRICS.name, f"port {address[1]} + one per worker ({workers}) passes 65535"
+            )
         return cls(
             db_uri=db_uri,
             jwt_secret=read_jwt_secret(env),
@@ -350,7 +356,7 @@ class Config:
             max_buffered_total=MAX_BUFFERED_TOTAL.read(env),
             compression=COMPRESSION.read(env),
             shutdown_timeout=SHUTDOWN_TIMEOUT.read(env),
-            workers=WORKERS.read(env),
+            workers=workers,
             uvloop=UVLOOP.read(env),
             max_channels=MAX_CHANNELS.read(env),
             max_connections=MAX_CONNECTIONS.read(env),
@@ -362,7 +368,7 @@ class Config:
             auth_timeout=AUTH_TIMEOUT.read(env),
             expiry_warning=EXPIRY_WARNING.read(env),
             trusted_proxies=TRUSTED_PROXIES.read(env),
-            metrics=METRICS.read(env),
+            metrics=metrics,
         )
 
 

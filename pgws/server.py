@@ -31,9 +31,11 @@ from pgws.db.connect import db_host
 from pgws.errors import ConfigError
 from pgws.fanout import fan_out
 from pgws.handshake import Handshake, select_subprotocol
+from pgws.metrics_http import MetricsListener
 from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
 from pgws.registry import Registry
 from pgws.session import Sessions
+from pgws.setting import metrics_address
 from pgws.signals import signals_handled
 from pgws.systemd import SystemdNotifier
 
@@ -84,9 +86,12 @@ async def finish_response(
 class Gateway:
     """The running parts of one pgws process, exposed for the CLI, health checks and tests."""
 
-    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, reuse_port: bool = False, worker: int | None = None
+    ) -> None:
         self.config = config
         self._reuse_port = reuse_port  # a worker sharing the port with its siblings
+        self._worker = worker  # its number: PGWS_METRICS=host:port puts worker i on port + i
         self.verifier = Verifier.from_secret(
             config.jwt_secret,
             audience=config.jwt_audience,
@@ -107,8 +112,15 @@ class Gateway:
         self.clock: Callable[[], float] = time.time
         self.socket_stats = SocketStats()
         self.buffers = BufferLedger(config.max_buffered_total)
+        # PGWS_METRICS: off builds nothing to collect; host:port serves it on its own listener.
+        self._render = (
+            None if config.metrics == "off" else metrics.exposition(self.metrics_snapshot)
+        )
+        self.metrics_listener: MetricsListener | None = None
         routes = web.Routes(
-            config.root_path, ready=self.is_ready, metrics=metrics.exposition(self.metrics_snapshot)
+            config.root_path,
+            ready=self.is_ready,
+            metrics=self._render if config.metrics == "on" else None,
         )
         self.handshake = Handshake(
             config,
@@ -251,6 +263,7 @@ class Gateway:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(_log_stopped)
             stack.callback(sock.close)  # already closed by the server if it got that far
+            await self._serve_metrics(stack)
             stack.enter_context(tls_failures_quieted(asyncio.get_running_loop()))
             await self.bus.start(stack)
             server = await stack.enter_async_context(
@@ -274,6 +287,26 @@ class Gateway:
             self.server = server
             stack.push_async_callback(self._close_sockets, server)
             await self._supervise(stop, on_ready)
+
+    async def _serve_metrics(self, stack: contextlib.AsyncExitStack) -> None:
+        """PGWS_METRICS=host:port: bind and serve its listener (before the database, so that a
+        taken port fails at once and a scrape can see the database come up)."""
+        address = metrics_address(self.config.metrics)
+        if address is None or self._render is None:
+            return
+        host, port = address
+        if port and self._worker:
+            port += self._worker
+        try:
+            sock = listen_socket(host, port)
+        except ConfigError as exc:
+            raise ConfigError("PGWS_METRICS", exc.problem) from None
+        stack.callback(sock.close)
+        listener = MetricsListener(sock, self._render)
+        await listener.start()
+        stack.push_async_callback(listener.close)
+        self.metrics_listener = listener
+        log.info("metrics_listening", host=host, port=listener.port)
 
     async def _supervise(
         self, stop: asyncio.Event, on_ready: Callable[[Gateway], Any] | None
@@ -325,6 +358,7 @@ async def run(
     systemd: SystemdNotifier | None = None,
     *,
     reuse_port: bool = False,
+    worker: int | None = None,
     parent_pipe: int | None = None,
     reload_config: Callable[[], Config] | None = None,
     on_ready: Callable[[], None] | None = None,
@@ -337,7 +371,7 @@ async def run(
     (its supervisor is gone) stops it as SIGTERM does.
     """
     systemd = systemd or SystemdNotifier(None)
-    gateway = Gateway(config, reuse_port=reuse_port)
+    gateway = Gateway(config, reuse_port=reuse_port, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
