@@ -91,7 +91,8 @@ env_file_option = click.option(
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
     help="Read KEY=value settings from this file (sample-env format). Default under systemd:"
-    " $CREDENTIALS_DIRECTORY/env when the unit passes it (LoadCredential=env:/etc/pgws/env).",
+    " $CREDENTIALS_DIRECTORY/env when the unit passes it"
+    " (LoadCredential=env:/etc/pgws/pgws.env).",
 )
 
 

@@ -30,7 +30,7 @@ def test_unit_declares_notify_restart_policy_and_hardening() -> None:
     ):
         assert expected in lines, expected
     # DynamicUser= cannot read /etc/pgws: the env file is passed as a credential (issue 8 item 5).
-    assert "LoadCredential=env:/etc/pgws/env" in lines
+    assert "LoadCredential=env:/etc/pgws/pgws.env" in lines
     assert "ExecStart=/opt/pgws/bin/pgws serve" in lines
     assert "Documentation=file:/usr/share/doc/pgws/README.md" in lines
 
