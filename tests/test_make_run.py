@@ -68,7 +68,7 @@ async def test_banner_comes_once_the_port_listens_and_says_how_to_stop(dsn: str)
     )  # fmt: skip
     assert process.stdout is not None
     try:
-        banner = []
+        banner: list[str] = []
         async with asyncio.timeout(TIMEOUT):
             while not banner or "Ctrl-C stops it" not in banner[-1]:
                 line = await process.stdout.readline()
