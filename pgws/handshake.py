@@ -114,6 +114,10 @@ class Handshake:
         if self._buffers.limit is not None:
             conn.ledger = self._buffers
 
+    def trust(self, networks: tuple[str, ...]) -> None:
+        """SIGHUP: the proxies new handshakes may be told the client's address by."""
+        self._proxies = TrustedProxies(networks)
+
     def _note_client(self, connection: ServerConnection, request: Request) -> None:
         """PGWS_TRUSTED_PROXIES: the client address a trusted proxy forwards, for `peer()`."""
         if not self._proxies:

@@ -48,7 +48,15 @@ PING_TIMEOUT = 30.0
 
 # Config fields SIGHUP applies to a running gateway; every other change needs a restart.
 _RELOADABLE = frozenset(
-    {"jwt_secret", "jwt_audience", "jwt_issuer", "jwt_leeway", "certificate_file", "key_file"}
+    {
+        "jwt_secret",
+        "jwt_audience",
+        "jwt_issuer",
+        "jwt_leeway",
+        "certificate_file",
+        "key_file",
+        "trusted_proxies",
+    }
 )
 
 
@@ -147,7 +155,11 @@ class Gateway:
         new TLS connections. A new value that does not load keeps the old one (a warning says
         why); settings that need a restart are named in a warning and otherwise ignored.
         """
-        changed = [*self._reload_verifier(new), *self._reload_certificate(new)]
+        changed = [
+            *self._reload_verifier(new),
+            *self._reload_certificate(new),
+            *self._reload_proxies(new),
+        ]
         needs_restart = [
             _variable(field.name)
             for field in dataclasses.fields(Config)
@@ -196,6 +208,14 @@ class Gateway:
             self.config, certificate_file=new.certificate_file, key_file=new.key_file
         )
         return changed
+
+    def _reload_proxies(self, new: Config) -> list[str]:
+        """PGWS_TRUSTED_PROXIES for the handshakes from now on (open sockets keep their address)."""
+        if new.trusted_proxies == self.config.trusted_proxies:
+            return []
+        self.handshake.trust(new.trusted_proxies)
+        self.config = dataclasses.replace(self.config, trusted_proxies=new.trusted_proxies)
+        return ["PGWS_TRUSTED_PROXIES"]
 
     def is_ready(self) -> bool:
         """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""

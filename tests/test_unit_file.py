@@ -73,7 +73,7 @@ def readme_user_drop_in() -> str:
     readme = (UNIT.parent.parent / "README.md").read_text()
     [text] = re.findall(r"^printf '([^']*)' > /etc/systemd/system/pgws\.service\.d/", readme,
                         flags=re.MULTILINE)  # fmt: skip
-    return text.replace("\\n", "\n")
+    return str(text).replace("\\n", "\n")
 
 
 def test_readme_fixed_user_drop_in_replaces_the_dynamic_user() -> None:
