@@ -63,10 +63,10 @@ class Handshake:
 
     def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
+        self._note_client(connection, request)  # first: every refusal's log line names it
         try:
             if not wants_websocket(request):
                 return self._plain(request)
-            self._note_client(connection, request)
             self._check_origin(request)
             self._check_capacity()
             if V2 in _offered_subprotocols(request):

@@ -8,6 +8,7 @@ can choose the address.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Any
 
@@ -22,6 +23,7 @@ from pgws.errors import ConfigError
 from pgws.proxies import TrustedProxies, parse_node, proxy_networks
 from tests.conftest import (
     SECRET,
+    TIMEOUT,
     StartGateway,
     channel_name,
     make_token,
@@ -270,3 +272,25 @@ def test_parse_node_never_raises(text: str) -> None:
 def test_parse_node(text: str, address: str | None) -> None:
     parsed = parse_node(text)
     assert (None if parsed is None else str(parsed)) == address
+
+
+async def test_a_malformed_upgrade_is_logged_with_the_forwarded_client(
+    start_gateway: StartGateway,
+) -> None:
+    """Refused before the token is read (two Upgrade headers, 400): the forwarded address still."""
+    running = await start_gateway(trusted_proxies=LOOPBACK)
+    port = running.gateway.port
+    with capture_logs() as logs:
+        async with asyncio.timeout(TIMEOUT):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"GET /chat/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"X-Forwarded-For: 203.0.113.9\r\n\r\n"
+            )
+            status = await reader.readline()
+            writer.close()
+    assert status.startswith(b"HTTP/1.1 400 ")
+    [line] = [entry for entry in logs if entry["event"] == "client_rejected"]
+    assert line["remote"] == "203.0.113.9"
