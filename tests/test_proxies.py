@@ -21,6 +21,7 @@ from websockets.exceptions import InvalidStatus
 from pgws.config import Config
 from pgws.errors import ConfigError
 from pgws.proxies import TrustedProxies, parse_node, proxy_networks
+from pgws.setting import metrics_place
 from tests.conftest import (
     SECRET,
     TIMEOUT,
@@ -294,3 +295,28 @@ async def test_a_malformed_upgrade_is_logged_with_the_forwarded_client(
     assert status.startswith(b"HTTP/1.1 400 ")
     [line] = [entry for entry in logs if entry["event"] == "client_rejected"]
     assert line["remote"] == "203.0.113.9"
+
+
+def test_an_ipv4_peer_on_a_dual_stack_socket_is_matched_as_ipv4() -> None:
+    """PGWS_HOST=*6 reports IPv4 peers as ::ffff:a.b.c.d; 127.0.0.1/32 still trusts them."""
+    assert TRUSTED.client("::ffff:127.0.0.1", [], ["203.0.113.7"]) == "203.0.113.7"
+    assert TRUSTED.client("::ffff:127.0.0.1", [], ["::ffff:10.9.9.9, 203.0.113.7"]) == (
+        "203.0.113.7"
+    )
+
+
+def _refusal(parse: Any, name: str, value: str) -> str | None:
+    try:
+        parse(name, value)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+@given(st.text(max_size=80))
+def test_the_setting_parsers_answer_any_text_with_a_value_or_one_line(value: str) -> None:
+    for name, parse in (("PGWS_TRUSTED_PROXIES", proxy_networks), ("PGWS_METRICS", metrics_place)):
+        refusal = _refusal(parse, name, value)
+        if refusal is not None:
+            assert refusal.startswith(f"{name}: ")
+            assert "\n" not in refusal
