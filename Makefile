@@ -18,7 +18,6 @@ $(STAMP): pyproject.toml
 
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[embedded]'
 	touch $(RUN_STAMP)
 

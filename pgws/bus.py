@@ -47,6 +47,7 @@ class NotifyBus:
     def __init__(self, config: Config, feed: Feed) -> None:
         self.notifier = Notifier(config)
         self.listener = Listener(config, feed)
+        self._sample = config.metrics != "off"  # the sampler only informs /metrics
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         # Closed in reverse: the senders finish what is queued, then the LISTEN connection goes.
@@ -57,6 +58,9 @@ class NotifyBus:
 
     async def run(self) -> None:
         # The sampler only informs /metrics; the listener's fate (ListenerLost) is the bus's.
+        if not self._sample:
+            await self.listener.listen_forever()
+            return
         sampling = asyncio.create_task(
             self.notifier.sample_queue_usage_forever(QUEUE_SAMPLE_INTERVAL), name="queue-usage"
         )

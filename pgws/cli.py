@@ -96,7 +96,8 @@ env_file_option = click.option(
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
     help="Read KEY=value settings from this file (sample-env format). Default under systemd:"
-    " $CREDENTIALS_DIRECTORY/env when the unit passes it (LoadCredential=env:/etc/pgws/env).",
+    " $CREDENTIALS_DIRECTORY/env when the unit passes it"
+    " (LoadCredential=env:/etc/pgws/pgws.env).",
 )
 
 
@@ -220,6 +221,7 @@ def serve_gateway(
                     systemd,
                     reuse_port=ident is not None,
                     shared_listener=shared_listener_name(os.environ),
+                    worker=ident,
                     parent_pipe=parent_pipe(os.environ),
                     reload_config=reload_config,
                     on_ready=serving,

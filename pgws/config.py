@@ -23,6 +23,7 @@ from typing import Any
 
 from pgws.errors import ConfigError
 from pgws.limits import DURABLE_PAYLOAD_LIMIT, MAX_CHANNEL_BYTES, NOTIFY_PAYLOAD_LIMIT
+from pgws.proxies import proxy_networks
 from pgws.setting import (
     ByteBound,
     Channel,
@@ -38,6 +39,8 @@ from pgws.setting import (
     existing_file,
     host,
     interval_ms,
+    metrics_address,
+    metrics_place,
     optional,
     origins,
     seconds,
@@ -250,6 +253,20 @@ DURABLE_REPLAY_MAX = Setting(
     default="1000",
     help="most messages a resume may replay; further behind is `not recovered`",
 )
+# Operators' settings (issue 13 items 4, 5): who may name the client, where /metrics is served.
+TRUSTED_PROXIES = Setting(
+    name="PGWS_TRUSTED_PROXIES",
+    parse=proxy_networks,
+    help="comma-separated proxy addresses/CIDRs whose X-Forwarded-For/Forwarded give the client"
+    " address (unset = trust nobody)",
+)
+METRICS = Setting(
+    name="PGWS_METRICS",
+    parse=metrics_place,
+    default="on",
+    help="on: /metrics on the main port; off: no /metrics; host:port: a separate listener"
+    " serving only /metrics",
+)
 DEBUG = Setting(
     name="PGWS_DEBUG",
     parse=boolean,
@@ -293,6 +310,8 @@ SETTINGS: tuple[Setting[Any], ...] = (
     DURABLE_MIGRATE,
     DURABLE_RETENTION,
     DURABLE_REPLAY_MAX,
+    TRUSTED_PROXIES,
+    METRICS,
 )
 
 
@@ -338,6 +357,9 @@ class Config:
         """The largest envelope a socket may send on `channel`: NOTIFY's, or a durable row's."""
         return DURABLE_PAYLOAD_LIMIT if channel in self.durable else NOTIFY_PAYLOAD_LIMIT
 
+    trusted_proxies: tuple[str, ...] = TRUSTED_PROXIES.default_value
+    metrics: str = METRICS.default_value  # "on", "off" or "host:port"
+
     @property
     def tls(self) -> bool:
         """Whether sockets are served as wss:// (both TLS files are set)."""
@@ -360,6 +382,11 @@ class Config:
         db_uri = DB_URI.read(env)
         if check_db_uri is not None:
             check_db_uri(db_uri)
+        metrics, workers = METRICS.read(env), WORKERS.read(env)
+        if (address := metrics_address(metrics)) and address[1] and address[1] + workers > 65536:
+            raise ConfigError(
+                METRICS.name, f"port {address[1]} + one per worker ({workers}) passes 65535"
+            )
         return cls(
             db_uri=db_uri,
             jwt_secret=read_jwt_secret(env),
@@ -378,7 +405,7 @@ class Config:
             max_buffered_total=MAX_BUFFERED_TOTAL.read(env),
             compression=COMPRESSION.read(env),
             shutdown_timeout=SHUTDOWN_TIMEOUT.read(env),
-            workers=WORKERS.read(env),
+            workers=workers,
             shared_listener=SHARED_LISTENER.read(env),
             uvloop=UVLOOP.read(env),
             max_channels=MAX_CHANNELS.read(env),
@@ -394,6 +421,8 @@ class Config:
             durable_migrate=DURABLE_MIGRATE.read(env),
             durable_retention=DURABLE_RETENTION.read(env),
             durable_replay_max=DURABLE_REPLAY_MAX.read(env),
+            trusted_proxies=TRUSTED_PROXIES.read(env),
+            metrics=metrics,
         )
 
 

@@ -104,6 +104,8 @@ class Connection(ServerConnection):
     v2_grant: Grant | None = None
     v2_sender: str = ""
     v2_no_echo: frozenset[str] = frozenset()
+    # PGWS_TRUSTED_PROXIES: the client's address as a trusted proxy forwarded it (no port).
+    forwarded_client: str | None = None
 
     def send_data(self) -> None:
         """Write what websockets has queued, then tell the ledger what the transport holds."""
@@ -279,7 +281,11 @@ def _own_echo(conn: ServerConnection, sender: str, channel: str) -> bool:
 
 
 def peer(ws: ServerConnection) -> str:
-    """The client's address for logs ("?" when the socket cannot tell)."""
+    """The client's address for logs: the one a trusted proxy forwarded (an address alone), else
+    the peer's `address:port` ("?" when the socket cannot tell)."""
+    forwarded = getattr(ws, "forwarded_client", None)
+    if forwarded is not None:
+        return str(forwarded)
     try:
         address = ws.remote_address
     except (AttributeError, OSError):

@@ -33,6 +33,7 @@ from pgws.envelope import EnvelopeWriter
 from pgws.errors import BadRequest, Forbidden, HandshakeRefused, ServiceUnavailable
 from pgws.paths import parse_channel_path, parse_path
 from pgws.protocols.v2 import SUBPROTOCOL as V2
+from pgws.proxies import TrustedProxies
 
 # Socket events keep the logger name they had before the split, which log filters may select on.
 log = structlog.get_logger("pgws.handler")
@@ -57,9 +58,11 @@ class Handshake:
         self._buffers = buffers
         self._plain = plain
         self._clock = clock
+        self._proxies = TrustedProxies(config.trusted_proxies)
 
     def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
+        self._note_client(connection, request)  # first: every refusal's log line names it
         try:
             if not wants_websocket(request):
                 return self._plain(request)
@@ -110,6 +113,26 @@ class Handshake:
         conn.stats = self._stats
         if self._buffers.limit is not None:
             conn.ledger = self._buffers
+
+    def trust(self, networks: tuple[str, ...]) -> None:
+        """SIGHUP: the proxies new handshakes may be told the client's address by."""
+        self._proxies = TrustedProxies(networks)
+
+    def _note_client(self, connection: ServerConnection, request: Request) -> None:
+        """PGWS_TRUSTED_PROXIES: the client address a trusted proxy forwards, for `peer()`."""
+        if not self._proxies:
+            return
+        try:
+            host = str(connection.remote_address[0])
+        except (AttributeError, OSError, TypeError, IndexError):
+            return
+        client = self._proxies.client(
+            host,
+            request.headers.get_all("Forwarded"),
+            request.headers.get_all("X-Forwarded-For"),
+        )
+        if client is not None:
+            cast(Connection, connection).forwarded_client = client
 
     def _check_origin(self, request: Request) -> None:
         """PGWS_ALLOWED_ORIGINS: browsers elsewhere are refused (clients sending none are not)."""

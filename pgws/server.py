@@ -32,10 +32,12 @@ from pgws.durable_bus import DurableBus
 from pgws.errors import ConfigError
 from pgws.fanout import fan_out
 from pgws.handshake import Handshake, select_subprotocol
+from pgws.metrics_http import MetricsListener
 from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
 from pgws.protocols import v2
 from pgws.registry import Registry
 from pgws.session import Sessions
+from pgws.setting import metrics_address
 from pgws.signals import signals_handled
 from pgws.systemd import SystemdNotifier
 
@@ -48,7 +50,15 @@ PING_TIMEOUT = 30.0
 
 # Config fields SIGHUP applies to a running gateway; every other change needs a restart.
 _RELOADABLE = frozenset(
-    {"jwt_secret", "jwt_audience", "jwt_issuer", "jwt_leeway", "certificate_file", "key_file"}
+    {
+        "jwt_secret",
+        "jwt_audience",
+        "jwt_issuer",
+        "jwt_leeway",
+        "certificate_file",
+        "key_file",
+        "trusted_proxies",
+    }
 )
 
 
@@ -87,10 +97,16 @@ class Gateway:
     """The running parts of one pgws process, exposed for the CLI, health checks and tests."""
 
     def __init__(
-        self, config: Config, *, reuse_port: bool = False, shared_listener: str | None = None
+        self,
+        config: Config,
+        *,
+        reuse_port: bool = False,
+        shared_listener: str | None = None,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         self._reuse_port = reuse_port  # a worker sharing the port with its siblings
+        self._worker = worker  # its number: PGWS_METRICS=host:port puts worker i on port + i
         self.verifier = Verifier.from_secret(
             config.jwt_secret,
             audience=config.jwt_audience,
@@ -135,8 +151,15 @@ class Gateway:
         self.clock: Callable[[], float] = time.time
         self.socket_stats = SocketStats()
         self.buffers = BufferLedger(config.max_buffered_total)
+        # PGWS_METRICS: off builds nothing to collect; host:port serves it on its own listener.
+        self._render = (
+            None if config.metrics == "off" else metrics.exposition(self.metrics_snapshot)
+        )
+        self.metrics_listener: MetricsListener | None = None
         routes = web.Routes(
-            config.root_path, ready=self.is_ready, metrics=metrics.exposition(self.metrics_snapshot)
+            config.root_path,
+            ready=self.is_ready,
+            metrics=self._render if config.metrics == "on" else None,
         )
         self.handshake = Handshake(
             config,
@@ -164,7 +187,11 @@ class Gateway:
         new TLS connections. A new value that does not load keeps the old one (a warning says
         why); settings that need a restart are named in a warning and otherwise ignored.
         """
-        changed = [*self._reload_verifier(new), *self._reload_certificate(new)]
+        changed = [
+            *self._reload_verifier(new),
+            *self._reload_certificate(new),
+            *self._reload_proxies(new),
+        ]
         needs_restart = [
             _variable(field.name)
             for field in dataclasses.fields(Config)
@@ -217,6 +244,14 @@ class Gateway:
     def _gap(self, channel: str) -> None:
         """A durable channel lost continuity here (rows pruned unread): v2 readers get `gap`."""
         broadcast(self.registry.v2_readers(channel), v2.gap(channel))
+
+    def _reload_proxies(self, new: Config) -> list[str]:
+        """PGWS_TRUSTED_PROXIES for the handshakes from now on (open sockets keep their address)."""
+        if new.trusted_proxies == self.config.trusted_proxies:
+            return []
+        self.handshake.trust(new.trusted_proxies)
+        self.config = dataclasses.replace(self.config, trusted_proxies=new.trusted_proxies)
+        return ["PGWS_TRUSTED_PROXIES"]
 
     def is_ready(self) -> bool:
         """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""
@@ -285,6 +320,7 @@ class Gateway:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(_log_stopped)
             stack.callback(sock.close)  # already closed by the server if it got that far
+            await self._serve_metrics(stack)
             stack.enter_context(tls_failures_quieted(asyncio.get_running_loop()))
             await self.bus.start(stack)
             server = await stack.enter_async_context(
@@ -308,6 +344,26 @@ class Gateway:
             self.server = server
             stack.push_async_callback(self._close_sockets, server)
             await self._supervise(stop, on_ready)
+
+    async def _serve_metrics(self, stack: contextlib.AsyncExitStack) -> None:
+        """PGWS_METRICS=host:port: bind and serve its listener (before the database, so that a
+        taken port fails at once and a scrape can see the database come up)."""
+        address = metrics_address(self.config.metrics)
+        if address is None or self._render is None:
+            return
+        host, port = address
+        if port and self._worker:
+            port += self._worker
+        try:
+            sock = listen_socket(host, port)
+        except ConfigError as exc:
+            raise ConfigError("PGWS_METRICS", exc.problem) from None
+        stack.callback(sock.close)
+        listener = MetricsListener(sock, self._render)
+        await listener.start()
+        stack.push_async_callback(listener.close)
+        self.metrics_listener = listener
+        log.info("metrics_listening", host=host, port=listener.port)
 
     async def _supervise(
         self, stop: asyncio.Event, on_ready: Callable[[Gateway], Any] | None
@@ -360,6 +416,7 @@ async def run(
     *,
     reuse_port: bool = False,
     shared_listener: str | None = None,
+    worker: int | None = None,
     parent_pipe: int | None = None,
     reload_config: Callable[[], Config] | None = None,
     on_ready: Callable[[], None] | None = None,
@@ -372,7 +429,7 @@ async def run(
     (its supervisor is gone) stops it as SIGTERM does.
     """
     systemd = systemd or SystemdNotifier(None)
-    gateway = Gateway(config, reuse_port=reuse_port, shared_listener=shared_listener)
+    gateway = Gateway(config, reuse_port=reuse_port, shared_listener=shared_listener, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -192,6 +192,34 @@ def host(name: str, value: str) -> str:
     return value
 
 
+def metrics_place(name: str, value: str) -> str:
+    """`on`, `off`, or `host:port` (host as PGWS_HOST takes it, an IPv6 address in brackets)."""
+    value = value.strip()
+    if value.lower() in ("on", "off"):
+        return value.lower()
+    expected = f"expected on, off or host:port such as 127.0.0.1:9187, got {value!r}"
+    address, colon, port = value.rpartition(":")
+    if not colon or not address or not port.isascii() or not port.isdigit():
+        raise ConfigError(name, expected)
+    if address.startswith("[") != address.endswith("]"):
+        raise ConfigError(name, expected)
+    if int(port) > 65535:
+        raise ConfigError(name, f"port must be at most 65535, got {value!r}")
+    bare = address[1:-1] if address.startswith("[") else address
+    if not bare or (":" in bare and not address.startswith("[")):
+        raise ConfigError(name, f"{expected} (an IPv6 address goes in brackets: [::1]:9187)")
+    host(name, bare)
+    return f"{address}:{int(port)}"
+
+
+def metrics_address(place: str) -> tuple[str, int] | None:
+    """The (host, port) of a `host:port` PGWS_METRICS value; None for `on` and `off`."""
+    if place in ("on", "off"):
+        return None
+    address, _, port = place.rpartition(":")
+    return address.removeprefix("[").removesuffix("]"), int(port)
+
+
 @dataclasses.dataclass(frozen=True)
 class Channel:
     """A PostgreSQL channel name that LISTEN and pg_notify() both keep whole."""

@@ -141,7 +141,9 @@ class Routes:
             if self._ready():
                 return text(HTTPStatus.OK, "ready\n", head=head)
             return text(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n", head=head)
-        if path == "/metrics" and self._metrics is not None:
+        if path == "/metrics":
+            if self._metrics is None:  # PGWS_METRICS=off, or served on a listener of its own
+                return text(HTTPStatus.NOT_FOUND, "not found\n", head=head)
             body, media_type = self._metrics()
             return respond(HTTPStatus.OK, body, media_type, head=head)
         return serve_plain(self._root, request)

@@ -225,3 +225,22 @@ async def test_supervisor_forwards_sighup_to_every_worker(
         assert await refused_status(f"ws://127.0.0.1:{port}/c/{old_token}") == 401
     serving.process.send_signal(signal.SIGTERM)
     assert await serving.wait_exit() == 0
+
+
+async def test_sighup_changes_the_trusted_proxies(serve_process: Any, tmp_path: Path) -> None:
+    """PGWS_TRUSTED_PROXIES in --env-file: after SIGHUP new sockets' X-Forwarded-For is read."""
+    env_file = tmp_path / "env"
+    env_file.write_text("PGWS_TRUSTED_PROXIES=10.0.0.0/8\n")
+    serving, port = await serve_process("--env-file", str(env_file))
+    url = f"ws://127.0.0.1:{port}/{channel_name()}/{make_token({'mode': 'r'})}"
+    forwarded = {"X-Forwarded-For": "203.0.113.7"}
+    mark = len(serving.events)
+    async with connect(url, open_timeout=TIMEOUT, additional_headers=forwarded):
+        before = await serving.wait_for_event("client_connected", after=mark)
+    assert before["remote"].startswith("127.0.0.1:")  # not trusted yet
+    env_file.write_text("PGWS_TRUSTED_PROXIES=127.0.0.1,::1\n")
+    assert (await hang_up(serving))["changed"] == ["PGWS_TRUSTED_PROXIES"]
+    mark = len(serving.events)
+    async with connect(url, open_timeout=TIMEOUT, additional_headers=forwarded):
+        after = await serving.wait_for_event("client_connected", after=mark)
+    assert after["remote"] == "203.0.113.7"

@@ -94,8 +94,8 @@ class Host:
         self.run.chmod(0o755)  # like /run/credentials: anyone may enter, the unit's folder not
 
     def install_env(self, dsn: str, *, secret: str = SECRET) -> None:
-        """`install -m 600 sample-env /etc/pgws/env`, then edit it (settings added at the end)."""
-        env = self.etc / "env"
+        """`install -m 600 sample-env /etc/pgws/pgws.env`, then edit it (settings added last)."""
+        env = self.etc / "pgws.env"
         shutil.copyfile(SAMPLE_ENV, env)
         env.chmod(0o600)
         edits = {
@@ -222,7 +222,7 @@ async def round_trip(url: str, **kwargs: Any) -> None:
 
 @needs_root_and_setpriv
 async def test_readme_recipe_serves_as_an_unprivileged_user(dsn: str, host: Host) -> None:
-    """/etc/pgws/env (root, 600, in a 700 folder) reaches pgws as a credential: it serves."""
+    """/etc/pgws/pgws.env (root, 600, in a 700 folder) reaches pgws as a credential: it serves."""
     pgws_runs_as_service_user()
     host.install_env(service_dsn(dsn))
     serving, port = await start_like_systemd(UNIT.read_text(), host)
@@ -261,7 +261,7 @@ async def test_readme_recipe_with_an_at_file_secret_credential(dsn: str, host: H
     host.install_env(service_dsn(dsn), secret="not-the-secret-the-tokens-are-signed-with")
     (host.etc / "jwt").write_text(SECRET + "\n")
     (host.etc / "jwt").chmod(0o600)
-    credential = "LoadCredential=env:/etc/pgws/env\n"
+    credential = "LoadCredential=env:/etc/pgws/pgws.env\n"
     unit = UNIT.read_text()
     assert credential in unit
     unit = unit.replace(
@@ -319,7 +319,7 @@ def test_credentials_directory_without_env_is_ignored(tmp_path: Path) -> None:
 
 @pytest.mark.nodb
 def test_sample_env_sets_no_relative_path() -> None:
-    """An operator copies sample-env into /etc/pgws/env: under systemd a relative path means /."""
+    """An operator copies sample-env into /etc/pgws/pgws.env: under systemd, relative means /."""
     values = parse_env_file(SAMPLE_ENV)
     for name in ("PGWS_ROOT_PATH", "PGWS_CERTIFICATE_FILE", "PGWS_KEY_FILE"):
         if name in values:
@@ -328,12 +328,13 @@ def test_sample_env_sets_no_relative_path() -> None:
 
 @needs_root_and_setpriv
 def test_the_old_recipe_cannot_read_its_env_file_as_the_service_user(host: Host) -> None:
-    """Why credentials: `--env-file /etc/pgws/env` as the unprivileged user is refused (exit 78)."""
+    """Why credentials: `--env-file /etc/pgws/pgws.env` as the unprivileged user is refused (78)."""
     pgws_runs_as_service_user()
     host.install_env("postgresql://127.0.0.1:1/x")
+    env_file = str(host.etc / "pgws.env")
     result = subprocess.run(
         ["setpriv", f"--reuid={SERVICE_USER}", f"--regid={SERVICE_GROUP}", "--clear-groups",
-         str(Path(sys.executable).parent / "pgws"), "serve", "--env-file", str(host.etc / "env")],
+         str(Path(sys.executable).parent / "pgws"), "serve", "--env-file", env_file],
         capture_output=True, text=True, timeout=TIMEOUT, check=False, cwd="/",
     )  # fmt: skip
     assert result.returncode == EX_CONFIG

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def test_unit_declares_notify_restart_policy_and_hardening() -> None:
     ):
         assert expected in lines, expected
     # DynamicUser= cannot read /etc/pgws: the env file is passed as a credential (issue 8 item 5).
-    assert "LoadCredential=env:/etc/pgws/env" in lines
+    assert "LoadCredential=env:/etc/pgws/pgws.env" in lines
     assert "ExecStart=/opt/pgws/bin/pgws serve" in lines
     assert "Documentation=file:/usr/share/doc/pgws/README.md" in lines
 
@@ -65,3 +66,36 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path, tls: bool) -> N
     problems = [line for line in result.stderr.splitlines() if "pgws.service" in line]
     assert result.returncode == 0, result.stderr
     assert not problems, result.stderr
+
+
+def readme_user_drop_in() -> str:
+    """The drop-in README's Deploying step 3 writes for a fixed system user (its printf)."""
+    readme = (UNIT.parent.parent / "README.md").read_text()
+    [text] = re.findall(r"^printf '([^']*)' > /etc/systemd/system/pgws\.service\.d/", readme,
+                        flags=re.MULTILINE)  # fmt: skip
+    return str(text).replace("\\n", "\n")
+
+
+def test_readme_fixed_user_drop_in_replaces_the_dynamic_user() -> None:
+    drop_in = readme_user_drop_in()
+    assert drop_in.splitlines() == ["[Service]", "DynamicUser=no", "User=pgws", "Group=pgws"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify_accepts_the_unit_with_the_fixed_user_drop_in(
+    tmp_path: Path,
+) -> None:
+    """The unit with the drop-in's settings applied (appended to [Service], where a drop-in's
+    assignments win) still verifies."""
+    pgws = Path(sys.executable).parent / "pgws"
+    settings = "\n".join(readme_user_drop_in().splitlines()[1:]) + "\n"
+    text = UNIT.read_text().replace("/opt/pgws/bin/pgws", str(pgws))
+    text = text.replace("\n[Install]\n", f"\n{settings}\n[Install]\n")
+    unit = tmp_path / "pgws.service"
+    unit.write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not [line for line in result.stderr.splitlines() if "pgws.service" in line]
