@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
+from bench import sqlsend
 from bench.pgraw import NotifyCounter, PipelinedNotifier
 from bench.wire import (
     client_frame,
@@ -729,6 +730,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] 
     "latency": latency,
     "connections": connections,
     "notify": notify,
+    "sqlsend": sqlsend.sqlsend,
 }
 
 
@@ -788,6 +790,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     raw = sub.add_parser("notify", parents=[common])
     raw.add_argument("--connections", type=int, default=2)
     raw.add_argument("--window-per-connection", type=int, default=200)
+    sqlsend.add_arguments(sub.add_parser("sqlsend", parents=[common]))
     return parser.parse_args(argv)
 
 
