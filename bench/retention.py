@@ -13,6 +13,8 @@ the largest is not far above either.
     .venv/bin/python -m bench.retention --quick            # 60 s, retention 10 s
     .venv/bin/python -m bench.retention --duration 3600 --pg-setting autovacuum_naptime=5
 
+Producers seen waiting on a lock (pg_stat_activity, every 10 ms) are counted by lock type.
+
 The database is a throwaway cluster from dev.devdb (fsync off, autovacuum on with its defaults
 unless --pg-setting says otherwise), or --db-uri. Writes bench/results/raw/retention-<time>.json.
 """
@@ -30,12 +32,15 @@ import asyncio
 import contextlib
 import datetime
 import json
+import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
 
+from pgws import logs
 from pgws.db import durable
 from pgws.db.retention import Retention
 
@@ -43,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 RAW = REPO / "bench" / "results" / "raw"
 PAYLOAD = "x" * 150
 MIB = 2**20
+WATCH_PERIOD = 0.01  # seconds between looks at pg_stat_activity for producers waiting on locks
 
 _SAMPLE = """
     SELECT (SELECT count(*) FROM pgws.message),
@@ -102,6 +108,26 @@ class Producers:
                 self.sent += self.batch
 
 
+_LOCK_WAITS = """
+    SELECT wait_event FROM pg_stat_activity
+    WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%pgws.send%'
+"""
+
+
+async def watch_lock_waits(uri: str, seen: Counter[str], stop: asyncio.Event) -> None:
+    """Count producers seen waiting on a lock, by lock type, every WATCH_PERIOD seconds.
+
+    `object` is NOTIFY's commit lock (producers wait on each other's commits, SPEC 7 design trap
+    2); `relation` would be a table lock (autovacuum truncating the table's end), `tuple` or
+    `transactionid` a row lock.
+    """
+    async with await psycopg.AsyncConnection.connect(uri, autocommit=True) as conn:
+        while not stop.is_set():
+            cur = await conn.execute(_LOCK_WAITS)
+            seen.update(event for (event,) in await cur.fetchall())
+            await asyncio.sleep(WATCH_PERIOD)
+
+
 async def sample(conn: psycopg.AsyncConnection[Any]) -> dict[str, float]:
     cur = await conn.execute(_SAMPLE)
     row = await cur.fetchone()
@@ -126,6 +152,8 @@ async def run(args: argparse.Namespace, uri: str) -> dict[str, Any]:
         stop = asyncio.Event()
         tasks = [asyncio.create_task(producers.run_one(i, stop)) for i in range(args.connections)]
         pruning = asyncio.create_task(runner.run_forever(), name="retention")
+        lock_waits: Counter[str] = Counter()
+        tasks.append(asyncio.create_task(watch_lock_waits(uri, lock_waits, stop)))
         samples: list[dict[str, float]] = []
         started = time.monotonic()
         print(
@@ -163,6 +191,7 @@ async def run(args: argparse.Namespace, uri: str) -> dict[str, Any]:
             "prunes": runner.stats().prunes,
             "late_calls": producers.late,
             "slowest_call_ms": producers.slowest_ever * 1000,
+            "lock_waits_seen": dict(lock_waits),
         }
         if steady:
             for key in ("total_mib", "heap_mib", "index_mib", "rows"):
@@ -198,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.retention = args.retention or (10.0 if args.quick else 30.0)
     args.sample = args.sample or args.retention / 2
     settings = dict(item.split("=", 1) for item in args.pg_setting)
+    logs.configure(json=False, level=logging.WARNING)  # the runner's failures only, on stderr
     started = datetime.datetime.now(datetime.UTC)
     with database(args.db_uri, settings) as uri:
         result = asyncio.run(run(args, uri))
@@ -211,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" first {total['first']:.1f} MiB, last {total['last']:.1f} MiB"
             f" ({summary['last_over_first']:.2f}x), max {total['max']:.1f} MiB"
             f" ({summary['max_over_first']:.2f}x); slowest producer call"
-            f" {summary['slowest_call_ms']:.1f} ms"
+            f" {summary['slowest_call_ms']:.1f} ms; producers seen waiting on locks (every"
+            f" {WATCH_PERIOD * 1000:.0f} ms): {summary['lock_waits_seen'] or 'never'}"
         )
     RAW.mkdir(parents=True, exist_ok=True)
     path = RAW / f"retention-{started.strftime('%Y%m%d-%H%M%S')}.json"

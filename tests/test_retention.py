@@ -15,7 +15,8 @@ from psycopg.conninfo import make_conninfo
 
 from pgws.db import durable
 from pgws.db.retention import APPLICATION_NAME, Retention, default_interval, retention_running
-from tests.conftest import TIMEOUT, until
+from pgws.setting import ChannelSet
+from tests.conftest import TIMEOUT, StartGateway, until
 
 Conn = psycopg.AsyncConnection[Any]
 DAY = 86400.0
@@ -240,3 +241,18 @@ async def test_retention_running_starts_a_runner_and_stops_it_with_the_block(
     async with asyncio.timeout(TIMEOUT):
         while await lock_holders():  # noqa: ASYNC110 (the backend exits just after the close)
             await asyncio.sleep(0.01)
+
+
+async def test_a_gateway_in_durable_mode_prunes_and_one_without_does_not_run_retention(
+    fresh: Conn, fresh_uri: str, start_gateway: StartGateway
+) -> None:
+    await fill(fresh, ["served"], 20, aged=5)
+    plain = await start_gateway(db_uri=fresh_uri)
+    assert plain.gateway.retention is None
+    durable_mode = await start_gateway(
+        db_uri=fresh_uri, durable=ChannelSet(every=True), durable_retention=DAY
+    )
+    runner = durable_mode.gateway.retention
+    assert runner is not None
+    await until(lambda: runner.stats().deleted == 5, "the gateway's first prune")
+    assert await count(fresh) == 15
