@@ -74,7 +74,9 @@ LISTEN_CHANNEL = "postgres-websockets-listener"
 CHANNEL = "bench"
 BASELINE = "raw-gw"
 RAW_PG = "raw-pg"
-SCENARIO_KINDS = ("connections", "fanout", "ingest", "latency", "notify", "sql")
+SCENARIO_KINDS = ("connections", "fanout", "ingest", "latency", "notify", "sql", "durable")
+# The server under test with every channel durable (SPEC 7), for the `durable` kind.
+DURABLE_ENV = {"PGWS_DURABLE": "true"}
 READY_TIMEOUT = 30.0  # seconds for a server to accept a WebSocket
 SETTLE = 0.5  # seconds for a server to finish its work on new sockets before measuring memory
 BUSY_LOAD = 0.5  # 1-minute load average per core above which the machine counts as busy
@@ -101,6 +103,10 @@ class Plan:
     notify_connections: int
     # SQL producers (no gateway): payloads per call; 1 is pgws.send, more is pgws.send_many.
     sql_batches: tuple[int, ...]
+    # Durable mode, each beside the same scenario without it: writers, readers, msg/s.
+    durable_ingest_writers: tuple[int, ...]
+    durable_fanout_readers: tuple[int, ...]
+    durable_latency_rates: tuple[int, ...]
     kinds: tuple[str, ...]
 
 
@@ -116,6 +122,9 @@ FULL = Plan(
     connection_steps=(1000, 5000, 10000),
     notify_connections=2,
     sql_batches=(1, 10, 100),
+    durable_ingest_writers=(100,),
+    durable_fanout_readers=(1000,),
+    durable_latency_rates=(1000,),
     kinds=SCENARIO_KINDS,
 )
 QUICK = dataclasses.replace(FULL, reps=2, warmup=0.3, duration=1.0)
@@ -187,7 +196,7 @@ class Bench:
 
     @contextlib.asynccontextmanager
     async def server(
-        self, target: Target, kind: str, rep: int
+        self, target: Target, kind: str, rep: int, extra_env: dict[str, str] | None = None
     ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
         """Start a server, wait until it accepts a WebSocket, stop it (and its tree) at the end."""
         port = free_port()
@@ -200,6 +209,7 @@ class Bench:
             "PGWS_LISTEN_CHANNEL": LISTEN_CHANNEL,
             "PGWS_POOL_SIZE": str(self.pool_size),
             **(self.server_env if target.name != BASELINE else {}),
+            **(extra_env or {}),
         }
         path = self.log_path(f"{target.name}-{kind}-{rep}-server")
         with path.open("wb") as log:
@@ -338,6 +348,7 @@ def connection_metrics(rss_before: int, checkpoints: list[dict[str, Any]]) -> di
 
 def headline(scenario: str, metrics: dict[str, Any]) -> str:
     """A short progress line for one run."""
+    scenario = scenario.removeprefix("durable-")
     cpu = (
         f"CPU: server {metrics.get('server_cpu_pct', 0):.0f}% "
         f"(+{metrics.get('server_wait_pct', 0):.0f}% waiting), "
@@ -417,8 +428,46 @@ def configurations(plan: Plan, kind: str) -> list[tuple[str, list[str]]]:
     return []
 
 
+def durable_configurations(plan: Plan) -> list[tuple[str, str, list[str]]]:
+    """(scenario name, loadgen scenario, arguments) of the durable kind: each the same as its
+    non-durable namesake, but ingest counts rows stored and fan-out's producer calls pgws.send."""
+    configs = [
+        (f"durable-ingest-{n}", "ingest", [f"--writers={n}", "--count=stored"])
+        for n in plan.durable_ingest_writers
+    ]
+    configs += [
+        (f"durable-fanout-{n}", "fanout", [f"--readers={n}", "--producer=send"])
+        for n in plan.durable_fanout_readers
+    ]
+    readers = f"--readers={plan.latency_readers}"
+    configs += [
+        (f"durable-latency-{rate}", "latency", [f"--rate={rate}", readers])
+        for rate in plan.durable_latency_rates
+    ]
+    return configs
+
+
+async def run_durable(bench: Bench, target: Target, rep: int) -> None:
+    """The server under test with PGWS_DURABLE=true: durable ingest, fan-out and latency."""
+    try:
+        async with bench.server(target, "durable", rep, DURABLE_ENV) as (process, port):
+            for scenario, loadgen, arguments in durable_configurations(bench.plan):
+                await bench.measured(
+                    target.name, scenario, rep, process.pid, port, loadgen, arguments
+                )
+    except ScenarioError as exc:
+        bench.runs.append(
+            {"target": target.name, "scenario": "durable", "rep": rep, "error": str(exc)}
+        )
+        print(f"  {target.name}-durable-{rep}: ERROR {exc}")
+
+
 async def run_kind(bench: Bench, target: Target, kind: str, rep: int) -> None:
     """Start one server and run every configuration of one scenario kind against it."""
+    if kind == "durable":
+        if target.name != BASELINE:  # the raw gateway has no durable mode
+            await run_durable(bench, target, rep)
+        return
     try:
         async with bench.server(target, kind, rep) as (process, port):
             for scenario, arguments in configurations(bench.plan, kind):
@@ -543,6 +592,27 @@ def table_rows(plan: Plan, target: str = "pgws") -> list[report.Row]:
                 baseline_target=target,
                 baseline_scenario=sql_key(1),
             )
+    same = {"baseline_target": target}  # durable rows: against the same server, not durable
+    for writers in plan.durable_ingest_writers:
+        key, label = f"durable-ingest-{writers}", f"durable ingest, {writers:,} writer sockets"
+        stored = "stored msg/s, against non-durable NOTIFY/s"
+        add(key, label, "seen_per_s", stored, "rate", better="higher", goal=1.0, **same,
+            baseline_scenario=f"ingest-{writers}")  # fmt: skip
+        add(key, label, "loss_frac", "loss", "loss", chart=False, **same,
+            baseline_scenario=f"ingest-{writers}")  # fmt: skip
+    for readers in plan.durable_fanout_readers:
+        key = f"durable-fanout-{readers}"
+        label = f"durable fan-out, {readers:,} readers, pgws.send producer"
+        add(key, label, "delivered_per_s", "delivered msg/s, against NOTIFY fan-out", "rate",
+            better="higher", **same, baseline_scenario=fanout_key(readers, 1))  # fmt: skip
+        add(key, label, "loss_frac", "loss", "loss", chart=False, **same,
+            baseline_scenario=fanout_key(readers, 1))  # fmt: skip
+    for rate in plan.durable_latency_rates:
+        key = f"durable-latency-{rate}"
+        label = f"durable latency, {rate:,} msg/s to {plan.latency_readers} readers"
+        for quantile in ("p50", "p99"):
+            add(key, label, f"{quantile}_ms", f"{quantile} ms, against non-durable", "ms",
+                better="lower", **same, baseline_scenario=f"latency-{rate}")  # fmt: skip
     label = "idle sockets"
     for step in plan.connection_steps:
         metric_label = f"server RSS MiB, {step:,} sockets"

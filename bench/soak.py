@@ -60,7 +60,8 @@ guard bands too (what was committed is caught up once the gateway is back), dupl
 per-channel order errors = 0: every reader's arrivals must follow the offsets the messages got
 in pgws.message (read at the end).
 
-Exit status: 0 pass (durable mode: nothing lost anywhere, no duplicate, no order error); 1 lost outside windows, or the gateway exited or did not recover; 2 the run
+Exit status: 0 pass (durable mode: nothing lost anywhere, no duplicate, no order error); 1 lost
+outside windows (or, durable, anywhere), or the gateway exited or did not recover; 2 the run
 could not be set up; 130 on Ctrl-C, 143 on SIGTERM (every process started here is stopped
 first).
 """
