@@ -256,3 +256,11 @@ async def test_a_gateway_in_durable_mode_prunes_and_one_without_does_not_run_ret
     assert runner is not None
     await until(lambda: runner.stats().deleted == 5, "the gateway's first prune")
     assert await count(fresh) == 15
+
+
+async def test_vacuum_never_truncates_the_message_table(fresh: Conn) -> None:
+    """Truncating the table's end takes an ACCESS EXCLUSIVE lock that producers would wait on."""
+    cur = await fresh.execute(
+        "SELECT reloptions FROM pg_class WHERE oid = 'pgws.message'::regclass"
+    )
+    assert await cur.fetchone() == (["vacuum_truncate=false"],)
