@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # `make run` needs only pgws and its embedded PostgreSQL, not the development tools.
 RUN_STAMP := $(VENV)/.run-stamp
 
-.PHONY: install run db fmt lint types test test-db test-floors check bench soak clean
+.PHONY: install run db fmt lint types test test-db test-floors check bench soak soak-durable clean
 
 install: $(STAMP)
 
@@ -79,7 +79,12 @@ bench: install
 ## soak: readers and writers for 60 s while the listener, the pool and the database are killed;
 ##       lost outside the outage windows must be 0 (bench/soak.py --help; --quick: 20 s)
 soak: install
-	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/soak.py $(if $(DURABLE),--durable)
+
+## soak-durable: the soak with durable channels and SQL producers; lost must be 0 inside the
+##               outage windows too (same as `make soak DURABLE=1`)
+soak-durable: install
+	$(BIN)/python bench/soak.py --durable
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

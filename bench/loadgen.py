@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
+from bench import pgraw, sqlsend
 from bench.pgraw import NotifyCounter, PipelinedNotifier
 from bench.wire import (
     client_frame,
@@ -443,8 +444,12 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"only {len(readers)} of {args.readers} readers opened: {pool.failures}")
     count = len(readers)
     window = max(2, args.window_frames // count)
-    notifier = await PipelinedNotifier.open(args.db_uri)
-    listen = args.listen_channel.encode()
+    if args.producer == "send":  # durable channels: pgws.send stores each message (SPEC 7)
+        notifier = await PipelinedNotifier.open(args.db_uri, b"SELECT pgws.send($1, $2)")
+        listen = args.channel.encode()
+    else:
+        notifier = await PipelinedNotifier.open(args.db_uri)
+        listen = args.listen_channel.encode()
     body = (
         b'{"event":"WebsocketMessage","channel":"%s","payload":"%%d %s",'
         b'"claims":{"mode":"w","channels":["%s"],"message_delivered_at":%%.6f}}'
@@ -573,9 +578,13 @@ async def ingest(args: argparse.Namespace) -> dict[str, Any]:
     writers, _ = await pool.open(args.writers, "w", unused)
     if len(writers) < args.writers:
         raise RuntimeError(f"only {len(writers)} of {args.writers} writers opened: {pool.failures}")
-    counter = await NotifyCounter.open(args.db_uri, args.listen_channel)
     seen = Tally()
-    counter.on_count = seen.set
+    counter: NotifyCounter | StoredCounter
+    if args.count == "stored":  # durable channels: rows committed, not NOTIFYs (SPEC 7)
+        counter = await StoredCounter.open(args.db_uri, args.channel, seen)
+    else:
+        counter = await NotifyCounter.open(args.db_uri, args.listen_channel)
+        counter.on_count = seen.set
     pad = padding(args.payload_size)
     await probe_until(lambda: writers[0].send_text(b"probe " + pad), seen, 1, "ingest")
 
@@ -587,6 +596,43 @@ async def ingest(args: argparse.Namespace) -> dict[str, Any]:
     await counter.close()
     pool.reset_all()
     return result
+
+
+class StoredCounter:
+    """Count messages stored on a durable channel: its `top` in pgws.channel, polled.
+
+    Wake-ups fold (one per channel per batch), so durable ingest cannot be counted by LISTEN.
+    """
+
+    POLL = 0.005  # seconds between reads of the channel's top
+
+    def __init__(self, conn: Any, channel: str, tally: Tally, start: int) -> None:
+        self._conn, self._channel, self._tally, self._start = conn, channel, tally, start
+        self._task = asyncio.create_task(self._poll_forever(), name="stored-counter")
+
+    @classmethod
+    async def open(cls, uri: str, channel: str, tally: Tally) -> StoredCounter:
+        conn = await pgraw.connect(uri)
+        return cls(conn, channel, tally, await cls._top(conn, channel))
+
+    @staticmethod
+    async def _top(conn: Any, channel: str) -> int:
+        cur = await conn.execute(
+            "SELECT coalesce((SELECT top FROM pgws.channel WHERE name = %s), 0)", (channel,)
+        )
+        row = await cur.fetchone()
+        return int(row[0])
+
+    async def _poll_forever(self) -> None:
+        while True:
+            self._tally.set(await self._top(self._conn, self._channel) - self._start)
+            await asyncio.sleep(self.POLL)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._conn.close()
 
 
 async def notify(args: argparse.Namespace) -> dict[str, Any]:
@@ -729,6 +775,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]] 
     "latency": latency,
     "connections": connections,
     "notify": notify,
+    "sqlsend": sqlsend.sqlsend,
 }
 
 
@@ -776,8 +823,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     fan.add_argument(
         "--per-transaction", type=int, default=1, help="NOTIFYs the producer commits together"
     )
+    fan.add_argument(
+        "--producer",
+        choices=["notify", "send"],
+        default="notify",
+        help="pg_notify on the listen channel, or pgws.send on the channel (durable)",
+    )
     ing = sub.add_parser("ingest", parents=[common])
     ing.add_argument("--writers", type=int, default=10)
+    ing.add_argument(
+        "--count",
+        choices=["listen", "stored"],
+        default="listen",
+        help="NOTIFYs seen by LISTEN, or rows stored on the channel (durable)",
+    )
     ing.add_argument("--window-per-writer", type=int, default=50)
     lat = sub.add_parser("latency", parents=[common])
     lat.add_argument("--readers", type=int, default=100)
@@ -788,6 +847,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     raw = sub.add_parser("notify", parents=[common])
     raw.add_argument("--connections", type=int, default=2)
     raw.add_argument("--window-per-connection", type=int, default=200)
+    sqlsend.add_arguments(sub.add_parser("sqlsend", parents=[common]))
     return parser.parse_args(argv)
 
 

@@ -44,17 +44,20 @@ class PipelinedNotifier:
         self.acked = 0
         self.errors = 0
         self.error_message = ""
+        self.on_ack: Callable[[int], None] | None = None  # called with `acked` after each read
 
     @classmethod
-    async def open(cls, uri: str) -> PipelinedNotifier:
-        """Connect, prepare the statement and enter pipeline mode."""
+    async def open(
+        cls, uri: str, statement: bytes = b"SELECT pg_notify($1, $2)"
+    ) -> PipelinedNotifier:
+        """Connect, prepare the statement (two parameters) and enter pipeline mode."""
         conn = await connect(uri)
         await conn.execute("DEALLOCATE ALL")
         notifier = cls(conn)
         pg = notifier._pg
         pg.nonblocking = 1
         pg.enter_pipeline_mode()
-        pg.send_prepare(_STATEMENT, b"SELECT pg_notify($1, $2)")
+        pg.send_prepare(_STATEMENT, statement)
         pg.pipeline_sync()
         notifier.in_flight += 1
         notifier._loop.add_reader(notifier._fd, notifier._on_readable)
@@ -131,6 +134,8 @@ class PipelinedNotifier:
             elif status == _FATAL_ERROR:
                 self.errors += 1
                 self.error_message = (result.error_message or b"").decode(errors="replace")
+        if self.on_ack is not None:
+            self.on_ack(self.acked)
         self._wake()
 
     def _wake(self, *, force: bool = False) -> None:

@@ -74,7 +74,9 @@ LISTEN_CHANNEL = "postgres-websockets-listener"
 CHANNEL = "bench"
 BASELINE = "raw-gw"
 RAW_PG = "raw-pg"
-SCENARIO_KINDS = ("connections", "fanout", "ingest", "latency", "notify")
+SCENARIO_KINDS = ("connections", "fanout", "ingest", "latency", "notify", "sql", "durable")
+# The server under test with every channel durable (SPEC 7), for the `durable` kind.
+DURABLE_ENV = {"PGWS_DURABLE": "true"}
 READY_TIMEOUT = 30.0  # seconds for a server to accept a WebSocket
 SETTLE = 0.5  # seconds for a server to finish its work on new sockets before measuring memory
 BUSY_LOAD = 0.5  # 1-minute load average per core above which the machine counts as busy
@@ -99,6 +101,12 @@ class Plan:
     latency_readers: int
     connection_steps: tuple[int, ...]
     notify_connections: int
+    # SQL producers (no gateway): payloads per call; 1 is pgws.send, more is pgws.send_many.
+    sql_batches: tuple[int, ...]
+    # Durable mode, each beside the same scenario without it: writers, readers, msg/s.
+    durable_ingest_writers: tuple[int, ...]
+    durable_fanout_readers: tuple[int, ...]
+    durable_latency_rates: tuple[int, ...]
     kinds: tuple[str, ...]
 
 
@@ -113,6 +121,10 @@ FULL = Plan(
     latency_readers=100,
     connection_steps=(1000, 5000, 10000),
     notify_connections=2,
+    sql_batches=(1, 10, 100),
+    durable_ingest_writers=(100,),
+    durable_fanout_readers=(1000,),
+    durable_latency_rates=(1000,),
     kinds=SCENARIO_KINDS,
 )
 QUICK = dataclasses.replace(FULL, reps=2, warmup=0.3, duration=1.0)
@@ -184,7 +196,7 @@ class Bench:
 
     @contextlib.asynccontextmanager
     async def server(
-        self, target: Target, kind: str, rep: int
+        self, target: Target, kind: str, rep: int, extra_env: dict[str, str] | None = None
     ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
         """Start a server, wait until it accepts a WebSocket, stop it (and its tree) at the end."""
         port = free_port()
@@ -197,6 +209,7 @@ class Bench:
             "PGWS_LISTEN_CHANNEL": LISTEN_CHANNEL,
             "PGWS_POOL_SIZE": str(self.pool_size),
             **(self.server_env if target.name != BASELINE else {}),
+            **(extra_env or {}),
         }
         path = self.log_path(f"{target.name}-{kind}-{rep}-server")
         with path.open("wb") as log:
@@ -335,6 +348,7 @@ def connection_metrics(rss_before: int, checkpoints: list[dict[str, Any]]) -> di
 
 def headline(scenario: str, metrics: dict[str, Any]) -> str:
     """A short progress line for one run."""
+    scenario = scenario.removeprefix("durable-")
     cpu = (
         f"CPU: server {metrics.get('server_cpu_pct', 0):.0f}% "
         f"(+{metrics.get('server_wait_pct', 0):.0f}% waiting), "
@@ -344,6 +358,8 @@ def headline(scenario: str, metrics: dict[str, Any]) -> str:
     )
     if scenario.startswith("fanout"):
         return f"{metrics['delivered_per_s']:,.0f} msg/s, loss {metrics['loss_frac']:.2%}; {cpu}"
+    if scenario.startswith("sql"):
+        return f"{metrics['messages_per_s']:,.0f} messages/s committed; {cpu}"
     if scenario.startswith(("ingest", "notify")):
         return f"{metrics['seen_per_s']:,.0f} NOTIFY/s, loss {metrics['loss_frac']:.2%}; {cpu}"
     if scenario.startswith("latency"):
@@ -412,8 +428,46 @@ def configurations(plan: Plan, kind: str) -> list[tuple[str, list[str]]]:
     return []
 
 
+def durable_configurations(plan: Plan) -> list[tuple[str, str, list[str]]]:
+    """(scenario name, loadgen scenario, arguments) of the durable kind: each the same as its
+    non-durable namesake, but ingest counts rows stored and fan-out's producer calls pgws.send."""
+    configs = [
+        (f"durable-ingest-{n}", "ingest", [f"--writers={n}", "--count=stored"])
+        for n in plan.durable_ingest_writers
+    ]
+    configs += [
+        (f"durable-fanout-{n}", "fanout", [f"--readers={n}", "--producer=send"])
+        for n in plan.durable_fanout_readers
+    ]
+    readers = f"--readers={plan.latency_readers}"
+    configs += [
+        (f"durable-latency-{rate}", "latency", [f"--rate={rate}", readers])
+        for rate in plan.durable_latency_rates
+    ]
+    return configs
+
+
+async def run_durable(bench: Bench, target: Target, rep: int) -> None:
+    """The server under test with PGWS_DURABLE=true: durable ingest, fan-out and latency."""
+    try:
+        async with bench.server(target, "durable", rep, DURABLE_ENV) as (process, port):
+            for scenario, loadgen, arguments in durable_configurations(bench.plan):
+                await bench.measured(
+                    target.name, scenario, rep, process.pid, port, loadgen, arguments
+                )
+    except ScenarioError as exc:
+        bench.runs.append(
+            {"target": target.name, "scenario": "durable", "rep": rep, "error": str(exc)}
+        )
+        print(f"  {target.name}-durable-{rep}: ERROR {exc}")
+
+
 async def run_kind(bench: Bench, target: Target, kind: str, rep: int) -> None:
     """Start one server and run every configuration of one scenario kind against it."""
+    if kind == "durable":
+        if target.name != BASELINE:  # the raw gateway has no durable mode
+            await run_durable(bench, target, rep)
+        return
     try:
         async with bench.server(target, kind, rep) as (process, port):
             for scenario, arguments in configurations(bench.plan, kind):
@@ -430,6 +484,9 @@ async def run_suite(bench: Bench, targets: Sequence[Target]) -> None:
         print(f"repetition {rep}/{plan.reps}")
         order = list(targets) if rep % 2 else list(reversed(targets))
         for kind in plan.kinds:
+            if kind == "sql":
+                await run_sql(bench, targets, rep)
+                continue
             if kind == "notify":
                 await bench.measured(
                     RAW_PG,
@@ -445,8 +502,32 @@ async def run_suite(bench: Bench, targets: Sequence[Target]) -> None:
                 await run_kind(bench, target, kind, rep)
 
 
-def table_rows(plan: Plan) -> list[report.Row]:
-    """The rows of the report, with the issue's targets where it sets one."""
+def sql_key(batch: int) -> str:
+    """`sql-send` (pgws.send), `sql-send-many-10`, or `sql-notify` (batch 0: pg_notify)."""
+    return {0: "sql-notify", 1: "sql-send"}.get(batch, f"sql-send-many-{batch}")
+
+
+async def run_sql(bench: Bench, targets: Sequence[Target], rep: int) -> None:
+    """SQL producers, no gateway: pg_notify (raw-pg), then pgws.send and send_many (pgws)."""
+    under_test = next((target.name for target in targets if target.name != BASELINE), None)
+    for batch in (0, *bench.plan.sql_batches):
+        if batch and under_test is None:
+            continue
+        producer = {0: "pg_notify", 1: "send"}.get(batch, "send_many")
+        await bench.measured(
+            under_test if batch and under_test else RAW_PG,
+            sql_key(batch),
+            rep,
+            None,
+            0,
+            "sqlsend",
+            [f"--producer={producer}", f"--batch={max(batch, 1)}"],
+        )
+
+
+def table_rows(plan: Plan, target: str = "pgws") -> list[report.Row]:
+    """The rows of the report, with the issue's targets where it sets one (`target`: the server
+    under test, baseline of the send_many rows)."""
     rows: list[report.Row] = []
 
     def add(
@@ -491,6 +572,47 @@ def table_rows(plan: Plan) -> list[report.Row]:
         for quantile in ("p50", "p95", "p99"):
             goal = 2.0 if quantile == "p99" and rate == 1000 else None
             add(key, label, f"{quantile}_ms", f"{quantile} ms", "ms", better="lower", goal=goal)
+    notify = {"baseline_target": RAW_PG, "baseline_scenario": "sql-notify"}
+    for batch in plan.sql_batches:
+        key = sql_key(batch)
+        call = "pgws.send" if batch == 1 else f"pgws.send_many of {batch}"
+        label = f"SQL producer {call}, no gateway"
+        committed = "messages/s committed"
+        add(key, label, "messages_per_s", committed, "rate", better="higher", **notify)
+        if batch > 1:
+            goal = 10.0 if batch == 100 else None
+            add(
+                key,
+                label,
+                "messages_per_s",
+                "messages/s, against pgws.send",
+                "rate",
+                better="higher",
+                goal=goal,
+                baseline_target=target,
+                baseline_scenario=sql_key(1),
+            )
+    same = {"baseline_target": target}  # durable rows: against the same server, not durable
+    for writers in plan.durable_ingest_writers:
+        key, label = f"durable-ingest-{writers}", f"durable ingest, {writers:,} writer sockets"
+        stored = "stored msg/s, against non-durable NOTIFY/s"
+        add(key, label, "seen_per_s", stored, "rate", better="higher", goal=1.0, **same,
+            baseline_scenario=f"ingest-{writers}")  # fmt: skip
+        add(key, label, "loss_frac", "loss", "loss", chart=False, **same,
+            baseline_scenario=f"ingest-{writers}")  # fmt: skip
+    for readers in plan.durable_fanout_readers:
+        key = f"durable-fanout-{readers}"
+        label = f"durable fan-out, {readers:,} readers, pgws.send producer"
+        add(key, label, "delivered_per_s", "delivered msg/s, against NOTIFY fan-out", "rate",
+            better="higher", **same, baseline_scenario=fanout_key(readers, 1))  # fmt: skip
+        add(key, label, "loss_frac", "loss", "loss", chart=False, **same,
+            baseline_scenario=fanout_key(readers, 1))  # fmt: skip
+    for rate in plan.durable_latency_rates:
+        key = f"durable-latency-{rate}"
+        label = f"durable latency, {rate:,} msg/s to {plan.latency_readers} readers"
+        for quantile in ("p50", "p99"):
+            add(key, label, f"{quantile}_ms", f"{quantile} ms, against non-durable", "ms",
+                better="lower", **same, baseline_scenario=f"latency-{rate}")  # fmt: skip
     label = "idle sockets"
     for step in plan.connection_steps:
         metric_label = f"server RSS MiB, {step:,} sockets"
@@ -651,7 +773,7 @@ def write_results(
 ) -> str:
     """Write latest.md, latest.json and latest.png; return the markdown."""
     summary = report.aggregate(bench.runs)
-    rows = table_rows(bench.plan)
+    rows = table_rows(bench.plan, target.name)
     when = started.strftime("%Y-%m-%d %H:%M UTC")
     machine_line = (
         f"{machine['cpu_model']}, {machine['cpus']} CPUs, {machine['memory_gib']} GiB, "
@@ -659,6 +781,7 @@ def write_results(
         + ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
     )
     plan = bench.plan
+    pg = machine.get("postgres", {})
     lines = [
         f"# pgws benchmark: {when}",
         "",
@@ -668,6 +791,11 @@ def write_results(
         f"- baselines: {BASELINE} = `python -m bench.raw_gateway` (LISTEN → orjson → "
         f"broadcast), {RAW_PG} = pipelined psycopg NOTIFY, {plan.notify_connections} connections",
         f"- machine: {machine_line}",
+        f"- PostgreSQL {pg.get('version', '?')}"
+        + (" (throwaway cluster)" if bench.postmaster else " (--db-uri)")
+        + ": "
+        + ", ".join(f"{name}={pg.get(name, '?')}" for name in DURABILITY)
+        + ("" if pg.get("fsync") == "off" else " (**fsync on**: commits reach the disk)"),
         f"- placement: {bench.placement.describe()}",
         f"- load average before {fmt_load(load_before)}, after {fmt_load(load_after)}",
         f"- {plan.reps} runs of each; {plan.warmup:g} s warm-up, {plan.duration:g} s measured; "
@@ -784,6 +912,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-pin", action="store_true", help="pin nothing")
     parser.add_argument("--db-uri", help="use this PostgreSQL instead of a throwaway one")
+    parser.add_argument(
+        "--fsync-on",
+        action="store_true",
+        help="throwaway cluster with fsync, synchronous_commit and full_page_writes on",
+    )
+    parser.add_argument(
+        "--pg-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the throwaway cluster (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.* go")
     parser.add_argument("--readme", action="store_true", help="copy the table into the README")
     parser.add_argument(
@@ -849,15 +989,38 @@ def exclusive(path: Path, within: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def database(uri: str | None) -> Iterator[tuple[str, int | None]]:
+def database(uri: str | None, settings: dict[str, str]) -> Iterator[tuple[str, int | None]]:
     """The PostgreSQL to use: a given URI (no CPU accounting), or a throwaway cluster."""
     if uri:
         yield uri, None
         return
-    from dev.devdb import ThrowawayPostgres
+    from dev.devdb import DEFAULT_SETTINGS, ThrowawayPostgres
 
-    with ThrowawayPostgres() as postgres:
+    with ThrowawayPostgres(settings={**DEFAULT_SETTINGS, **settings}) as postgres:
         yield postgres.uri, postgres.postmaster_pid()
+
+
+DURABILITY = ("fsync", "synchronous_commit", "full_page_writes")
+
+
+def postgres_settings(uri: str) -> dict[str, str]:
+    """The server's version and the settings that decide what a commit costs, as it runs."""
+    import psycopg
+
+    with psycopg.connect(uri, connect_timeout=10) as conn:
+        shown = {"version": str(conn.execute("SHOW server_version").fetchone()[0])}  # type: ignore[index]
+        for name in DURABILITY:
+            shown[name] = str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
+    return shown
+
+
+def pg_settings_from(args: argparse.Namespace) -> dict[str, str]:
+    """--pg-setting NAME=VALUE pairs, and --fsync-on's three."""
+    settings = {name: "on" for name in DURABILITY} if args.fsync_on else {}
+    for item in args.pg_setting:
+        name, _, value = item.partition("=")
+        settings[name] = value
+    return settings
 
 
 async def main_async(args: argparse.Namespace, command: str) -> int:
@@ -896,7 +1059,8 @@ async def measure(
     idle_check = psutil.cpu_percent(interval=1.0)
     print(f"machine: {machine['cpu_model']} x{machine['cpus']}; load {fmt_load(load_before)}")
     print(f"placement: {placement.describe()}; logs in {raw_dir}")
-    with database(args.db_uri) as (db_uri, postmaster):
+    with database(args.db_uri, pg_settings_from(args)) as (db_uri, postmaster):
+        machine["postgres"] = postgres_settings(db_uri)
         pin_postgres(postmaster, placement.postgres)
         bench = Bench(
             db_uri=db_uri,

@@ -28,6 +28,7 @@ from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.connection import SocketStats, deliver_v2, tracked_connection_class
 from pgws.db.connect import db_host
+from pgws.db.retention import Retention, retention_running
 from pgws.durable_bus import DurableBus
 from pgws.errors import ConfigError
 from pgws.fanout import fan_out
@@ -178,6 +179,7 @@ class Gateway:
             durable=self.durable,
         )
         self.server: Server | None = None
+        self.retention: Retention | None = None  # durable mode's pruner (while running)
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
 
     def reload(self, new: Config) -> list[str]:
@@ -323,6 +325,10 @@ class Gateway:
             await self._serve_metrics(stack)
             stack.enter_context(tls_failures_quieted(asyncio.get_running_loop()))
             await self.bus.start(stack)
+            if config.durable:  # SPEC 7 retention: one process of all prunes, at a time
+                self.retention = await stack.enter_async_context(
+                    retention_running(config.db_uri, config.durable_retention)
+                )
             server = await stack.enter_async_context(
                 serve(
                     self.sessions.handle,

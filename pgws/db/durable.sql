@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS pgws.message (
 
 CREATE INDEX IF NOT EXISTS message_created_at ON pgws.message (created_at);
 
+-- Vacuum must not cut empty pages off the table's end: that takes an ACCESS EXCLUSIVE lock, which
+-- producers' inserts wait on (bench/retention.py saw it under prune churn); the pages are reused.
+ALTER TABLE pgws.message SET (vacuum_truncate = false);
+
 -- The notification channel that wakes pgws readers up; the payload is the message's channel.
 CREATE OR REPLACE FUNCTION pgws.wake_channel() RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
