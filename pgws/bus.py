@@ -42,9 +42,12 @@ class Bus(Protocol):
 class NotifyBus:
     """LISTEN/NOTIFY: one LISTEN connection feeds readers, pipelined senders publish."""
 
-    def __init__(self, config: Config, feed: Feed) -> None:
+    def __init__(
+        self, config: Config, feed: Feed, lost: Callable[[], object] | None = None
+    ) -> None:
         self.notifier = Notifier(config)
-        self.listener = Listener(config, feed)
+        # `lost`: LISTEN holds again after an outage whose notifications are gone (SPEC 8 `gap`).
+        self.listener = Listener(config, feed, lost)
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         # Closed in reverse: the senders finish what is queued, then the LISTEN connection goes.

@@ -19,6 +19,8 @@ S = TypeVar("S")
 Deliver = Callable[[Sequence[tuple[Iterable[S], str]]], int]
 # pgws.v2 readers (SPEC 8) get a `msg` frame naming the channel, built once per notification.
 DeliverV2 = Callable[[Iterable[S], str, str], None]  # (readers, channel, raw)
+# Tells pgws.v2 readers of a channel that its continuity was lost (SPEC 8 `gap`).
+DeliverGap = Callable[[Iterable[S], str], None]  # (readers, channel)
 SendOut = Callable[[str], Awaitable[None]]
 
 
@@ -39,11 +41,13 @@ class Registry(Generic[S]):
         deliver: Deliver[S],
         send_out: SendOut,
         deliver_v2: DeliverV2[S] | None = None,
+        deliver_gap: DeliverGap[S] | None = None,
     ) -> None:
         self._listen_channel = listen_channel
         self._deliver = deliver
         self._send_out = send_out
         self._deliver_v2 = deliver_v2
+        self._deliver_gap = deliver_gap
         self._channels: dict[str, set[S]] = {}
         # pgws.v2 readers, apart: their subscriptions change at run time and they get other frames.
         self._v2: dict[str, set[S]] = {}
@@ -110,6 +114,16 @@ class Registry(Generic[S]):
             handed += self._deliver(batch)
         self.delivered += handed
         return handed
+
+    def continuity_lost(self) -> int:
+        """The LISTEN connection is back after an outage: every pgws.v2 subscription (all are
+        non-durable) may have missed messages, so each gets `gap` (SPEC 8); return how many."""
+        told = 0
+        if self._deliver_gap is not None:
+            for channel, readers in list(self._v2.items()):
+                self._deliver_gap(readers, channel)
+                told += len(readers)
+        return told
 
     async def publish_out(self, envelope: str) -> None:
         """Send an envelope to the database, which brings it back to every pgws reading it."""

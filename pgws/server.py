@@ -26,7 +26,7 @@ from pgws.buffers import BufferLedger
 from pgws.bus import NotifyBus
 from pgws.claims import Verifier
 from pgws.config import Config
-from pgws.connection import SocketStats, deliver_v2, tracked_connection_class
+from pgws.connection import SocketStats, deliver_gap, deliver_v2, tracked_connection_class
 from pgws.db.connect import db_host
 from pgws.errors import ConfigError
 from pgws.fanout import fan_out
@@ -94,12 +94,17 @@ class Gateway:
             leeway=config.jwt_leeway,
         )
         self.tls = ReloadableTls(config)
-        self.bus = NotifyBus(config, feed=lambda batch: self.registry.publish_batch(batch))
+        self.bus = NotifyBus(
+            config,
+            feed=lambda batch: self.registry.publish_batch(batch),
+            lost=lambda: self.registry.continuity_lost(),
+        )
         self.registry: Registry[ServerConnection] = Registry(
             config.listen_channel,
             functools.partial(fan_out, buffer_limit=config.client_max_buffer),
             self.bus.publish,
             deliver_v2,
+            deliver_gap,
         )
         # The bus's parts, for /metrics and the tests that reach into them.
         self.listener, self.notifier = self.bus.listener, self.bus.notifier

@@ -238,3 +238,24 @@ def test_a_batch_is_delivered_in_one_call_in_order() -> None:
         (frozenset({"s1"}), raws[3]),
     ]
     assert registry.published(["a"]) == 2
+
+
+def test_continuity_lost_tells_each_v2_channel_once_and_legacy_readers_nothing() -> None:
+    """After a LISTEN outage every pgws.v2 channel's readers get one gap; legacy readers none."""
+    recorder = Recorder()
+    gaps: list[tuple[frozenset[str], str]] = []
+    registry: Registry[str] = Registry(
+        LISTEN,
+        recorder.deliver,
+        recorder.send_out,
+        lambda readers, channel, raw: None,
+        lambda readers, channel: gaps.append((frozenset(readers), channel)),
+    )
+    registry.subscribe("legacy", ["a"])
+    registry.subscribe_v2("v1", "a")
+    registry.subscribe_v2("v2", "a")
+    registry.subscribe_v2("v2", "b")
+    registry.unsubscribe_v2("v1", ["a"])
+    assert registry.continuity_lost() == 2
+    assert sorted(gaps) == [(frozenset({"v2"}), "a"), (frozenset({"v2"}), "b")]
+    assert recorder.deliveries == []
