@@ -1,9 +1,10 @@
 """The WebSocket upgrade: who gets in, decided in websockets' process_request.
 
-A request that is not an upgrade goes to the plain-HTTP routes. An upgrade passes the origin and
-capacity checks, then its token (from the path, `Authorization: Bearer`, or a JWT-shaped
-Sec-WebSocket-Protocol offer) becomes a Grant; the grant and its envelope writer ride on the
-connection to the session. Any refusal is an HTTP error, counted and logged here.
+A request that is not an upgrade goes to the plain-HTTP routes, except `GET /events`
+(SPEC 9), which passes the same origin and capacity checks and then pgws.sse's. An upgrade
+passes the origin and capacity checks, then its token (from the path, `Authorization: Bearer`,
+or a JWT-shaped Sec-WebSocket-Protocol offer) becomes a Grant; the grant and its envelope writer
+ride on the connection to the session. Any refusal is an HTTP error, counted and logged here.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pgws.connection import Connection, SocketStats, peer
 from pgws.envelope import EnvelopeWriter
 from pgws.errors import BadRequest, Forbidden, HandshakeRefused, ServiceUnavailable
 from pgws.protocols.v2 import SUBPROTOCOL as V2
+from pgws.sse import is_events_request
 
 # Socket events keep the logger name they had before the split, which log filters may select on.
 log = structlog.get_logger("pgws.handler")
@@ -51,6 +53,7 @@ class Handshake:
         *,
         plain: Callable[[Request], Response],
         clock: Callable[[], float] = time.time,
+        events: Callable[[Request, Verifier], Response] | None = None,
     ) -> None:
         self._config = config
         self.verifier = verifier  # replaced on SIGHUP; sockets already open keep their grant
@@ -58,12 +61,17 @@ class Handshake:
         self._buffers = buffers
         self._plain = plain
         self._clock = clock
+        self._events = events  # GET /events (SPEC 9): checked here like an upgrade
 
     def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
         try:
             if not wants_websocket(request):
-                return self._plain(request)
+                if self._events is None or not is_events_request(request):
+                    return self._plain(request)
+                self._check_origin(request)
+                self._check_capacity()
+                return self._events(request, self.verifier)
             self._check_origin(request)
             self._check_capacity()
             if V2 in _offered_subprotocols(request):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pgws.envelope import route_channel
 
@@ -42,12 +42,18 @@ class Registry(Generic[S]):
         send_out: SendOut,
         deliver_v2: DeliverV2[S] | None = None,
         deliver_gap: DeliverGap[S] | None = None,
+        deliver_events: DeliverV2[Any] | None = None,
+        events_gap: DeliverGap[Any] | None = None,
     ) -> None:
         self._listen_channel = listen_channel
         self._deliver = deliver
         self._send_out = send_out
         self._deliver_v2 = deliver_v2
         self._deliver_gap = deliver_gap
+        # Event streams (SPEC 9, pgws.sse): read-only readers of v2 `msg` events, not sockets.
+        self._deliver_events = deliver_events
+        self._events_gap = events_gap
+        self._events: dict[str, set[Any]] = {}
         self._channels: dict[str, set[S]] = {}
         # pgws.v2 readers, apart: their subscriptions change at run time and they get other frames.
         self._v2: dict[str, set[S]] = {}
@@ -82,6 +88,20 @@ class Registry(Generic[S]):
                 if not readers:
                     del self._v2[channel]
 
+    def subscribe_events(self, stream: Any, channels: Iterable[str]) -> None:
+        """Start delivering `msg` events on `channels` to an event stream."""
+        for channel in channels:
+            self._events.setdefault(channel, set()).add(stream)
+
+    def unsubscribe_events(self, stream: Any, channels: Iterable[str]) -> None:
+        """Stop delivering to an event stream; channels nobody streams are forgotten."""
+        for channel in channels:
+            streams = self._events.get(channel)
+            if streams is not None:
+                streams.discard(stream)
+                if not streams:
+                    del self._events[channel]
+
     def publish_in(self, raw: str) -> int:
         """Deliver one notification's raw text to the readers of its channel; return how many."""
         return self.publish_batch((raw,))
@@ -96,10 +116,16 @@ class Registry(Generic[S]):
         batch = []
         handed = 0
         v2 = self._v2 if self._deliver_v2 is not None else None
+        events = self._events if self._deliver_events is not None else None
         for raw in raws:
             channel = route_channel(raw)
             if channel is None:
                 channel = self._listen_channel
+            if events:
+                streams = events.get(channel)
+                if streams and self._deliver_events is not None:
+                    self._deliver_events(streams, channel, raw)
+                    handed += len(streams)
             if v2:
                 v2_readers = v2.get(channel)
                 if v2_readers and self._deliver_v2 is not None:
@@ -116,13 +142,18 @@ class Registry(Generic[S]):
         return handed
 
     def continuity_lost(self) -> int:
-        """The LISTEN connection is back after an outage: every pgws.v2 subscription (all are
-        non-durable) may have missed messages, so each gets `gap` (SPEC 8); return how many."""
+        """The LISTEN connection is back after an outage: every pgws.v2 subscription and event
+        stream (all non-durable) may have missed messages, so each gets `gap` (SPEC 8, 9);
+        return how many were told."""
         told = 0
         if self._deliver_gap is not None:
             for channel, readers in list(self._v2.items()):
                 self._deliver_gap(readers, channel)
                 told += len(readers)
+        if self._events_gap is not None:
+            for channel, streams in list(self._events.items()):
+                self._events_gap(streams, channel)
+                told += len(streams)
         return told
 
     async def publish_out(self, envelope: str) -> None:
@@ -142,7 +173,9 @@ class Registry(Generic[S]):
     @property
     def channel_count(self) -> int:
         """How many channels have at least one reader."""
-        return len(self._channels.keys() | self._v2.keys()) if self._v2 else len(self._channels)
+        if not (self._v2 or self._events):
+            return len(self._channels)
+        return len(self._channels.keys() | self._v2.keys() | self._events.keys())
 
     def stats(self) -> RegistryStats:
         """A snapshot of the figures, for /metrics."""

@@ -21,7 +21,7 @@ import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from pgws import __version__, metrics, web
+from pgws import __version__, metrics, sse, web
 from pgws.buffers import BufferLedger
 from pgws.bus import NotifyBus
 from pgws.claims import Verifier
@@ -78,6 +78,8 @@ async def finish_response(
                 response.headers[name] = value
     if isinstance(response, web.FileResponse):
         await web.send_file(connection, response)  # closes the socket: websockets sends nothing
+    elif isinstance(response, sse.StreamResponse):
+        response.begin(connection)  # the stream takes the TCP connection: websockets sends nothing
     return response
 
 
@@ -105,6 +107,8 @@ class Gateway:
             self.bus.publish,
             deliver_v2,
             deliver_gap,
+            sse.deliver,
+            sse.deliver_gap,
         )
         # The bus's parts, for /metrics and the tests that reach into them.
         self.listener, self.notifier = self.bus.listener, self.bus.notifier
@@ -112,6 +116,9 @@ class Gateway:
         self.clock: Callable[[], float] = time.time
         self.socket_stats = SocketStats()
         self.buffers = BufferLedger(config.max_buffered_total)
+        self.events = sse.EventStreams(
+            config, self.registry, self.socket_stats, self.buffers, clock=lambda: self.clock()
+        )
         routes = web.Routes(
             config.root_path, ready=self.is_ready, metrics=metrics.exposition(self.metrics_snapshot)
         )
@@ -122,6 +129,7 @@ class Gateway:
             self.buffers,
             plain=routes.answer,
             clock=lambda: self.clock(),
+            events=sse.EventsEndpoint(config, self.events, clock=lambda: self.clock()).answer,
         )
         self.sessions = Sessions(
             config,
@@ -196,7 +204,7 @@ class Gateway:
 
     def buffered_bytes(self) -> int:
         """What every socket's transport holds unsent right now (read at each scrape)."""
-        total = 0
+        total = self.events.buffered()
         for conn in self._connections:
             try:
                 total += conn.transport.get_write_buffer_size()
@@ -307,20 +315,24 @@ class Gateway:
         for aborting stragglers (stalled readers, clients that never finished their handshake)
         and closing the database connections.
         """
-        log.info("server_stopping", sockets=len(server.connections))
+        log.info("server_stopping", sockets=len(server.connections), streams=len(self.events.open))
         budget = self.config.shutdown_timeout
         server.close()
+        self.events.end_all()
         try:
             async with asyncio.timeout(max(budget - 1.0, budget / 2)):
                 await server.wait_closed()
+                await self.events.wait_closed()
         except TimeoutError:
             stuck = list(self._connections)
-            log.warning("sockets_aborted", count=len(stuck))
+            log.warning("sockets_aborted", count=len(stuck), streams=len(self.events.open))
             for conn in stuck:
                 conn.transport.abort()
+            self.events.abort_all()
             try:
                 async with asyncio.timeout(0.5):
                     await server.wait_closed()
+                    await self.events.wait_closed()
             except TimeoutError:
                 log.error("sockets_left_open", count=len(self._connections))
 
