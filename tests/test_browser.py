@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
@@ -23,7 +24,9 @@ from tests.conftest import (
     Running,
     StartGateway,
     channel_name,
+    make_token,
     subscribed,
+    until,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,3 +160,62 @@ async def test_two_pages_chat_and_see_close_codes(
     print(f"screenshot: {SCREENSHOT}")  # noqa: T201
     assert chat_one.errors == []
     assert chat_two.errors == []
+
+
+# GET /events (SPEC 9) with the browser's own EventSource
+
+_EVENT_SOURCE = """([url]) => {
+  window.got = [];
+  window.opens = 0;
+  const source = new EventSource(url);
+  window.source = source;
+  source.onopen = () => { window.opens += 1; };
+  source.onmessage = (e) => window.got.push({type: 'message', data: JSON.parse(e.data),
+                                             id: e.lastEventId});
+  source.addEventListener('gap', (e) => window.got.push({type: 'gap', data: JSON.parse(e.data),
+                                                         id: e.lastEventId}));
+}"""
+
+
+async def test_event_source_receives_reconnects_after_a_restart_and_is_told_of_the_gap(
+    start_gateway: StartGateway, browser: Browser, dsn: str
+) -> None:
+    """A real EventSource: messages arrive as v2 `msg` objects; the server is stopped and started
+    again on the same port; the browser reconnects by itself with Last-Event-ID and, for a
+    non-durable channel (nothing kept while the server was down), gets `event: gap` first."""
+    running: Running = await start_gateway()
+    port, listen = running.gateway.port, running.config.listen_channel
+    channel = channel_name()
+    token = make_token({"mode": "r", "channels": [channel]})
+    context = await browser.new_context()
+    context.set_default_timeout(MS)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(running.http + "/health")
+    await page.evaluate(_EVENT_SOURCE, [f"/events?ch={channel}&token={token}"])
+    await page.wait_for_function("window.opens === 1", timeout=MS)
+    await until(lambda: bool(running.gateway.registry._events.get(channel)), "the stream")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
+        await running.notify(db, {"channel": channel, "n": 1})
+        await page.wait_for_function("window.got.length === 1", timeout=MS)
+        assert await page.evaluate("window.got[0]") == {
+            "type": "message",
+            "data": {"op": "msg", "ch": channel, "data": {"channel": channel, "n": 1}},
+            "id": "pgws",
+        }
+        await running.shutdown()
+        again: Running = await start_gateway(port=port, listen_channel=listen)
+        await page.wait_for_function("window.opens === 2", timeout=MS)  # reconnected by itself
+        await page.wait_for_function("window.got.length === 2", timeout=MS)
+        assert await page.evaluate("window.got[1]") == {
+            "type": "gap",
+            "data": {"ch": channel},
+            "id": "pgws",
+        }
+        await until(lambda: bool(again.gateway.registry._events.get(channel)), "the new stream")
+        await again.notify(db, {"channel": channel, "n": 2})
+        await page.wait_for_function("window.got.length === 3", timeout=MS)
+        assert (await page.evaluate("window.got[2]"))["data"]["data"]["n"] == 2
+    await context.close()
+    assert errors == []
