@@ -17,11 +17,15 @@ S = TypeVar("S")
 
 # Hands a batch of (readers, raw text) to sockets, in order; returns how many messages it handed.
 Deliver = Callable[[Sequence[tuple[Iterable[S], str]]], int]
-# pgws.v2 readers (SPEC 8) get a `msg` frame naming the channel, built once per notification.
-DeliverV2 = Callable[[Iterable[S], str, str], None]  # (readers, channel, raw)
+# pgws.v2 readers (SPEC 8) get a `msg` frame naming the channel, built once per notification;
+# `pos` is the durable message's position (SPEC 7), None for a NOTIFY.
+DeliverV2 = Callable[[Iterable[S], str, str, str | None], None]  # (readers, channel, raw, pos)
 # Tells pgws.v2 readers of a channel that its continuity was lost (SPEC 8 `gap`).
 DeliverGap = Callable[[Iterable[S], str], None]  # (readers, channel)
-SendOut = Callable[[str], Awaitable[None]]
+# (envelope, channel) -> the position when the channel is durable, else None.
+SendOut = Callable[[str, str | None], Awaitable[str | None]]
+# Called with a channel when it gets its first reader here (True) or loses its last (False).
+Watch = Callable[[str, bool], None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -58,11 +62,22 @@ class Registry(Generic[S]):
         # pgws.v2 readers, apart: their subscriptions change at run time and they get other frames.
         self._v2: dict[str, set[S]] = {}
         self._published: dict[str, int] = {}  # per channel with readers: notifications so far
+        self._watch: Watch | None = None
         self.delivered = 0  # messages handed to sockets; live, /metrics reads stats()
+
+    def watch(self, watch: Watch) -> None:
+        """Tell `watch` whenever a channel gets its first reader or loses its last (either
+        protocol): the durable reader follows exactly the channels someone reads here."""
+        self._watch = watch
+
+    def _is_read(self, channel: str) -> bool:
+        return channel in self._channels or channel in self._v2 or channel in self._events
 
     def subscribe(self, subscriber: S, channels: Iterable[str]) -> None:
         """Start delivering notifications on `channels` to `subscriber`."""
         for channel in channels:
+            if self._watch is not None and not self._is_read(channel):
+                self._watch(channel, True)
             self._channels.setdefault(channel, set()).add(subscriber)
 
     def unsubscribe(self, subscriber: S, channels: Iterable[str]) -> None:
@@ -74,9 +89,13 @@ class Registry(Generic[S]):
                 if not subscribers:
                     del self._channels[channel]
                     self._published.pop(channel, None)
+                    if self._watch is not None and not self._is_read(channel):
+                        self._watch(channel, False)
 
     def subscribe_v2(self, subscriber: S, channel: str) -> None:
         """Start delivering `msg` frames on `channel` to a pgws.v2 `subscriber`."""
+        if self._watch is not None and not self._is_read(channel):
+            self._watch(channel, True)
         self._v2.setdefault(channel, set()).add(subscriber)
 
     def unsubscribe_v2(self, subscriber: S, channels: Iterable[str]) -> None:
@@ -87,10 +106,14 @@ class Registry(Generic[S]):
                 readers.discard(subscriber)
                 if not readers:
                     del self._v2[channel]
+                    if self._watch is not None and not self._is_read(channel):
+                        self._watch(channel, False)
 
     def subscribe_events(self, stream: Any, channels: Iterable[str]) -> None:
         """Start delivering `msg` events on `channels` to an event stream."""
         for channel in channels:
+            if self._watch is not None and not self._is_read(channel):
+                self._watch(channel, True)
             self._events.setdefault(channel, set()).add(stream)
 
     def unsubscribe_events(self, stream: Any, channels: Iterable[str]) -> None:
@@ -101,6 +124,8 @@ class Registry(Generic[S]):
                 streams.discard(stream)
                 if not streams:
                     del self._events[channel]
+                    if self._watch is not None and not self._is_read(channel):
+                        self._watch(channel, False)
 
     def publish_in(self, raw: str) -> int:
         """Deliver one notification's raw text to the readers of its channel; return how many."""
@@ -124,13 +149,13 @@ class Registry(Generic[S]):
             if events:
                 streams = events.get(channel)
                 if streams and self._deliver_events is not None:
-                    self._deliver_events(streams, channel, raw)
+                    self._deliver_events(streams, channel, raw, None)
                     handed += len(streams)
             if v2:
                 v2_readers = v2.get(channel)
                 if v2_readers and self._deliver_v2 is not None:
                     # A socket speaks one protocol, so each socket's order holds across both.
-                    self._deliver_v2(v2_readers, channel, raw)
+                    self._deliver_v2(v2_readers, channel, raw, None)
                     handed += len(v2_readers)
             subscribers = self._channels.get(channel)
             if subscribers:
@@ -141,24 +166,65 @@ class Registry(Generic[S]):
         self.delivered += handed
         return handed
 
-    def continuity_lost(self) -> int:
+    def continuity_lost(self, durable: Callable[[str], bool] | None = None) -> int:
         """The LISTEN connection is back after an outage: every pgws.v2 subscription and event
-        stream (all non-durable) may have missed messages, so each gets `gap` (SPEC 8, 9);
-        return how many were told."""
+        stream of a non-durable channel may have missed messages, so each gets `gap` (SPEC 8,
+        9); durable channels (`durable` says which) catch up instead. Return how many were told.
+        """
         told = 0
-        if self._deliver_gap is not None:
-            for channel, readers in list(self._v2.items()):
-                self._deliver_gap(readers, channel)
-                told += len(readers)
-        if self._events_gap is not None:
-            for channel, streams in list(self._events.items()):
-                self._events_gap(streams, channel)
-                told += len(streams)
+        for readers_of, tell in ((self._v2, self._deliver_gap), (self._events, self._events_gap)):
+            if tell is None:
+                continue
+            for channel, readers in list(readers_of.items()):
+                if durable is None or not durable(channel):
+                    tell(readers, channel)
+                    told += len(readers)
         return told
 
-    async def publish_out(self, envelope: str) -> None:
-        """Send an envelope to the database, which brings it back to every pgws reading it."""
-        await self._send_out(envelope)
+    def channel_lost(self, channel: str) -> int:
+        """One channel lost continuity here (a durable channel's rows pruned unread): its
+        pgws.v2 readers and event streams get `gap`; return how many were told."""
+        told = 0
+        for readers_of, tell in ((self._v2, self._deliver_gap), (self._events, self._events_gap)):
+            readers = readers_of.get(channel)
+            if readers and tell is not None:
+                tell(readers, channel)
+                told += len(readers)
+        return told
+
+    def publish_stored(self, channel: str, messages: Sequence[tuple[str, str]]) -> int:
+        """Deliver durable messages of `channel`, (payload, position) in order; return how many.
+
+        Legacy readers get the payload's bytes exactly (SPEC 3, as a NOTIFY of that text);
+        pgws.v2 readers a `msg` frame carrying the position (SPEC 7-8); event streams the
+        same as an event whose id carries it (SPEC 9).
+        """
+        handed = 0
+        streams = self._events.get(channel)
+        if streams and self._deliver_events is not None:
+            for payload, position in messages:
+                self._deliver_events(streams, channel, payload, position)
+                handed += len(streams)
+        v2_readers = self._v2.get(channel)
+        if v2_readers and self._deliver_v2 is not None:
+            for payload, position in messages:
+                self._deliver_v2(v2_readers, channel, payload, position)
+                handed += len(v2_readers)
+        subscribers = self._channels.get(channel)
+        if subscribers:
+            self._published[channel] = self._published.get(channel, 0) + len(messages)
+            handed += self._deliver([(subscribers, payload) for payload, _ in messages])
+        self.delivered += handed
+        return handed
+
+    def v2_readers(self, channel: str) -> frozenset[S]:
+        """The current pgws.v2 readers of `channel` (a copy)."""
+        return frozenset(self._v2.get(channel, ()))
+
+    async def publish_out(self, envelope: str, channel: str | None = None) -> str | None:
+        """Send an envelope (addressed to `channel`) to the database, which brings it back to
+        every pgws reading it; the message's position when the channel is durable."""
+        return await self._send_out(envelope, channel)
 
     def published(self, channels: Iterable[str]) -> int:
         """Notifications delivered on `channels` so far; a reader's count is the difference

@@ -28,6 +28,7 @@ from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.connection import SocketStats, deliver_gap, deliver_v2, tracked_connection_class
 from pgws.db.connect import db_host
+from pgws.durable_bus import DurableBus
 from pgws.errors import ConfigError
 from pgws.fanout import fan_out
 from pgws.handshake import Handshake, select_subprotocol
@@ -79,7 +80,8 @@ async def finish_response(
     if isinstance(response, web.FileResponse):
         await web.send_file(connection, response)  # closes the socket: websockets sends nothing
     elif isinstance(response, sse.StreamResponse):
-        response.begin(connection)  # the stream takes the TCP connection: websockets sends nothing
+        # The stream takes the TCP connection (websockets then sends nothing), or a 503.
+        return await response.begin(connection)
     return response
 
 
@@ -96,11 +98,24 @@ class Gateway:
             leeway=config.jwt_leeway,
         )
         self.tls = ReloadableTls(config)
-        self.bus = NotifyBus(
-            config,
-            feed=lambda batch: self.registry.publish_batch(batch),
-            lost=lambda: self.registry.continuity_lost(),
+        feed = lambda batch: self.registry.publish_batch(batch)  # noqa: E731
+        # After a LISTEN outage: `gap` for non-durable channels (durable ones catch up).
+        lost = lambda: self.registry.continuity_lost(  # noqa: E731
+            None if self.durable is None else self.durable.is_durable
         )
+        # SPEC 7: with any durable channel, the durable bus (NOTIFY still serves the others).
+        self.durable: DurableBus | None = None
+        self.bus: NotifyBus | DurableBus
+        if config.durable:
+            self.bus = self.durable = DurableBus(
+                config,
+                feed,
+                deliver_stored=lambda ch, rows: self.registry.publish_stored(ch, rows),
+                gap=self._gap,
+                lost=lost,
+            )
+        else:
+            self.bus = NotifyBus(config, feed=feed, lost=lost)
         self.registry: Registry[ServerConnection] = Registry(
             config.listen_channel,
             functools.partial(fan_out, buffer_limit=config.client_max_buffer),
@@ -110,6 +125,8 @@ class Gateway:
             sse.deliver,
             sse.deliver_gap,
         )
+        if self.durable is not None:
+            self.registry.watch(self.durable.watch)
         # The bus's parts, for /metrics and the tests that reach into them.
         self.listener, self.notifier = self.bus.listener, self.bus.notifier
         # The one clock handshakes and sessions read, looked up at each call: tests replace it.
@@ -117,7 +134,12 @@ class Gateway:
         self.socket_stats = SocketStats()
         self.buffers = BufferLedger(config.max_buffered_total)
         self.events = sse.EventStreams(
-            config, self.registry, self.socket_stats, self.buffers, clock=lambda: self.clock()
+            config,
+            self.registry,
+            self.socket_stats,
+            self.buffers,
+            clock=lambda: self.clock(),
+            durable=lambda: self.durable,
         )
         routes = web.Routes(
             config.root_path, ready=self.is_ready, metrics=metrics.exposition(self.metrics_snapshot)
@@ -137,6 +159,7 @@ class Gateway:
             self.socket_stats,
             verifier=lambda: self.handshake.verifier,
             clock=lambda: self.clock(),
+            durable=self.durable,
         )
         self.server: Server | None = None
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
@@ -197,6 +220,11 @@ class Gateway:
             self.config, certificate_file=new.certificate_file, key_file=new.key_file
         )
         return changed
+
+    def _gap(self, channel: str) -> None:
+        """A durable channel lost continuity here (rows pruned unread): v2 readers and event
+        streams get `gap`."""
+        self.registry.channel_lost(channel)
 
     def is_ready(self) -> bool:
         """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""

@@ -27,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import parse_qsl
 
 import structlog
@@ -43,8 +44,15 @@ from pgws.buffers import BufferLedger
 from pgws.claims import Grant, Verifier, channel_problem, grant_for_v2
 from pgws.config import Config
 from pgws.connection import SocketStats, peer
+from pgws.durable_bus import NotRecovered, Replay
 from pgws.envelope import dump_json, inspect_notification
-from pgws.errors import BadRequest, Forbidden, HandshakeRefused, Unauthorized
+from pgws.errors import (
+    BadRequest,
+    DatabaseUnavailable,
+    Forbidden,
+    HandshakeRefused,
+    Unauthorized,
+)
 from pgws.protocols import v2
 
 log = structlog.get_logger("pgws.sse")
@@ -86,15 +94,37 @@ class Plan:
     unreadable: bool = False
 
 
+Starter = Callable[[ServerConnection, Response], Awaitable[Response]]
+
+
+async def _not_started(connection: ServerConnection, response: Response) -> Response:
+    return response
+
+
 @dataclasses.dataclass
 class StreamResponse(Response):
     """A 200 whose body is the event stream; `begin` starts it from process_response."""
 
-    start: Callable[[ServerConnection, Response], None] = lambda connection, response: None
+    start: Starter = _not_started
 
-    def begin(self, connection: ServerConnection) -> None:
-        """Write the head and hand the transport to a new EventStream (process_response)."""
-        self.start(connection, self)
+    async def begin(self, connection: ServerConnection) -> Response:
+        """Resume, write the head and hand the transport to a new EventStream; the response
+        websockets is to send (this one, already written, or a 503 when resuming failed)."""
+        return await self.start(connection, self)
+
+
+class Resumer(Protocol):
+    """What a stream needs of the durable bus (pgws.durable_bus.DurableBus)."""
+
+    def is_durable(self, channel: str) -> bool:
+        """Whether PGWS_DURABLE selects `channel`."""
+        ...
+
+    async def subscribe_from(
+        self, channel: str, position: str, start: Callable[[Replay | NotRecovered], object]
+    ) -> Replay | NotRecovered:
+        """Replay `channel` after `position` and go live, calling `start` at the switch."""
+        ...
 
 
 def is_events_request(request: Request) -> bool:
@@ -238,14 +268,24 @@ class EventsEndpoint:
         return (positions, False) if positions is not None else ((), True)
 
 
-def msg_event(channel: str, raw: str) -> bytes:
-    """One message as an event: `data:` is the v2 `msg` frame, on one line (SPEC 9)."""
+def msg_data(channel: str, raw: str, pos: str | None = None) -> bytes:
+    """One message's `data:` line: the v2 `msg` frame (with `pos` when durable), on one line."""
     is_json, _ = inspect_notification(raw)
-    frame = v2.msg(channel, raw, is_json)
+    frame = v2.msg(channel, raw, is_json, pos)
     if "\n" in frame or "\r" in frame:
         # Only JSON whitespace can hold a raw line break (strict JSON has none in strings).
         frame = frame.replace("\r", " ").replace("\n", " ")
-    return b"data: " + frame.encode() + b"\n\n"
+    return b"data: " + frame.encode() + b"\n"
+
+
+def msg_event(channel: str, raw: str) -> bytes:
+    """A NOTIFY message as an event (SPEC 9): the same bytes for every stream."""
+    return msg_data(channel, raw) + b"\n"
+
+
+def channel_hash(channel: str) -> str:
+    """The first part of `channel`'s positions (pgws.channel_hash() in SQL)."""
+    return hashlib.md5(channel.encode(), usedforsecurity=False).hexdigest()[:8]
 
 
 def gap_event(channel: str) -> bytes:
@@ -280,9 +320,12 @@ class EventStream(asyncio.Protocol):
         self.lagging = False  # over PGWS_CLIENT_MAX_BUFFER: nothing more is written
         self.counted = 0  # what the BufferLedger last counted for this stream
         self.opened_at = 0.0
-        self.events = 0
         self._received = 0
         self._expiry: asyncio.TimerHandle | None = None
+        # The last position of each durable channel, in the stream's channel order: its `id:`.
+        self.positions: dict[str, str | None] = {}
+        # While resuming: live events held until the replays and gaps are out (then None).
+        self.held: list[bytes] | None = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)
@@ -312,8 +355,27 @@ class EventStream(asyncio.Protocol):
             self._expiry.cancel()
         self._streams.forget(self)
 
+    def stored(self, data: bytes, channel: str, position: str) -> None:
+        """A durable message: the stream's id moves on to `position` and goes with it."""
+        if channel in self.positions:
+            self.positions[channel] = position
+        self.write(b"id: " + self.event_id().encode() + b"\n" + data + b"\n")
+
+    def event_id(self) -> str:
+        """The stream's `id:` now: the last position of each durable channel that has one."""
+        return stream_id(p for p in self.positions.values() if p is not None)
+
+    def release(self, first: Sequence[bytes]) -> None:
+        """Resumed: write `first` (gaps, replays), then what was held, then go live."""
+        held, self.held = self.held or [], None
+        for data in (*first, *held):
+            self.write(data)
+
     def write(self, data: bytes) -> None:
         """Queue `data` unless the stream lags or is closing; report the buffer to the ledger."""
+        if self.held is not None:
+            self.held.append(data)
+            return
         transport = self.transport
         if self.lagging or transport is None or transport.is_closing():
             return
@@ -356,11 +418,17 @@ class EventStream(asyncio.Protocol):
         self.abort()
 
 
-def deliver(streams: Iterable[EventStream], channel: str, raw: str) -> None:
-    """One notification to every stream reading `channel`: one event, encoded once."""
-    event = msg_event(channel, raw)
+def deliver(streams: Iterable[EventStream], channel: str, raw: str, pos: str | None = None) -> None:
+    """One message to every stream reading `channel`: its `data:` line encoded once; a durable
+    one (`pos`) with each stream's own `id:`."""
+    if pos is None:
+        event = msg_event(channel, raw)
+        for stream in streams:
+            stream.write(event)
+        return
+    data = msg_data(channel, raw, pos)
     for stream in streams:
-        stream.write(event)
+        stream.stored(data, channel, pos)
 
 
 def deliver_gap(streams: Iterable[EventStream], channel: str) -> None:
@@ -380,8 +448,10 @@ class EventStreams:
         stats: SocketStats,
         buffers: BufferLedger,
         clock: Callable[[], float] = time.time,
+        durable: Callable[[], Resumer | None] = lambda: None,
     ) -> None:
         self._config = config
+        self._durable = durable
         self._registry = registry
         self.stats = stats
         self.ledger = buffers if buffers.limit is not None else None
@@ -390,10 +460,26 @@ class EventStreams:
         self._keepalive: asyncio.TimerHandle | None = None
         self._gone = asyncio.Event()
 
-    def start(self, connection: ServerConnection, response: Response, *, plan: Plan) -> None:
-        """Take the connection's transport from websockets and start streaming on it."""
-        transport = connection.transport
+    async def start(
+        self, connection: ServerConnection, response: Response, *, plan: Plan
+    ) -> Response:
+        """Resume the durable channels, then take the connection's transport from websockets
+        and stream on it; a 503 instead when the database cannot say where to resume from."""
         stream = EventStream(self, plan, peer(connection))
+        durable = self._durable()
+        for channel in plan.channels:
+            if durable is not None and durable.is_durable(channel):
+                stream.positions[channel] = None
+        try:
+            first = await self._resume(stream, plan, durable)
+        except DatabaseUnavailable:
+            self._registry.unsubscribe_events(stream, plan.channels)
+            log.info("events_resume_failed", remote=stream.remote)
+            return web.text(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable\n")
+        transport = connection.transport
+        if transport.is_closing():  # the client went away while its resume was read
+            self._registry.unsubscribe_events(stream, plan.channels)
+            return response
         stream.opened_at = self._clock()
         transport.write(response.serialize())
         transport.set_protocol(stream)
@@ -409,23 +495,51 @@ class EventStreams:
             channels=list(plan.channels),
             resumed=plan.resume is not None,
         )
-        for channel in self._not_resumed(plan):
-            stream.write(gap_event(channel))
-        stream.write(f"id: {stream_id(())}\n\n".encode())
-        self._registry.subscribe_events(stream, plan.channels)
+        stream.release(first)
         if plan.grant.expires_at is not None:
             stream.expire_at(plan.grant.expires_at, self._clock)
         if self._keepalive is None:
             self._schedule_keepalive()
+        return response
 
-    @staticmethod
-    def _not_resumed(plan: Plan) -> Sequence[str]:
-        """The channels a resume cannot continue exactly: all of them, while none is durable."""
-        if plan.resume is None:
-            return ()
+    async def _resume(
+        self, stream: EventStream, plan: Plan, durable: Resumer | None
+    ) -> list[bytes]:
+        """Subscribe the stream to its channels, resuming each durable one from the position
+        Last-Event-ID names; return what goes first: `event: gap` for each channel that could
+        not be resumed exactly, then the replays, then the stream's id (SPEC 9)."""
+        gaps: list[bytes] = []
+        replays: list[bytes] = []
+        named = {p.split(":", 1)[0]: p for p in plan.resume or ()}
         if plan.unreadable:
             log.info("events_resume_unreadable")
-        return plan.channels
+        for channel in plan.channels:
+            position = named.get(channel_hash(channel))
+            if plan.resume is None or durable is None or channel not in stream.positions:
+                if plan.resume is not None:
+                    gaps.append(gap_event(channel))  # non-durable: nothing kept to resume from
+                self._registry.subscribe_events(stream, [channel])
+                continue
+            if position is None:
+                gaps.append(gap_event(channel))  # the id names no position of this channel
+                self._registry.subscribe_events(stream, [channel])
+                continue
+
+            def start(
+                result: Replay | NotRecovered, channel: str = channel, position: str = position
+            ) -> None:
+                if isinstance(result, Replay):
+                    stream.positions[channel] = position  # up to date unless messages follow
+                    for message in result.messages:
+                        data = msg_data(channel, message.payload, message.position)
+                        stream.positions[channel] = message.position
+                        replays.append(b"id: " + stream.event_id().encode() + b"\n" + data + b"\n")
+                else:
+                    gaps.append(gap_event(channel))
+                self._registry.subscribe_events(stream, [channel])
+
+            await durable.subscribe_from(channel, position, start)
+        return [*gaps, *replays, f"id: {stream.event_id()}\n\n".encode()]
 
     def forget(self, stream: EventStream) -> None:
         """A stream's connection is closed: it reads nothing more and counts no more."""

@@ -31,7 +31,7 @@ class Recorder:
             handed += len(frozenset(subscribers))
         return handed
 
-    async def send_out(self, envelope: str) -> None:
+    async def send_out(self, envelope: str, channel: str | None = None) -> None:
         """Record one envelope sent to the database."""
         self.sent.append(envelope)
 
@@ -248,7 +248,7 @@ def test_continuity_lost_tells_each_v2_channel_once_and_legacy_readers_nothing()
         LISTEN,
         recorder.deliver,
         recorder.send_out,
-        lambda readers, channel, raw: None,
+        lambda readers, channel, raw, pos: None,
         lambda readers, channel: gaps.append((frozenset(readers), channel)),
     )
     registry.subscribe("legacy", ["a"])

@@ -38,6 +38,7 @@ __all__ = [
     "installed_version",
     "migrate",
     "migrate_database",
+    "prepare_schema",
     "prune",
     "resume",
     "schema_sql",
@@ -129,6 +130,33 @@ async def migrate_database(db_uri: str) -> Migration:
     )
     async with conn:
         return await migrate(conn)
+
+
+async def prepare_schema(db_uri: str, *, apply: bool, retries: int) -> Migration:
+    """`pgws serve` in durable mode: migrate (PGWS_DURABLE_MIGRATE) or check the schema.
+
+    Connects with the start-up retries (DatabaseUnavailable after them). Without `apply`, a
+    missing or older schema is SchemaMismatch (exit 78): `pgws migrate` or a DBA has to act.
+    """
+    kwargs = connection_kwargs(db_uri, "pgws-migrate")
+
+    async def connect() -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(db_uri, autocommit=True, **kwargs)
+
+    conn: psycopg.AsyncConnection[Any] = await with_retries(
+        "durable schema", retries, connect, where=db_target(db_uri)
+    )
+    async with conn:
+        if apply:
+            return await migrate(conn)
+        version = await installed_version(conn)
+    if version == SCHEMA_VERSION:
+        return Migration(version, version)
+    found = "no pgws schema" if version is None else f"the pgws schema at version {version}"
+    raise SchemaMismatch(
+        f"PGWS_DURABLE_MIGRATE is false and the database has {found}; this pgws needs version"
+        f" {SCHEMA_VERSION}: run `pgws migrate` (or `pgws migrate --print` for a DBA)"
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
