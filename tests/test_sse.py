@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from pgws import sse
 from pgws.errors import BadRequest
+from pgws.setting import ChannelSet
 from tests.conftest import (
     TIMEOUT,
     Running,
@@ -386,3 +387,100 @@ def test_stream_ids_read_back() -> None:
     assert sse.read_stream_id(sse.stream_id(()), 5) == ()
     assert sse.read_stream_id(sse.stream_id(["a:1", "b:2"]), 5) == ("a:1", "b:2")
     assert sse.read_stream_id("pgws a b c", 2) is None
+
+
+# Durable channels (SPEC 7): Last-Event-ID resumes them exactly
+
+
+DURABLE = ChannelSet(prefixes=("dur-",))
+
+
+async def durable_streaming(gateway: Running, channel: str) -> None:
+    """A stream reads durable `channel` and the durable reader follows it from a known offset."""
+    durable = gateway.gateway.durable
+    assert durable is not None
+    await streaming(gateway, channel)
+    await until(lambda: durable.following(channel), f"{channel} followed")
+
+
+def durable_name() -> str:
+    return "dur-" + channel_name()
+
+
+async def send(db: DB, channel: str, payload: str) -> str:
+    """pgws.send(): store one durable message; its position."""
+    cursor = await db.execute("SELECT pgws.send(%s, %s)", (channel, payload))
+    row = await cursor.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def test_a_durable_stream_resumes_from_last_event_id_with_nothing_lost_or_repeated(
+    start_gateway: StartGateway, db: DB
+) -> None:
+    gateway: Running = await start_gateway(durable=DURABLE)
+    d = durable_name()
+    query = token_query({"mode": "r"}, d)
+    async with events(gateway, query) as stream:
+        assert await stream.event() == {"id": "pgws"}  # nothing read yet: no position
+        await durable_streaming(gateway, d)
+        sent = [await send(db, d, json.dumps({"n": n})) for n in range(3)]
+        for n in range(3):
+            event = await stream.event()
+            assert event["id"] == f"pgws {sent[n]}"
+            assert json.loads(event["data"]) == {
+                "op": "msg",
+                "ch": d,
+                "data": {"n": n},
+                "pos": sent[n],
+            }
+    await until(lambda: not gateway.gateway.events.open, "the stream to go")
+    missed = [await send(db, d, json.dumps({"n": n})) for n in range(3, 5)]
+    async with events(gateway, query, {"Last-Event-ID": f"pgws {sent[-1]}"}) as again:
+        replayed = [await again.event() for _ in range(2)]
+        assert [e["id"] for e in replayed] == [f"pgws {p}" for p in missed]
+        assert [json.loads(e["data"])["data"]["n"] for e in replayed] == [3, 4]
+        assert await again.event() == {"id": f"pgws {missed[-1]}"}  # then live, no gap
+        live = await send(db, d, json.dumps({"n": 5}))
+        event = await again.event()
+        assert (event["id"], json.loads(event["data"])["data"]["n"]) == (f"pgws {live}", 5)
+
+
+async def test_a_mixed_stream_resumes_the_durable_channel_and_gaps_the_other(
+    start_gateway: StartGateway, db: DB
+) -> None:
+    gateway: Running = await start_gateway(durable=DURABLE)
+    d, n = durable_name(), channel_name()
+    query = token_query({"mode": "r"}, n, d)
+    async with events(gateway, query) as stream:
+        await stream.event()
+        await durable_streaming(gateway, d)
+        first = await send(db, d, "one")
+        assert (await stream.event())["id"] == f"pgws {first}"
+    await until(lambda: not gateway.gateway.events.open, "the stream to go")
+    second = await send(db, d, "two")
+    async with events(gateway, query, {"Last-Event-ID": f"pgws {first}"}) as again:
+        assert await again.event() == gap(n)  # gaps first: n kept nothing
+        replay = await again.event()
+        assert replay["id"] == f"pgws {second}"
+        assert json.loads(replay["data"])["data"] == "two"
+        assert await again.event() == {"id": f"pgws {second}"}
+
+
+async def test_an_unrecoverable_durable_position_is_event_gap(
+    start_gateway: StartGateway, db: DB
+) -> None:
+    gateway: Running = await start_gateway(durable=DURABLE)
+    d = durable_name()
+    await send(db, d, "kept")
+    query = token_query({"mode": "r"}, d)
+    unknown = f"{sse.channel_hash(d)}:00000000:1:00000000"
+    for last_id in (f"pgws {unknown}", "pgws", "pgws not-a-position", "junk"):
+        async with events(gateway, query, {"Last-Event-ID": last_id}) as stream:
+            assert stream.status == 200
+            assert await stream.event() == gap(d), last_id
+            assert (await stream.event())["id"] == "pgws"
+            await durable_streaming(gateway, d)
+            live = await send(db, d, "live")
+            assert (await stream.event())["id"] == f"pgws {live}"
+        await until(lambda: not gateway.gateway.events.open, "the stream to go")
