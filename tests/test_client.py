@@ -148,7 +148,7 @@ async def test_killing_pgws_serve_mid_traffic_resumes_durable_channels_and_gaps_
         async def receive_forever() -> None:
             async for message in client:
                 if message.channel == d:
-                    received.append(message.data["i"])
+                    received.append(message.data["i"])  # noqa: PERF401 (read as it grows)
 
         receiving = asyncio.create_task(receive_forever())
         try:
