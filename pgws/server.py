@@ -264,6 +264,7 @@ class Gateway:
             buffered_total_drops=handler.over_total,
             read_only_floods_closed=handler.read_only_floods,
             notification_queue_usage=notifier.queue_usage,
+            event_streams_open=len(self.events.open),
         )
 
     @property

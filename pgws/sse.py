@@ -476,6 +476,9 @@ class EventStreams:
             self._registry.unsubscribe_events(stream, plan.channels)
             log.info("events_resume_failed", remote=stream.remote)
             return web.text(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable\n")
+        except BaseException:  # the open timeout, a bug: nothing may stay subscribed
+            self._registry.unsubscribe_events(stream, plan.channels)
+            raise
         transport = connection.transport
         if transport.is_closing():  # the client went away while its resume was read
             self._registry.unsubscribe_events(stream, plan.channels)

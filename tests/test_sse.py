@@ -23,6 +23,7 @@ from tests.conftest import (
     Running,
     StartGateway,
     channel_name,
+    http_get,
     make_token,
     now,
     until,
@@ -281,6 +282,7 @@ async def test_streams_count_in_max_connections_and_are_uncounted_when_they_go(
     query = token_query({"mode": "r"}, channel_name())
     async with events(gateway, query) as stream:
         await stream.event()
+        assert b"pgws_event_streams_open 1.0" in (await http_get(gateway, "/metrics"))[2]
         assert (await refused(gateway, query))[0] == 503
         with pytest.raises(Exception, match="503"):
             async with gateway.connect(f"/{make_token({'mode': 'r', 'channels': ['a']})}"):
