@@ -12,13 +12,21 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
+from websockets.datastructures import Headers
+from websockets.http11 import Request
 
 from pgws import sse
-from pgws.errors import BadRequest
+from pgws.buffers import BufferLedger
+from pgws.claims import Verifier
+from pgws.config import Config
+from pgws.connection import SocketStats
+from pgws.errors import BadRequest, HandshakeRefused
+from pgws.registry import Registry
 from pgws.setting import ChannelSet
 from tests.conftest import (
+    SECRET,
     TIMEOUT,
     Running,
     StartGateway,
@@ -486,3 +494,72 @@ async def test_an_unrecoverable_durable_position_is_event_gap(
             live = await send(db, d, "live")
             assert (await stream.event())["id"] == f"pgws {live}"
         await until(lambda: not gateway.gateway.events.open, "the stream to go")
+
+
+_ENDPOINT_CONFIG = Config(db_uri="postgresql:///unused", jwt_secret=SECRET.encode(), max_channels=3)
+_VERIFIER = Verifier.from_secret(SECRET.encode())
+_GOOD = make_token({"mode": "r", "channels": ["a", "b*"]})
+_queries = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["ch", "token", "x", "ch%00"]), st.text(max_size=20)),
+        st.just(("token", _GOOD)),
+        st.just(("ch", "a")),
+        st.just(("ch", "b1")),
+    ),
+    max_size=5,
+).map(lambda pairs: "&".join(f"{quote(k, safe='%')}={quote(v)}" for k, v in pairs))
+# What websockets' parser lets through as a header value: Latin-1 without control characters.
+_header_values = (
+    st.text(st.characters(codec="latin-1", exclude_categories=["Cc"]), min_size=1, max_size=40)
+    .map(str.strip)
+    .filter(bool)
+)
+
+
+@example(
+    query=f"ch=a&ch=b1&token={_GOOD}", accept=None, authorization=None, last_event_id="pgws",
+    method="GET",
+)  # fmt: skip
+@given(
+    query=st.one_of(_queries, st.text(max_size=60)),
+    accept=st.one_of(st.none(), st.sampled_from(["text/event-stream", "*/*;q=0"]), _header_values),
+    authorization=st.one_of(st.none(), st.just(f"Bearer {_GOOD}"), _header_values),
+    last_event_id=st.one_of(st.none(), st.just("pgws"), _header_values),
+    method=st.sampled_from(["GET", "HEAD", "POST"]),
+)
+def test_any_events_request_is_a_stream_or_a_clear_refusal(
+    query: str,
+    accept: str | None,
+    authorization: str | None,
+    last_event_id: str | None,
+    method: str,
+) -> None:
+    """Whatever the query and headers: a StreamResponse, or a HandshakeRefused with a status and
+    a reason; never another exception (no server needed: the checks are pure)."""
+    registry: Registry[Any] = Registry("listen", lambda batch: 0, lambda e, c: _none())
+    streams = sse.EventStreams(_ENDPOINT_CONFIG, registry, SocketStats(), BufferLedger(None))
+    endpoint = sse.EventsEndpoint(_ENDPOINT_CONFIG, streams)
+    headers = Headers()
+    for name, value in (
+        ("Accept", accept),
+        ("Authorization", authorization),
+        ("Last-Event-ID", last_event_id),
+    ):
+        if value is not None:
+            headers[name] = value
+    request = Request(f"/events?{query}", headers, method)
+    refusal: HandshakeRefused | None = None
+    try:
+        response = endpoint.answer(request, _VERIFIER)
+    except HandshakeRefused as exc:
+        refusal = exc
+    if refusal is not None:
+        assert refusal.status in (400, 401, 403, 405, 406)
+        assert str(refusal)
+        return
+    assert isinstance(response, sse.StreamResponse)
+    assert response.status_code == 200
+
+
+async def _none() -> None:
+    return None
