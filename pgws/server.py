@@ -265,6 +265,7 @@ class Gateway:
             read_only_floods_closed=handler.read_only_floods,
             notification_queue_usage=notifier.queue_usage,
             event_streams_open=len(self.events.open),
+            durable=None if self.durable is None else dataclasses.asdict(self.durable.stats()),
         )
 
     @property
