@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from pgws.errors import NotifyFailed
+from pgws.setting import ChannelSet
 from tests.conftest import (
     TIMEOUT,
     Running,
@@ -409,3 +410,22 @@ async def test_a_listen_outage_sends_gap_to_v2_subscribers_and_legacy_sees_nothi
         assert (await recv_json(ws))["data"]["n"] == 1
         assert (await recv_json(legacy))["n"] == 1  # legacy sockets: no new frame, ever
         await assert_nothing_received(idle, within=0.05)  # no subscription, no gap
+
+
+async def test_a_listen_outage_gaps_only_non_durable_subscriptions(
+    start_gateway: StartGateway, db: DB
+) -> None:
+    """SPEC 8: `gap` is for non-durable channels; a durable subscription catches up instead."""
+    gateway: Running = await start_gateway(
+        check_listener_interval=5.0, durable=ChannelSet(prefixes=("dur-",))
+    )
+    durable, plain = "dur-" + channel_name(), channel_name()
+    listener = gateway.gateway.listener
+    async with v2_connect(gateway) as ws:
+        await auth(ws, {"mode": "r"})
+        await request(ws, op="sub", ch=durable)
+        await request(ws, op="sub", ch=plain)
+        await db.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
+        await until(lambda: listener.reconnects == 1, "the listener to reconnect")
+        assert await recv_json(ws) == {"op": "gap", "ch": plain}
+        await assert_nothing_received(ws)
