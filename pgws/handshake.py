@@ -216,6 +216,8 @@ def _reason_label(exc: HandshakeRefused) -> str:
         "too many channels",
         "invalid channel claim",
         "invalid claims",
+        "not acceptable",  # GET /events (SPEC 9)
+        "method not allowed",
     ):
         if text.startswith(prefix):
             return prefix.replace(" ", "_")

@@ -88,8 +88,8 @@ class Plan:
 
     grant: Grant
     channels: tuple[str, ...]
-    # None: no Last-Event-ID (a first connect); else the positions it named ([] for an id
-    # without any), or None inside when the id could not be read.
+    # None: no Last-Event-ID (a first connect); else the positions it named (() for an id
+    # without any, and for one pgws cannot read: then `unreadable`, and every channel gaps).
     resume: tuple[str, ...] | None
     unreadable: bool = False
 

@@ -262,7 +262,9 @@ async def test_refusals_are_http_statuses_with_a_reason(gateway: Running) -> Non
         assert reason in body, (query, headers, body)
     async with events(gateway, token_query({"mode": "r"}, ch), method="POST") as stream:
         assert stream.status == 405
-    assert gateway.gateway.socket_stats.open_by_mode[sse.COUNTED_AS] == 0
+    stats = gateway.gateway.socket_stats
+    assert stats.open_by_mode[sse.COUNTED_AS] == 0
+    assert {"not_acceptable", "method_not_allowed", "missing_token"} <= set(stats.rejected)
 
 
 async def test_too_many_channels_is_403_and_the_origin_check_applies(
