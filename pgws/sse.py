@@ -3,19 +3,21 @@
 The request reaches pgws like any other (websockets' process_request); the handshake's origin
 and capacity checks run first, then `EventsEndpoint` checks the rest the way a socket's token is
 checked (the same verifier, the same grant rules, the same HTTP statuses) and answers with a
-`StreamResponse`. In process_response the stream leaves websockets: the response head is
-written, the transport is handed to an `EventStream` (an asyncio protocol), and the websockets
-connection is told its TCP connection is gone, so that it neither answers nor aborts it and no
-task or open-timeout stays behind. An idle stream is then one small object, like an idle socket.
+`StreamResponse`. In process_response the durable channels are resumed (DurableBus's
+subscribe_from; a 503 if the database cannot say), then the stream leaves websockets: the
+response head is written, the transport is handed to an `EventStream` (an asyncio protocol), and
+the websockets connection is told its TCP connection is gone, so that it neither answers nor
+aborts it and no task or open-timeout stays behind. An idle stream is then one small object.
 
 Each message is one event whose `data:` is the v2 `msg` frame on one line, built once per
-notification for every stream reading the channel. The `id:` of a stream (`pgws`, then the
-position of each durable channel that has one, space separated) is sent once at the start, so a
-browser reconnecting sends it back as Last-Event-ID: a resume that cannot be exact (every
-non-durable channel, an id pgws cannot read) is answered with `event: gap` for those channels
-first. Streams count in PGWS_MAX_CONNECTIONS, PGWS_MAX_BUFFERED_TOTAL and PGWS_CLIENT_MAX_BUFFER
-(closed when over it) like sockets; a comment every KEEPALIVE_INTERVAL seconds keeps proxies from
-closing them; the token's `exp` ends them.
+message for every stream reading the channel. The `id:` of a stream (`pgws`, then the last
+position of each durable channel that has one, space separated) is sent at the start and with
+every durable message, so a browser reconnecting sends it back as Last-Event-ID: the durable
+channels are replayed exactly from there, and a resume that cannot be exact (a non-durable
+channel, a position the server cannot resume from, an id pgws cannot read) is answered with
+`event: gap` for those channels first. Streams count in PGWS_MAX_CONNECTIONS,
+PGWS_MAX_BUFFERED_TOTAL and PGWS_CLIENT_MAX_BUFFER (closed when over it) like sockets; a comment
+every KEEPALIVE_INTERVAL seconds keeps proxies from closing them; the token's `exp` ends them.
 
 websockets internals used here (tests/test_sse.py fails if a release changes them):
 `ServerConnection.transport` (replaced once the stream took the real one) and calling
@@ -54,6 +56,7 @@ from pgws.errors import (
     Unauthorized,
 )
 from pgws.protocols import v2
+from pgws.registry import Registry
 
 log = structlog.get_logger("pgws.sse")
 
@@ -444,7 +447,7 @@ class EventStreams:
     def __init__(
         self,
         config: Config,
-        registry: Any,
+        registry: Registry[Any],
         stats: SocketStats,
         buffers: BufferLedger,
         clock: Callable[[], float] = time.time,
