@@ -54,9 +54,10 @@ test-db: install
 ## test-floors: a fresh venv with every runtime dependency at the floor pyproject.toml declares
 ##              (tests/floors.py turns each >=X into ==X) and the build backend at its floor, then
 ##              a smoke subset on it: handshakes, messages both ways, plain HTTP, the CLI, logs,
-##              and the websockets internals pgws.fanout relies on
+##              and the websockets internals pgws.fanout and pgws.sse rely on
 FLOOR_VENV ?= $(or $(TMPDIR),/tmp)/pgws-floors-venv
-SMOKE_TESTS := tests/test_gateway.py tests/test_http.py tests/test_cli.py tests/test_logs.py tests/test_fanout.py
+SMOKE_TESTS := tests/test_gateway.py tests/test_http.py tests/test_cli.py tests/test_logs.py tests/test_fanout.py \
+               tests/test_sse.py
 test-floors:
 	rm -rf $(FLOOR_VENV)
 	$(PYTHON) -m venv $(FLOOR_VENV)

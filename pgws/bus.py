@@ -44,9 +44,12 @@ class Bus(Protocol):
 class NotifyBus:
     """LISTEN/NOTIFY: one LISTEN connection feeds readers, pipelined senders publish."""
 
-    def __init__(self, config: Config, feed: Feed) -> None:
+    def __init__(
+        self, config: Config, feed: Feed, lost: Callable[[], object] | None = None
+    ) -> None:
         self.notifier = Notifier(config)
-        self.listener = Listener(config, feed)
+        # `lost`: LISTEN holds again after an outage whose notifications are gone (SPEC 8 `gap`).
+        self.listener = Listener(config, feed, lost)
         self._sample = config.metrics != "off"  # the sampler only informs /metrics
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
@@ -84,17 +87,18 @@ class SharedNotifyBus(NotifyBus):
     it and relays to the others (pgws.shared_listener). Each worker keeps its own senders."""
 
     def __init__(
-        self, config: Config, feed: Feed, name: str, on_gap: Callable[[], object] = lambda: None
+        self, config: Config, feed: Feed, name: str, lost: Callable[[], object] | None = None
     ) -> None:
         self.notifier = Notifier(config)
-        self.listener = Listener(config, lambda batch: self.shared.relay(batch))
+        # `lost`, as in NotifyBus; a follower also calls it when its leader's relay is lost.
+        self.listener = Listener(config, lambda batch: self.shared.relay(batch), lost)
         self.shared = SharedListener(
             name,
             feed,
             connect=self.listener.connect,
             listen=self.listener.listen_forever,
             listener_up=lambda: self.listener.up.is_set(),
-            on_gap=on_gap,
+            on_gap=lost or (lambda: None),
         )
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:

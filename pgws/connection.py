@@ -276,6 +276,11 @@ def deliver_v2(
     broadcast(readers, frame)
 
 
+def deliver_gap(connections: Iterable[ServerConnection], channel: str) -> None:
+    """Tell pgws.v2 sockets that `channel` lost continuity (SPEC 8 `gap`): one shared frame."""
+    broadcast((c for c in connections if not getattr(c, "lagging", False)), v2.gap(channel))
+
+
 def _own_echo(conn: ServerConnection, sender: str, channel: str) -> bool:
     return getattr(conn, "v2_sender", None) == sender and channel in getattr(conn, "v2_no_echo", ())
 

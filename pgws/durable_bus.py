@@ -70,11 +70,13 @@ class DurableBus:
         deliver_stored: DeliverStored,
         gap: Gap,
         notify_bus: NotifyBus | None = None,
+        lost: Callable[[], object] | None = None,
     ) -> None:
         self._config = config
         self._durable = config.durable
-        # The listen channel's bus: given when `--workers` share one LISTEN per host.
-        self.notify_bus = notify_bus if notify_bus is not None else NotifyBus(config, feed)
+        # The listen channel's bus: given when `--workers` share one LISTEN per host (built with
+        # `lost` then). `lost`: the LISTEN connection is back after an outage (non-durable `gap`).
+        self.notify_bus = notify_bus if notify_bus is not None else NotifyBus(config, feed, lost)
         self.notifier, self.listener = self.notify_bus.notifier, self.notify_bus.listener
         self.writer = DurableWriter(config)
         self.reader = DurableReader(

@@ -1,9 +1,10 @@
 """The WebSocket upgrade: who gets in, decided in websockets' process_request.
 
-A request that is not an upgrade goes to the plain-HTTP routes. An upgrade passes the origin and
-capacity checks, then its token (from the path, `Authorization: Bearer`, or a JWT-shaped
-Sec-WebSocket-Protocol offer) becomes a Grant; the grant and its envelope writer ride on the
-connection to the session. Any refusal is an HTTP error, counted and logged here.
+A request that is not an upgrade goes to the plain-HTTP routes, except `GET /events`
+(SPEC 9), which passes the same origin and capacity checks and then pgws.sse's. An upgrade
+passes the origin and capacity checks, then its token (from the path, `Authorization: Bearer`,
+or a JWT-shaped Sec-WebSocket-Protocol offer) becomes a Grant; the grant and its envelope writer
+ride on the connection to the session. Any refusal is an HTTP error, counted and logged here.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pgws.errors import BadRequest, Forbidden, HandshakeRefused, ServiceUnavaila
 from pgws.paths import parse_channel_path, parse_path
 from pgws.protocols.v2 import SUBPROTOCOL as V2
 from pgws.proxies import TrustedProxies
+from pgws.sse import is_events_request
 
 # Socket events keep the logger name they had before the split, which log filters may select on.
 log = structlog.get_logger("pgws.handler")
@@ -51,6 +53,7 @@ class Handshake:
         *,
         plain: Callable[[Request], Response],
         clock: Callable[[], float] = time.time,
+        events: Callable[[Request, Verifier], Response] | None = None,
     ) -> None:
         self._config = config
         self.verifier = verifier  # replaced on SIGHUP; sockets already open keep their grant
@@ -59,13 +62,18 @@ class Handshake:
         self._plain = plain
         self._clock = clock
         self._proxies = TrustedProxies(config.trusted_proxies)
+        self._events = events  # GET /events (SPEC 9): checked here like an upgrade
 
     def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
         self._note_client(connection, request)  # first: every refusal's log line names it
         try:
             if not wants_websocket(request):
-                return self._plain(request)
+                if self._events is None or not is_events_request(request):
+                    return self._plain(request)
+                self._check_origin(request)
+                self._check_capacity()
+                return self._events(request, self.verifier)
             self._check_origin(request)
             self._check_capacity()
             if V2 in _offered_subprotocols(request):
@@ -230,6 +238,8 @@ def _reason_label(exc: HandshakeRefused) -> str:
         "too many channels",
         "invalid channel claim",
         "invalid claims",
+        "not acceptable",  # GET /events (SPEC 9)
+        "method not allowed",
     ):
         if text.startswith(prefix):
             return prefix.replace(" ", "_")

@@ -40,6 +40,7 @@ class Snapshot:
     buffered_total_drops: int
     read_only_floods_closed: int
     notification_queue_usage: float | None  # None until sampled, and while the database is away
+    event_streams_open: int = 0  # GET /events (SPEC 9)
     # SPEC 7 durable counters by name (pgws.durable_bus.DurableStats); None in NOTIFY-only mode.
     durable: Mapping[str, float] | None = None
 
@@ -90,6 +91,11 @@ class SnapshotCollector(Collector):
         for mode in ("r", "w", "rw"):
             sockets.add_metric([mode], stats.sockets_open.get(mode, 0))
         yield sockets
+        yield GaugeMetricFamily(
+            "pgws_event_streams_open",
+            "Open server-sent event streams (GET /events)",
+            value=stats.event_streams_open,
+        )
         yield GaugeMetricFamily(
             "pgws_channels", "Channels with at least one reader", value=stats.channels
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pgws.envelope import route_channel
 
@@ -20,6 +20,8 @@ Deliver = Callable[[Sequence[tuple[Iterable[S], str]]], int]
 # pgws.v2 readers (SPEC 8) get a `msg` frame naming the channel, built once per notification;
 # `pos` is the durable message's position (SPEC 7), None for a NOTIFY.
 DeliverV2 = Callable[[Iterable[S], str, str, str | None], None]  # (readers, channel, raw, pos)
+# Tells pgws.v2 readers of a channel that its continuity was lost (SPEC 8 `gap`).
+DeliverGap = Callable[[Iterable[S], str], None]  # (readers, channel)
 # (envelope, channel) -> the position when the channel is durable, else None.
 SendOut = Callable[[str, str | None], Awaitable[str | None]]
 # Called with a channel when it gets its first reader here (True) or loses its last (False).
@@ -43,11 +45,19 @@ class Registry(Generic[S]):
         deliver: Deliver[S],
         send_out: SendOut,
         deliver_v2: DeliverV2[S] | None = None,
+        deliver_gap: DeliverGap[S] | None = None,
+        deliver_events: DeliverV2[Any] | None = None,
+        events_gap: DeliverGap[Any] | None = None,
     ) -> None:
         self._listen_channel = listen_channel
         self._deliver = deliver
         self._send_out = send_out
         self._deliver_v2 = deliver_v2
+        self._deliver_gap = deliver_gap
+        # Event streams (SPEC 9, pgws.sse): read-only readers of v2 `msg` events, not sockets.
+        self._deliver_events = deliver_events
+        self._events_gap = events_gap
+        self._events: dict[str, set[Any]] = {}
         self._channels: dict[str, set[S]] = {}
         # pgws.v2 readers, apart: their subscriptions change at run time and they get other frames.
         self._v2: dict[str, set[S]] = {}
@@ -61,7 +71,7 @@ class Registry(Generic[S]):
         self._watch = watch
 
     def _is_read(self, channel: str) -> bool:
-        return channel in self._channels or channel in self._v2
+        return channel in self._channels or channel in self._v2 or channel in self._events
 
     def subscribe(self, subscriber: S, channels: Iterable[str]) -> None:
         """Start delivering notifications on `channels` to `subscriber`."""
@@ -99,6 +109,24 @@ class Registry(Generic[S]):
                     if self._watch is not None and not self._is_read(channel):
                         self._watch(channel, False)
 
+    def subscribe_events(self, stream: Any, channels: Iterable[str]) -> None:
+        """Start delivering `msg` events on `channels` to an event stream."""
+        for channel in channels:
+            if self._watch is not None and not self._is_read(channel):
+                self._watch(channel, True)
+            self._events.setdefault(channel, set()).add(stream)
+
+    def unsubscribe_events(self, stream: Any, channels: Iterable[str]) -> None:
+        """Stop delivering to an event stream; channels nobody streams are forgotten."""
+        for channel in channels:
+            streams = self._events.get(channel)
+            if streams is not None:
+                streams.discard(stream)
+                if not streams:
+                    del self._events[channel]
+                    if self._watch is not None and not self._is_read(channel):
+                        self._watch(channel, False)
+
     def publish_in(self, raw: str) -> int:
         """Deliver one notification's raw text to the readers of its channel; return how many."""
         return self.publish_batch((raw,))
@@ -113,10 +141,16 @@ class Registry(Generic[S]):
         batch = []
         handed = 0
         v2 = self._v2 if self._deliver_v2 is not None else None
+        events = self._events if self._deliver_events is not None else None
         for raw in raws:
             channel = route_channel(raw)
             if channel is None:
                 channel = self._listen_channel
+            if events:
+                streams = events.get(channel)
+                if streams and self._deliver_events is not None:
+                    self._deliver_events(streams, channel, raw, None)
+                    handed += len(streams)
             if v2:
                 v2_readers = v2.get(channel)
                 if v2_readers and self._deliver_v2 is not None:
@@ -132,13 +166,45 @@ class Registry(Generic[S]):
         self.delivered += handed
         return handed
 
+    def continuity_lost(self, durable: Callable[[str], bool] | None = None) -> int:
+        """The LISTEN connection is back after an outage: every pgws.v2 subscription and event
+        stream of a non-durable channel may have missed messages, so each gets `gap` (SPEC 8,
+        9); durable channels (`durable` says which) catch up instead. Return how many were told.
+        """
+        told = 0
+        for readers_of, tell in ((self._v2, self._deliver_gap), (self._events, self._events_gap)):
+            if tell is None:
+                continue
+            for channel, readers in list(readers_of.items()):
+                if durable is None or not durable(channel):
+                    tell(readers, channel)
+                    told += len(readers)
+        return told
+
+    def channel_lost(self, channel: str) -> int:
+        """One channel lost continuity here (a durable channel's rows pruned unread): its
+        pgws.v2 readers and event streams get `gap`; return how many were told."""
+        told = 0
+        for readers_of, tell in ((self._v2, self._deliver_gap), (self._events, self._events_gap)):
+            readers = readers_of.get(channel)
+            if readers and tell is not None:
+                tell(readers, channel)
+                told += len(readers)
+        return told
+
     def publish_stored(self, channel: str, messages: Sequence[tuple[str, str]]) -> int:
         """Deliver durable messages of `channel`, (payload, position) in order; return how many.
 
         Legacy readers get the payload's bytes exactly (SPEC 3, as a NOTIFY of that text);
-        pgws.v2 readers a `msg` frame carrying the position (SPEC 7-8).
+        pgws.v2 readers a `msg` frame carrying the position (SPEC 7-8); event streams the
+        same as an event whose id carries it (SPEC 9).
         """
         handed = 0
+        streams = self._events.get(channel)
+        if streams and self._deliver_events is not None:
+            for payload, position in messages:
+                self._deliver_events(streams, channel, payload, position)
+                handed += len(streams)
         v2_readers = self._v2.get(channel)
         if v2_readers and self._deliver_v2 is not None:
             for payload, position in messages:
@@ -173,7 +239,9 @@ class Registry(Generic[S]):
     @property
     def channel_count(self) -> int:
         """How many channels have at least one reader."""
-        return len(self._channels.keys() | self._v2.keys()) if self._v2 else len(self._channels)
+        if not (self._v2 or self._events):
+            return len(self._channels)
+        return len(self._channels.keys() | self._v2.keys() | self._events.keys())
 
     def stats(self) -> RegistryStats:
         """A snapshot of the figures, for /metrics."""

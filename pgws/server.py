@@ -18,15 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from pgws import __version__, metrics, web
+from pgws import __version__, metrics, sse, web
 from pgws.buffers import BufferLedger
 from pgws.bus import NotifyBus, SharedNotifyBus
 from pgws.claims import Verifier
 from pgws.config import Config
-from pgws.connection import SocketStats, deliver_v2, tracked_connection_class
+from pgws.connection import SocketStats, deliver_gap, deliver_v2, tracked_connection_class
 from pgws.db.connect import db_host
 from pgws.db.retention import Retention, retention_running
 from pgws.durable_bus import DurableBus
@@ -35,7 +35,6 @@ from pgws.fanout import fan_out
 from pgws.handshake import Handshake, select_subprotocol
 from pgws.metrics_http import MetricsListener
 from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
-from pgws.protocols import v2
 from pgws.registry import Registry
 from pgws.session import Sessions
 from pgws.setting import metrics_address
@@ -91,6 +90,9 @@ async def finish_response(
                 response.headers[name] = value
     if isinstance(response, web.FileResponse):
         await web.send_file(connection, response)  # closes the socket: websockets sends nothing
+    elif isinstance(response, sse.StreamResponse):
+        # The stream takes the TCP connection (websockets then sends nothing), or a 503.
+        return await response.begin(connection)
     return response
 
 
@@ -119,11 +121,17 @@ class Gateway:
         def feed(batch: list[str]) -> object:
             return self.registry.publish_batch(batch)  # the registry is made below
 
+        def lost() -> object:
+            # After a LISTEN outage: `gap` for non-durable channels (durable ones catch up).
+            return self.registry.continuity_lost(
+                None if self.durable is None else self.durable.is_durable
+            )
+
         # --workers on one host: one LISTEN connection among them (shared_listener: its name).
         notify_bus = (
-            NotifyBus(config, feed)
+            NotifyBus(config, feed, lost)
             if shared_listener is None
-            else SharedNotifyBus(config, feed, shared_listener)
+            else SharedNotifyBus(config, feed, shared_listener, lost)
         )
         # SPEC 7: with any durable channel, the durable bus (NOTIFY still serves the others).
         self.durable: DurableBus | None = None
@@ -135,6 +143,7 @@ class Gateway:
                 deliver_stored=lambda ch, rows: self.registry.publish_stored(ch, rows),
                 gap=self._gap,
                 notify_bus=notify_bus,
+                lost=lost,
             )
         else:
             self.bus = notify_bus
@@ -143,6 +152,9 @@ class Gateway:
             functools.partial(fan_out, buffer_limit=config.client_max_buffer),
             self.bus.publish,
             deliver_v2,
+            deliver_gap,
+            sse.deliver,
+            sse.deliver_gap,
         )
         if self.durable is not None:
             self.registry.watch(self.durable.watch)
@@ -157,6 +169,14 @@ class Gateway:
             None if config.metrics == "off" else metrics.exposition(self.metrics_snapshot)
         )
         self.metrics_listener: MetricsListener | None = None
+        self.events = sse.EventStreams(
+            config,
+            self.registry,
+            self.socket_stats,
+            self.buffers,
+            clock=lambda: self.clock(),
+            durable=lambda: self.durable,
+        )
         routes = web.Routes(
             config.root_path,
             ready=self.is_ready,
@@ -169,6 +189,7 @@ class Gateway:
             self.buffers,
             plain=routes.answer,
             clock=lambda: self.clock(),
+            events=sse.EventsEndpoint(config, self.events, clock=lambda: self.clock()).answer,
         )
         self.sessions = Sessions(
             config,
@@ -244,8 +265,9 @@ class Gateway:
         return changed
 
     def _gap(self, channel: str) -> None:
-        """A durable channel lost continuity here (rows pruned unread): v2 readers get `gap`."""
-        broadcast(self.registry.v2_readers(channel), v2.gap(channel))
+        """A durable channel lost continuity here (rows pruned unread): v2 readers and event
+        streams get `gap`."""
+        self.registry.channel_lost(channel)
 
     def _reload_proxies(self, new: Config) -> list[str]:
         """PGWS_TRUSTED_PROXIES for the handshakes from now on (open sockets keep their address)."""
@@ -261,7 +283,7 @@ class Gateway:
 
     def buffered_bytes(self) -> int:
         """What every socket's transport holds unsent right now (read at each scrape)."""
-        total = 0
+        total = self.events.buffered()
         for conn in self._connections:
             try:
                 total += conn.transport.get_write_buffer_size()
@@ -293,6 +315,7 @@ class Gateway:
             buffered_total_drops=handler.over_total,
             read_only_floods_closed=handler.read_only_floods,
             notification_queue_usage=notifier.queue_usage,
+            event_streams_open=len(self.events.open),
             durable=None if self.durable is None else dataclasses.asdict(self.durable.stats()),
         )
 
@@ -398,20 +421,24 @@ class Gateway:
         for aborting stragglers (stalled readers, clients that never finished their handshake)
         and closing the database connections.
         """
-        log.info("server_stopping", sockets=len(server.connections))
+        log.info("server_stopping", sockets=len(server.connections), streams=len(self.events.open))
         budget = self.config.shutdown_timeout
         server.close()
+        self.events.end_all()
         try:
             async with asyncio.timeout(max(budget - 1.0, budget / 2)):
                 await server.wait_closed()
+                await self.events.wait_closed()
         except TimeoutError:
             stuck = list(self._connections)
-            log.warning("sockets_aborted", count=len(stuck))
+            log.warning("sockets_aborted", count=len(stuck), streams=len(self.events.open))
             for conn in stuck:
                 conn.transport.abort()
+            self.events.abort_all()
             try:
                 async with asyncio.timeout(0.5):
                     await server.wait_closed()
+                    await self.events.wait_closed()
             except TimeoutError:
                 log.error("sockets_left_open", count=len(self._connections))
 

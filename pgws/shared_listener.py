@@ -8,7 +8,8 @@ socket, to the other workers connected to that name. The kernel drops an abstrac
 process that bound it, so when the leader dies (even by SIGKILL) the name is free at once: the
 followers see their link end, one of them binds the name and LISTENs, the others follow it. The
 hand-over takes one LISTEN connection's set-up; notifications sent in between are lost as in any
-LISTEN outage (the bus's `on_gap` is called, so that v2 sockets hear `gap`), and durable
+LISTEN outage (`on_gap` is called once the feed is whole again, so that v2 sockets and event
+streams hear `gap`), and durable
 channels catch up from their table.
 
 The relay is a byte stream of frames: one type byte, a 4-byte big-endian length, the body.
@@ -120,6 +121,8 @@ class SharedListener:
         self._task: asyncio.Task[None] | None = None
         self._listener_up = listener_up
         self._on_gap = on_gap
+        # Notifications may have been missed since the feed was last whole: told once it is again.
+        self._gap_pending = False
         self._followers: set[asyncio.StreamWriter] = set()
         self.leading = False
         self.leader_up = False  # as a follower: the leader's LISTEN connection, last we heard
@@ -174,7 +177,7 @@ class SharedListener:
                 continue
             followed = True
             await self._follow(reader, writer)
-            self._on_gap()  # whatever came while we were between leaders is gone
+            self._gap_pending = True  # whatever came while we are between leaders is gone
 
     async def _lead(self, sock: socket.socket) -> None:
         self.leading = True
@@ -185,6 +188,7 @@ class SharedListener:
             self.leading = False
             raise
         self._fed.set()
+        self._whole_again()
         server = await asyncio.start_unix_server(self._accept, sock=sock)
         watching = asyncio.create_task(self._report_status(), name="shared-listener-status")
         try:
@@ -221,6 +225,11 @@ class SharedListener:
             writer.write(frame)
             self.relayed += len(batch)
 
+    def _whole_again(self) -> None:
+        if self._gap_pending:
+            self._gap_pending = False
+            self._on_gap()
+
     async def _report_status(self) -> None:
         # Followers mirror the leader's LISTEN state for /ready; a change is rare, so a short
         # poll costs nothing and needs no hook inside the listener.
@@ -243,11 +252,12 @@ class SharedListener:
                 if kind == BATCH:
                     self._feed(decode_batch(body))
                 elif kind in (UP, DOWN):
-                    was_up, self.leader_up = self.leader_up, kind == UP
+                    self.leader_up = kind == UP
                     if self.leader_up:
                         self._fed.set()
-                    if was_up and not self.leader_up:
-                        self._on_gap()
+                        self._whole_again()
+                    else:
+                        self._gap_pending = True
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             log.warning("shared_listener_leader_lost", error=type(exc).__name__)
         finally:

@@ -7,15 +7,19 @@ missing). Without it this module skips locally and fails when CI is set.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 
+from pgws.setting import ChannelSet
 from tests.conftest import (
     ISSUED_TOKENS,
     SECRET,
@@ -23,7 +27,9 @@ from tests.conftest import (
     Running,
     StartGateway,
     channel_name,
+    make_token,
     subscribed,
+    until,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,3 +163,153 @@ async def test_two_pages_chat_and_see_close_codes(
     print(f"screenshot: {SCREENSHOT}")  # noqa: T201
     assert chat_one.errors == []
     assert chat_two.errors == []
+
+
+# GET /events (SPEC 9) with the browser's own EventSource
+
+_EVENT_SOURCE = """([url]) => {
+  window.got = [];
+  window.opens = 0;
+  const source = new EventSource(url);
+  window.source = source;
+  source.onopen = () => { window.opens += 1; };
+  source.onmessage = (e) => window.got.push({type: 'message', data: JSON.parse(e.data),
+                                             id: e.lastEventId});
+  source.addEventListener('gap', (e) => window.got.push({type: 'gap', data: JSON.parse(e.data),
+                                                         id: e.lastEventId}));
+}"""
+
+
+async def test_event_source_receives_reconnects_after_a_restart_and_is_told_of_the_gap(
+    start_gateway: StartGateway, browser: Browser, dsn: str
+) -> None:
+    """A real EventSource: messages arrive as v2 `msg` objects; the server is stopped and started
+    again on the same port; the browser reconnects by itself with Last-Event-ID and, for a
+    non-durable channel (nothing kept while the server was down), gets `event: gap` first."""
+    running: Running = await start_gateway()
+    port, listen = running.gateway.port, running.config.listen_channel
+    channel = channel_name()
+    token = make_token({"mode": "r", "channels": [channel]})
+    context = await browser.new_context()
+    context.set_default_timeout(MS)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(running.http + "/health")
+    await page.evaluate(_EVENT_SOURCE, [f"/events?ch={channel}&token={token}"])
+    await page.wait_for_function("window.opens === 1", timeout=MS)
+    await until(lambda: bool(running.gateway.registry._events.get(channel)), "the stream")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
+        await running.notify(db, {"channel": channel, "n": 1})
+        await page.wait_for_function("window.got.length === 1", timeout=MS)
+        assert await page.evaluate("window.got[0]") == {
+            "type": "message",
+            "data": {"op": "msg", "ch": channel, "data": {"channel": channel, "n": 1}},
+            "id": "pgws",
+        }
+        await running.shutdown()
+        again: Running = await start_gateway(port=port, listen_channel=listen)
+        await page.wait_for_function("window.opens === 2", timeout=MS)  # reconnected by itself
+        await page.wait_for_function("window.got.length === 2", timeout=MS)
+        assert await page.evaluate("window.got[1]") == {
+            "type": "gap",
+            "data": {"ch": channel},
+            "id": "pgws",
+        }
+        await until(lambda: bool(again.gateway.registry._events.get(channel)), "the new stream")
+        await again.notify(db, {"channel": channel, "n": 2})
+        await page.wait_for_function("window.got.length === 3", timeout=MS)
+        assert (await page.evaluate("window.got[2]"))["data"]["data"]["n"] == 2
+    await context.close()
+    assert errors == []
+
+
+async def durable_stream(running: Running, channel: str) -> None:
+    """Wait until a stream reads durable `channel` and the durable reader follows it from a known
+    offset (rows committed before that are not this stream's: it did not resume from them)."""
+    durable = running.gateway.durable
+    assert durable is not None
+    await until(
+        lambda: bool(running.gateway.registry._events.get(channel)) and durable.following(channel),
+        "the durable stream",
+    )
+
+
+async def test_event_source_on_a_durable_channel_loses_and_repeats_nothing_across_a_restart(
+    start_gateway: StartGateway, browser: Browser, dsn: str
+) -> None:
+    """SPEC 9 with SPEC 7: messages stored while the server is down reach the browser once it
+    has reconnected by itself with Last-Event-ID, each exactly once, in order, and no gap."""
+    durable = ChannelSet(prefixes=("dur-",))
+    running: Running = await start_gateway(durable=durable)
+    port, listen = running.gateway.port, running.config.listen_channel
+    channel = "dur-" + channel_name()
+    token = make_token({"mode": "r", "channels": [channel]})
+    context = await browser.new_context()
+    context.set_default_timeout(MS)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(running.http + "/health")
+    await page.evaluate(_EVENT_SOURCE, [f"/events?ch={channel}&token={token}"])
+    await page.wait_for_function("window.opens === 1", timeout=MS)
+    await durable_stream(running, channel)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
+
+        async def send(n: int) -> None:
+            await db.execute("SELECT pgws.send(%s, %s)", (channel, json.dumps({"n": n})))
+
+        for n in range(3):
+            await send(n)
+        await page.wait_for_function("window.got.length === 3", timeout=MS)
+        await running.shutdown()
+        for n in range(3, 6):  # stored while no server runs
+            await send(n)
+        again: Running = await start_gateway(port=port, listen_channel=listen, durable=durable)
+        await page.wait_for_function("window.opens === 2", timeout=MS)
+        await page.wait_for_function("window.got.length === 6", timeout=MS)
+        await durable_stream(again, channel)
+        await send(6)
+        await page.wait_for_function("window.got.length === 7", timeout=MS)
+    got = await page.evaluate("window.got")
+    assert [event["type"] for event in got] == ["message"] * 7  # no gap
+    assert [event["data"]["data"]["n"] for event in got] == list(range(7))
+    positions = [event["data"]["pos"] for event in got]
+    assert [event["id"] for event in got] == [f"pgws {pos}" for pos in positions]
+    await context.close()
+    assert errors == []
+
+
+async def test_event_source_too_far_behind_on_a_durable_channel_is_told_of_the_gap(
+    start_gateway: StartGateway, browser: Browser, dsn: str
+) -> None:
+    """An unrecoverable position (more than PGWS_DURABLE_REPLAY_MAX behind) after a restart:
+    `event: gap` for the channel, nothing replayed, then live messages."""
+    durable = ChannelSet(prefixes=("dur-",))
+    settings: dict[str, Any] = {"durable": durable, "durable_replay_max": 2}
+    running: Running = await start_gateway(**settings)
+    port, listen = running.gateway.port, running.config.listen_channel
+    channel = "dur-" + channel_name()
+    token = make_token({"mode": "r", "channels": [channel]})
+    context = await browser.new_context()
+    context.set_default_timeout(MS)
+    page = await context.new_page()
+    await page.goto(running.http + "/health")
+    await page.evaluate(_EVENT_SOURCE, [f"/events?ch={channel}&token={token}"])
+    await page.wait_for_function("window.opens === 1", timeout=MS)
+    await durable_stream(running, channel)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
+        await db.execute("SELECT pgws.send(%s, 'before')", (channel,))
+        await page.wait_for_function("window.got.length === 1", timeout=MS)
+        await running.shutdown()
+        await db.execute("SELECT pgws.send_many(%s, ARRAY['a', 'b', 'c'])", (channel,))
+        again: Running = await start_gateway(port=port, listen_channel=listen, **settings)
+        await page.wait_for_function("window.got.length === 2", timeout=MS)
+        await durable_stream(again, channel)
+        await db.execute("SELECT pgws.send(%s, 'after')", (channel,))
+        await page.wait_for_function("window.got.length === 3", timeout=MS)
+    got = await page.evaluate("window.got")
+    assert [event["type"] for event in got] == ["message", "gap", "message"]
+    assert got[1]["data"] == {"ch": channel}
+    assert [got[0]["data"]["data"], got[2]["data"]["data"]] == ["before", "after"]
+    await context.close()

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import datetime
 import ipaddress
+import json
 import logging
 import os
 import ssl
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,6 +36,7 @@ from tests.conftest import (
     make_token,
     recv_json,
     subscribed,
+    until,
 )
 
 PASSPHRASE = b"correct horse battery staple"
@@ -388,3 +391,26 @@ def test_pgws_serve_exits_78_with_one_line_on_unusable_tls_files(pki: Pki, case:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"Error: {variable}: ")
     assert words in lines[0]
+
+
+async def test_an_event_stream_works_over_tls(start_gateway: StartGateway, pki: Pki) -> None:
+    """GET /events on a TLS port: the stream takes over the TLS transport and carries messages."""
+    gateway: Running = await start_gateway(certificate_file=pki.leaf, key_file=pki.leaf_key)
+    chat = channel_name()
+    token = make_token({"mode": "r"})
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", gateway.gateway.port, ssl=client_context(pki)
+        )
+        writer.write(f"GET /events?ch={chat}&token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+        assert await reader.readuntil(b"\n\n") == b"id: pgws\n\n"
+        await until(lambda: bool(gateway.gateway.registry._events.get(chat)), "the stream")
+        async with await psycopg.AsyncConnection.connect(
+            gateway.config.db_uri, autocommit=True
+        ) as db:
+            await gateway.notify(db, {"channel": chat, "n": 1})
+        event = await reader.readuntil(b"\n\n")
+        writer.close()
+    assert json.loads(event.removeprefix(b"data: "))["data"] == {"channel": chat, "n": 1}

@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from pgws.errors import NotifyFailed
+from pgws.setting import ChannelSet
 from tests.conftest import (
     TIMEOUT,
     Running,
@@ -374,3 +375,57 @@ async def test_subscriptions_beyond_pgws_max_channels_are_403(start_gateway: Sta
         assert (await request(ws, op="sub", ch="b"))["code"] == 403
         await request(ws, op="unsub", ch="a")
         assert (await request(ws, op="sub", ch="b"))["op"] == "ok"
+
+
+# gap
+
+
+async def test_a_listen_outage_sends_gap_to_v2_subscribers_and_legacy_sees_nothing_new(
+    start_gateway: StartGateway, db: DB
+) -> None:
+    """SPEC 8 `gap`: the LISTEN backend really killed; once LISTEN holds again, every v2
+    subscription of a non-durable channel gets `gap` for it, before any later message."""
+    gateway: Running = await start_gateway(check_listener_interval=5.0)
+    a, b = channel_name(), channel_name()
+    listener = gateway.gateway.listener
+    async with (
+        v2_connect(gateway) as ws,
+        v2_connect(gateway) as idle,
+        gateway.connect(f"/{a}/{make_token({'mode': 'r'})}") as legacy,
+    ):
+        await auth(ws, {"mode": "r"})
+        await auth(idle, {"mode": "r"})
+        await request(ws, op="sub", ch=a)
+        await request(ws, op="sub", ch=b)
+        await subscribed(gateway, a)
+        old_pid = listener.backend_pid
+        assert old_pid is not None
+        await db.execute("SELECT pg_terminate_backend(%s)", (old_pid,))
+        await until(lambda: listener.reconnects == 1, "the listener to reconnect")
+        gaps = [await recv_json(ws), await recv_json(ws)]
+        assert sorted(gaps, key=lambda g: g["ch"]) == sorted(
+            [{"op": "gap", "ch": a}, {"op": "gap", "ch": b}], key=lambda g: g["ch"]
+        )
+        await gateway.notify(db, {"channel": a, "n": 1})
+        assert (await recv_json(ws))["data"]["n"] == 1
+        assert (await recv_json(legacy))["n"] == 1  # legacy sockets: no new frame, ever
+        await assert_nothing_received(idle, within=0.05)  # no subscription, no gap
+
+
+async def test_a_listen_outage_gaps_only_non_durable_subscriptions(
+    start_gateway: StartGateway, db: DB
+) -> None:
+    """SPEC 8: `gap` is for non-durable channels; a durable subscription catches up instead."""
+    gateway: Running = await start_gateway(
+        check_listener_interval=5.0, durable=ChannelSet(prefixes=("dur-",))
+    )
+    durable, plain = "dur-" + channel_name(), channel_name()
+    listener = gateway.gateway.listener
+    async with v2_connect(gateway) as ws:
+        await auth(ws, {"mode": "r"})
+        await request(ws, op="sub", ch=durable)
+        await request(ws, op="sub", ch=plain)
+        await db.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
+        await until(lambda: listener.reconnects == 1, "the listener to reconnect")
+        assert await recv_json(ws) == {"op": "gap", "ch": plain}
+        await assert_nothing_received(ws)

@@ -128,9 +128,16 @@ class Listener:
     back-off, while sockets stay open. Without it, losing the connection raises ListenerLost.
     """
 
-    def __init__(self, config: Config, on_batch: Callable[[list[str]], object]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        on_batch: Callable[[list[str]], object],
+        on_reconnect: Callable[[], object] | None = None,
+    ) -> None:
         self._config = config
         self._on_batch = on_batch
+        # Called once LISTEN holds again after a loss: what was sent meanwhile is gone (SPEC 8 gap).
+        self._on_reconnect = on_reconnect
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._wire: _Wire | None = None
         # Live state, written only here: `up` is awaited and read by /ready; counters by tests.
@@ -160,7 +167,7 @@ class Listener:
             "listener", self._config.retries, self._open, where=db_target(self._config.db_uri)
         )
 
-    async def _open(self) -> None:
+    async def _open(self, *, resumed: bool = False) -> None:
         conn = await psycopg.AsyncConnection.connect(
             self._config.db_uri,
             autocommit=True,
@@ -177,10 +184,11 @@ class Listener:
                 # connection (FATAL) at the first notification that is not UTF-8. Take the bytes
                 # as stored; _deliver() decodes them and skips what is not UTF-8.
                 setup.insert(0, sql.Composed([sql.SQL("SET client_encoding = 'SQL_ASCII'")]))
+            early: list[bytes] = []  # what arrived once LISTEN held, before _open returned
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 for statement in setup:  # one at a time: LISTEN stays what pg_stat_activity shows
                     self._wire.send(statement.as_bytes(conn))
-                    await self._until_answered(self._wire)
+                    early += await self._until_answered(self._wire)
         except BaseException:
             await self._discard()
             raise
@@ -191,13 +199,19 @@ class Listener:
             backend_pid=conn.info.backend_pid,
         )
         self.up.set()
+        if resumed:
+            self.reconnects += 1
+            if self._on_reconnect is not None:
+                self._on_reconnect()  # before anything heard since: readers reload, then go on
+        await self._deliver(early)
 
-    async def _until_answered(self, wire: _Wire) -> None:
-        """Read (delivering what arrives) until every query sent is answered."""
+    async def _until_answered(self, wire: _Wire) -> list[bytes]:
+        """Read until every query sent is answered; return the notifications that came."""
+        payloads: list[bytes] = []
         while wire.pending:
             await wire.readable(None)
-            payloads, _ = wire.read()
-            await self._deliver(payloads)
+            payloads += wire.read()[0]
+        return payloads
 
     async def listen_forever(self) -> None:
         """Deliver notifications until cancelled; heal or raise ListenerLost when the link dies."""
@@ -208,8 +222,7 @@ class Listener:
         while True:
             while self._wire is None:
                 try:
-                    await self._open()
-                    self.reconnects += 1
+                    await self._open(resumed=True)
                     backoff.reset()
                 except (psycopg.OperationalError, TimeoutError) as exc:
                     delay = backoff.next()
