@@ -349,4 +349,5 @@ def test_the_client_module_parses_as_an_es_module() -> None:
     """No build step: the file is what browsers load, and declares no imports."""
     text = SOURCE.read_text()
     assert "export class PgwsClient" in text
-    assert "\nimport " not in text and "require(" not in text
+    assert "\nimport " not in text
+    assert "require(" not in text
