@@ -351,3 +351,89 @@ def test_the_client_module_parses_as_an_es_module() -> None:
     assert "export class PgwsClient" in text
     assert "\nimport " not in text
     assert "require(" not in text
+
+
+async def _strip_v2_proxy(port: int) -> asyncio.Server:
+    """A TCP proxy to the gateway that removes `pgws.v2` from every upgrade's subprotocol offers:
+    to the client, the real gateway behind it looks like a server without protocol v2."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", port)
+        except (OSError, asyncio.IncompleteReadError):
+            writer.close()
+            return
+        lines = []
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"sec-websocket-protocol":
+                offers = [
+                    v.strip() for v in value.split(b",") if v.strip() not in (b"", b"pgws.v2")
+                ]
+                if not offers:
+                    continue
+                line = b"Sec-WebSocket-Protocol: " + b", ".join(offers)
+            lines.append(line)
+        upstream.write(b"\r\n".join(lines))
+        await asyncio.gather(pipe(reader, upstream), pipe(upstream_reader, writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_against_a_server_without_v2_the_client_falls_back_to_legacy(
+    start_gateway: StartGateway, browser: Browser
+) -> None:
+    """Behind a proxy that hides `pgws.v2`, the v2 upgrade is refused (no token in it); the server
+    still answers HTTP, so the client speaks legacy: one `/<channel>/<token>` socket per channel,
+    publish to one of them, and after a restart of the gateway a reconnect reported as a gap."""
+    running: Running = await start_gateway()
+    proxy = await _strip_v2_proxy(running.gateway.port)
+    a, b = channel_name(), channel_name()
+    token = make_token({"mode": "rw", "channels": [a, b], "exp": int(time.time()) + 3600})
+    try:
+        proxy_port = proxy.sockets[0].getsockname()[1]
+        http, ws = f"http://127.0.0.1:{proxy_port}", f"ws://127.0.0.1:{proxy_port}"
+        page, errors = await open_client(browser, http, ws, lambda: token)
+        await _wait(page, _count("state", state="open", protocol="legacy") + " === 1")
+        for channel in (a, b):
+            await page.evaluate("(ch) => window.sub(ch)", channel)
+        await _wait(page, _count("subscribed", ch=b) + " >= 1")
+        await _wait(page, "window.client.state === 'open'")
+        reply = await page.evaluate("(ch) => window.client.publish(ch, 'to b only')", b)
+        assert reply == {"op": "ok", "ch": b}
+        await _wait(page, f"(window.h.msgs[{json.dumps(b)}] || []).length === 1")
+        msgs = await page.evaluate("() => window.h.msgs")
+        assert msgs[b][0]["data"]["payload"] == "to b only"
+        assert a not in msgs
+        # Legacy cannot publish where it does not read (its frames go to its socket's channel).
+        refused = await page.evaluate(
+            "(ch) => window.client.publish(ch, 'x').then(() => null, (e) => e.reason)",
+            channel_name(),
+        )
+        assert refused == "legacy server: subscribe to a channel before publishing to it"
+
+        port = running.gateway.port
+        await running.shutdown()
+        await _wait(page, _count("state", state="reconnecting", code=1001) + " >= 1")
+        await start_gateway(port=port)
+        await _wait(page, "window.h.events.filter((e) => e.t === 'gap').length >= 2")
+        events = await _events(page)
+        assert {"t": "gap", "ch": a, "why": "reconnected"} in events
+        assert {"t": "gap", "ch": b, "why": "reconnected"} in events
+        opens = [e for e in events if e["t"] == "state" and e["state"] == "open"]
+        assert {e["protocol"] for e in opens} == {"legacy"}
+        assert errors == []
+    finally:
+        proxy.close()
+        await proxy.wait_closed()

@@ -320,11 +320,12 @@ export class PgwsClient {
   }
 
   _sendSub(channel, sub) {
-    const ws = this._v2Socket();
-    if (!ws || !this._authenticated) {
-      if (this.protocol === "legacy" && this._sockets.length) this._reconnectNow(); // legacy: one more socket
-      return;
+    if (this.protocol === "legacy") {
+      if (this.state === "open") this._reconnectNow(); // legacy: one more socket, reopened together
+      return; // else the next connection opens it
     }
+    const ws = this._v2Socket();
+    if (!ws || !this._authenticated) return; // sent once the next connection is authenticated
     const request = { op: "sub", ch: channel };
     if (!sub.echo) request.echo = false;
     if (sub.pos !== undefined) request.from = sub.pos;
@@ -340,8 +341,10 @@ export class PgwsClient {
     if (sub.handlers.size > 0) return;
     this._subs.delete(channel);
     const ws = this._v2Socket();
-    if (ws && this._authenticated && sub.live) this._send(ws, { op: "unsub", ch: channel, ref: this._ref("unsub") });
-    if (this.protocol === "legacy") this._reconnectNow();
+    if (ws && this._authenticated && sub.live) {
+      this._send(ws, { op: "unsub", ch: channel, ref: this._ref("unsub") });
+    }
+    if (this.protocol === "legacy" && this.state === "open") this._reconnectNow();
   }
 
   _deliver(channel, data, pos) {
@@ -453,7 +456,7 @@ export class PgwsClient {
   _openLegacy(generation, probe = false) {
     const channels = [...this._subs.keys()];
     if (channels.length === 0 && !probe) {
-      this._legacyOpened(generation, probe); // nothing to open until something is subscribed
+      this._legacyOpened(generation, probe, channels); // nothing to open until a subscription
       return;
     }
     // A probe without subscriptions opens `/<token>` (every channel of the token) and drops it.
@@ -479,7 +482,7 @@ export class PgwsClient {
           this._drop(ws);
           this._sockets = [];
         }
-        this._legacyOpened(generation, probe);
+        this._legacyOpened(generation, probe, channels);
       };
       ws.onmessage = (event) => {
         if (generation === this._generation && channel !== undefined) {
@@ -497,7 +500,7 @@ export class PgwsClient {
     }
   }
 
-  _legacyOpened(generation, probe) {
+  _legacyOpened(generation, probe, channels) {
     if (generation !== this._generation) return;
     this._legacyServer = true;
     this._attempt = 0;
@@ -505,11 +508,18 @@ export class PgwsClient {
     const first = !this._everOpen;
     this._everOpen = true;
     this._setState("open", { protocol: "legacy", probe: probe });
-    for (const [channel, sub] of this._subs) {
+    for (const channel of channels) {
+      const sub = this._subs.get(channel);
+      if (!sub) continue; // unsubscribed meanwhile
       const gap = sub.everLive && !first; // legacy cannot resume
       sub.live = sub.everLive = true;
       this._emit("onSubscribed", channel, { resumed: false, recovered: false });
       if (gap) this._gap(channel, "reconnected");
+    }
+    // Subscribed or unsubscribed while these sockets were opening: open the set again.
+    const now = [...this._subs.keys()];
+    if (now.length !== channels.length || now.some((ch) => !channels.includes(ch))) {
+      this._reconnectNow();
     }
   }
 
