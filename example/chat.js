@@ -76,11 +76,11 @@ export function asEnvelope(data) {
 }
 
 /* What a gap means, for people. */
-export function describeGap(channel, why) {
+export function describeGap(channel, why, detail) {
   switch (why) {
     case "not recovered":
-      return `${channel}: the messages sent while this page was away could not be replayed; ` +
-             "some may be missing above";
+      return `${channel}: the messages sent while this page was away could not be replayed` +
+             (detail ? ` (${detail})` : "") + "; some may be missing above";
     case "server":
       return `${channel}: the server lost its link to the database for a moment; ` +
              "messages sent meanwhile may be missing above";
@@ -242,7 +242,7 @@ function connect(event) {
     created = new PgwsClient(settings.url, {
       token: tokenSource(settings),
       onState: onState,
-      onGap: (channel, why) => connectionEvent("gap", describeGap(channel, why)),
+      onGap: (channel, why, detail) => connectionEvent("gap", describeGap(channel, why, detail)),
       onRefresh: (info) => {
         const until = info.exp ? clock(new Date(info.exp * 1000)) : "no expiry";
         connectionEvent("token refreshed", `renewed on the open connection, valid until ${until}`);

@@ -50,6 +50,7 @@ export function backoffCeiling(n, min, max) {
 
 /* "Describe a close" for people: "1001 server going away (restart or shutdown)". */
 export function describeClose(code, reason) {
+  if (!code) return reason || "not connected"; // no socket was opened (e.g. the token callback failed)
   const meaning = CLOSE_REASONS[code] || "closed by the server or the network";
   return `${code} ${meaning}` + (reason ? ` (reason: ${reason})` : "");
 }
@@ -84,10 +85,11 @@ export class PgwsClient {
    *   onState(state, info)   "connecting" | "open" | "reconnecting" | "closed"; info has
    *                          `protocol`, and for "reconnecting" `code`, `reason`, `attempt`,
    *                          `delay`, `ceiling` (ms)
-   *   onGap(channel, why)    continuity on `channel` was lost: reload what it shows. `why` is
-   *                          "reconnected" (nothing to resume from), "not recovered" (the
-   *                          server could not replay from the position), "server" (a `gap`
-   *                          frame), "dropped" (a refreshed token no longer grants it)
+   *   onGap(channel, why, detail)   continuity on `channel` was lost: reload what it shows.
+   *                          `why` is "reconnected" (nothing to resume from), "not recovered"
+   *                          (the server could not replay from the position; `detail` is its
+   *                          reason), "server" (a `gap` frame), "dropped" (a refreshed token
+   *                          no longer grants it)
    *   onSubscribed(channel, info)   the server confirmed a subscription (also after each
    *                          reconnect): {resumed, recovered}
    *   onRefresh(info)        the token was refreshed on the open socket: {exp, dropped}
@@ -279,7 +281,6 @@ export class PgwsClient {
       if (pending.refresh) this._refreshing = false;
       return;
     }
-    this._exp = frame.exp;
     if (pending.refresh) {
       this._refreshing = false;
       for (const channel of frame.dropped || []) this._ended(channel);
@@ -298,11 +299,21 @@ export class PgwsClient {
 
   _subReply(frame, pending) {
     const channel = pending.channel;
-    const sub = this._subs.get(channel);
-    if (!sub) return;
+    const sub = pending.sub;
+    if (this._subs.get(channel) !== sub) return; // unsubscribed meanwhile (its unsub follows)
     if (frame.op === "err") {
       sub.live = false;
       this._report(new PgwsError(frame.code, `sub ${channel}: ${frame.reason}`, frame.retry));
+      if (frame.retry) {
+        // 429, 503 (e.g. the database is needed to resume): ask again later on this socket.
+        const generation = this._generation;
+        const wait = this.options.backoffMin + Math.random() * this.options.backoffMin;
+        this._later(wait, () => {
+          if (generation === this._generation && this._subs.get(channel) === sub) {
+            this._sendSub(channel, sub);
+          }
+        });
+      }
       return;
     }
     if (frame.pos !== undefined && sub.pos === undefined) sub.pos = frame.pos; // where "now" is
@@ -313,7 +324,7 @@ export class PgwsClient {
     this._emit("onSubscribed", channel, { resumed: resumed, recovered: frame.recovered === true });
     if (resumed && frame.recovered === false) {
       sub.pos = undefined;
-      this._gap(channel, "not recovered");
+      this._gap(channel, "not recovered", frame.reason);
     } else if (!resumed && wasLive) {
       this._gap(channel, "reconnected"); // it was live before: what happened meanwhile is lost
     }
@@ -329,8 +340,9 @@ export class PgwsClient {
     const request = { op: "sub", ch: channel };
     if (!sub.echo) request.echo = false;
     if (sub.pos !== undefined) request.from = sub.pos;
-    const ref = this._ref("sub", { channel: channel, from: request.from });
+    const ref = this._ref("sub", { channel: channel, sub: sub, from: request.from });
     request.ref = ref;
+    sub.requested = true; // on this socket: an unsub must follow if it is dropped
     this._send(ws, request);
   }
 
@@ -341,7 +353,7 @@ export class PgwsClient {
     if (sub.handlers.size > 0) return;
     this._subs.delete(channel);
     const ws = this._v2Socket();
-    if (ws && this._authenticated && sub.live) {
+    if (ws && this._authenticated && sub.requested) {
       this._send(ws, { op: "unsub", ch: channel, ref: this._ref("unsub") });
     }
     if (this.protocol === "legacy" && this.state === "open") this._reconnectNow();
@@ -360,8 +372,8 @@ export class PgwsClient {
     }
   }
 
-  _gap(channel, why) {
-    this._emit("onGap", channel, why);
+  _gap(channel, why, detail) {
+    this._emit("onGap", channel, why, detail);
   }
 
   _ended(channel) {
@@ -589,7 +601,7 @@ export class PgwsClient {
     for (const timer of this._timers) clearTimeout(timer);
     this._timers.clear();
     this._reconnectTimer = null;
-    for (const sub of this._subs.values()) sub.live = false;
+    for (const sub of this._subs.values()) sub.live = sub.requested = false;
     const pending = [...this._pending.values()];
     this._pending.clear();
     for (const request of pending) {
