@@ -46,7 +46,7 @@ async ([url, options]) => {
   window.client = new PgwsClient(url, {
     token: () => window.pgwsToken(),
     onState: (state, info) => h.events.push({ t: "state", state, ...info }),
-    onGap: (ch, why) => h.events.push({ t: "gap", ch, why }),
+    onGap: (ch, why, detail) => h.events.push({ t: "gap", ch, why, ...(detail ? { detail } : {}) }),
     onSubscribed: (ch, info) => h.events.push({ t: "subscribed", ch, ...info }),
     onRefresh: (info) => h.events.push({ t: "refresh", ...info }),
     onError: (e) => h.events.push({ t: "error", message: String(e.message), code: e.code }),
@@ -490,4 +490,42 @@ async def test_a_durable_channel_resumes_across_a_killed_serve_with_nothing_lost
     assert all(isinstance(m["pos"], str) for m in messages)
     events = await _events(page)
     assert [e for e in events if e["t"] in ("gap", "error")] == []
+    assert errors == []
+
+
+@pytest.mark.skipif(not DURABLE_WIRED, reason="durable channels are not wired to sockets here")
+async def test_a_durable_resume_too_far_behind_is_a_gap_with_the_servers_reason(
+    serve_process: Callable[..., Any], browser: Browser, db: psycopg.AsyncConnection[Any]
+) -> None:
+    """More than PGWS_DURABLE_REPLAY_MAX messages sent while `pgws serve` is down: the resume is
+    `recovered:false`, the client calls onGap with the server's reason and goes on live."""
+    port, channel = _free_port(), channel_name()
+    env = {
+        "PGWS_PORT": str(port),
+        "PGWS_LISTEN_CHANNEL": channel_name(),
+        "PGWS_DURABLE": channel,
+        "PGWS_DURABLE_REPLAY_MAX": "3",
+    }
+    serving, _ = await serve_process(**env)
+    http, ws = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}"
+
+    def token() -> str:
+        return make_token({"mode": "r", "channels": [channel], "exp": int(time.time()) + 3600})
+
+    page, errors = await open_client(browser, http, ws, token)
+    await page.evaluate("(ch) => window.sub(ch)", channel)
+    await _wait(page, _count("subscribed") + " === 1")
+    received = f"(window.h.msgs[{json.dumps(channel)}] || [])"
+    await db.execute("SELECT pgws.send(%s, %s)", (channel, "before"))
+    await _wait(page, f"{received}.length === 1")
+    await serving.kill()
+    await _wait(page, _count("state", state="reconnecting") + " >= 1")
+    await db.execute("SELECT pgws.send_many(%s, %s)", (channel, [f"missed {i}" for i in range(10)]))
+    await serve_process(**env)
+    await _wait(page, _count("gap") + " === 1")
+    await db.execute("SELECT pgws.send(%s, %s)", (channel, "after"))
+    await _wait(page, f"{received}.length === 2")
+    events = await _events(page)
+    assert {"t": "gap", "ch": channel, "why": "not recovered", "detail": "too far behind"} in events
+    assert [m["data"] for m in await page.evaluate(f"() => {received}")] == ["before", "after"]
     assert errors == []
