@@ -30,6 +30,7 @@ from tests.conftest import (
     StartGateway,
     channel_name,
     make_token,
+    until,
 )
 
 browser = test_browser.browser  # the headless Chromium fixture
@@ -354,27 +355,53 @@ def test_the_client_module_parses_as_an_es_module() -> None:
     assert "require(" not in text
 
 
-async def _strip_v2_proxy(port: int) -> asyncio.Server:
-    """A TCP proxy to the gateway that removes `pgws.v2` from every upgrade's subprotocol offers:
-    to the client, the real gateway behind it looks like a server without protocol v2."""
+class Proxy:
+    """A TCP proxy to the gateway, between it and the browser. `hide_v2`: it removes `pgws.v2`
+    from every upgrade's subprotocol offers, so the real gateway behind it looks like a server
+    without protocol v2. `silence()`: the connections open now stay open but carry nothing more
+    either way (a half-open connection, as after a network change); new ones work."""
 
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
+    def __init__(self, port: int, *, hide_v2: bool = False) -> None:
+        self._port = port
+        self._hide_v2 = hide_v2
+        self._silent: list[asyncio.Event] = []
+        self._server: asyncio.Server | None = None
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def __aenter__(self) -> Proxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def silence(self) -> None:
+        for silent in self._silent:
+            silent.set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-            upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", port)
+            upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self._port)
         except (OSError, asyncio.IncompleteReadError):
             writer.close()
             return
+        silent = asyncio.Event()
+        self._silent.append(silent)
+        upstream.write(self._rewrite(head) if self._hide_v2 else head)
+        await asyncio.gather(
+            _pipe(reader, upstream, silent), _pipe(upstream_reader, writer, silent)
+        )
+
+    @staticmethod
+    def _rewrite(head: bytes) -> bytes:
         lines = []
         for line in head.split(b"\r\n"):
             name, _, value = line.partition(b":")
@@ -386,10 +413,21 @@ async def _strip_v2_proxy(port: int) -> asyncio.Server:
                     continue
                 line = b"Sec-WebSocket-Protocol: " + b", ".join(offers)
             lines.append(line)
-        upstream.write(b"\r\n".join(lines))
-        await asyncio.gather(pipe(reader, upstream), pipe(upstream_reader, writer))
+        return b"\r\n".join(lines)
 
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, silent: asyncio.Event
+) -> None:
+    try:
+        while data := await reader.read(65536):
+            if not silent.is_set():
+                writer.write(data)
+                await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
 
 
 async def test_against_a_server_without_v2_the_client_falls_back_to_legacy(
@@ -399,11 +437,10 @@ async def test_against_a_server_without_v2_the_client_falls_back_to_legacy(
     still answers HTTP, so the client speaks legacy: one `/<channel>/<token>` socket per channel,
     publish to one of them, and after a restart of the gateway a reconnect reported as a gap."""
     running: Running = await start_gateway()
-    proxy = await _strip_v2_proxy(running.gateway.port)
     a, b = channel_name(), channel_name()
     token = make_token({"mode": "rw", "channels": [a, b], "exp": int(time.time()) + 3600})
-    try:
-        proxy_port = proxy.sockets[0].getsockname()[1]
+    async with Proxy(running.gateway.port, hide_v2=True) as proxy:
+        proxy_port = proxy.port
         http, ws = f"http://127.0.0.1:{proxy_port}", f"ws://127.0.0.1:{proxy_port}"
         page, errors = await open_client(browser, http, ws, lambda: token)
         await _wait(page, _count("state", state="open", protocol="legacy") + " === 1")
@@ -435,9 +472,33 @@ async def test_against_a_server_without_v2_the_client_falls_back_to_legacy(
         opens = [e for e in events if e["t"] == "state" and e["state"] == "open"]
         assert {e["protocol"] for e in opens} == {"legacy"}
         assert errors == []
-    finally:
-        proxy.close()
-        await proxy.wait_closed()
+
+
+async def test_a_connection_gone_silent_is_found_by_ping_and_replaced(
+    start_gateway: StartGateway, browser: Browser
+) -> None:
+    """The socket stays open but nothing comes through any more (a half-open connection, which
+    browsers cannot see): with no answer to its `ping` the client takes it for lost, reconnects
+    and reports the gap; the pings of a healthy socket are answered and change nothing."""
+    running: Running = await start_gateway()
+    channel = channel_name()
+    token = make_token({"mode": "r", "channels": [channel], "exp": int(time.time()) + 3600})
+    async with Proxy(running.gateway.port) as proxy:
+        http, ws = f"http://127.0.0.1:{proxy.port}", f"ws://127.0.0.1:{proxy.port}"
+        page, errors = await open_client(browser, http, ws, lambda: token, pingInterval=300)
+        await page.evaluate("(ch) => window.sub(ch)", channel)
+        await _wait(page, _count("subscribed") + " === 1")
+        frames = running.gateway.socket_stats.frames_in
+        await until(lambda: running.gateway.socket_stats.frames_in >= frames + 3, "three pings")
+        assert _states(await _events(page)) == ["connecting", "open"]
+
+        proxy.silence()
+        await _wait(
+            page, _count("state", state="reconnecting", reason="no answer to ping") + " === 1"
+        )
+        await _wait(page, _count("state", state="open") + " === 2")
+        await _wait(page, _count("gap", why="reconnected") + " === 1")
+        assert errors == []
 
 
 DURABLE_WIRED = importlib.util.find_spec("pgws.durable_bus") is not None
