@@ -2,8 +2,8 @@
 
 A bus takes envelopes from writing sockets (`publish`) and hands batches of notifications'
 raw text to the registry (the `feed` it was built with), which fans them out to readers. Today's
-bus is LISTEN/NOTIFY; a table-backed durable bus (SPEC 7) is another class with the same
-methods, chosen by the server, with nothing else changing.
+bus is LISTEN/NOTIFY; the table-backed durable bus (SPEC 7, `pgws.durable_bus`) is another class
+with the same methods, chosen by the server.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ class Bus(Protocol):
     async def run(self) -> None:
         """Feed readers until cancelled; raise when the link is lost for good."""
 
-    async def publish(self, envelope: str) -> None:
-        """Send one envelope; raise NotifyFailed (with a reason for the client) if it was not."""
+    async def publish(self, envelope: str, channel: str | None = None) -> str | None:
+        """Send one envelope addressed to `channel`; raise NotifyFailed (with a reason for the
+        client) if it was not. Returns the message's position when the channel is durable."""
 
     def is_up(self) -> bool:
         """Whether readers are being fed right now (/ready)."""
@@ -65,8 +66,9 @@ class NotifyBus:
             with contextlib.suppress(asyncio.CancelledError):
                 await sampling
 
-    async def publish(self, envelope: str) -> None:
+    async def publish(self, envelope: str, channel: str | None = None) -> str | None:
         await self.notifier.notify(envelope)
+        return None
 
     def is_up(self) -> bool:
         return self.listener.up.is_set()

@@ -23,15 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from pgws.errors import ConfigError
-from pgws.limits import MAX_CHANNEL_BYTES, NOTIFY_PAYLOAD_LIMIT
+from pgws.limits import DURABLE_PAYLOAD_LIMIT, MAX_CHANNEL_BYTES, NOTIFY_PAYLOAD_LIMIT
 from pgws.setting import (
     ByteBound,
     Channel,
+    ChannelSet,
     Choice,
     Integer,
+    Seconds,
     Setting,
     at_file,
     boolean,
+    channel_set,
     existing_dir,
     existing_file,
     host,
@@ -216,6 +219,32 @@ EXPIRY_WARNING = Setting(
     default="60",
     help="seconds before `exp` a pgws.v2 socket is sent `expiring`",
 )
+# Durable channels (SPEC 7): messages kept in the database's `pgws` schema.
+DURABLE = Setting(
+    name="PGWS_DURABLE",
+    parse=channel_set,
+    default="false",
+    help="durable channels: true (all), false (none), or a comma-separated list, prefix* for a"
+    " family",
+)
+DURABLE_MIGRATE = Setting(
+    name="PGWS_DURABLE_MIGRATE",
+    parse=boolean,
+    default="true",
+    help="create or upgrade the pgws schema at start-up; false = it must exist (pgws migrate)",
+)
+DURABLE_RETENTION = Setting(
+    name="PGWS_DURABLE_RETENTION",
+    parse=Seconds(0, 10 * 365 * 86400),
+    default="86400",
+    help="seconds durable messages are kept (and resumable)",
+)
+DURABLE_REPLAY_MAX = Setting(
+    name="PGWS_DURABLE_REPLAY_MAX",
+    parse=Integer(0, 1_000_000),
+    default="1000",
+    help="most messages a resume may replay; further behind is `not recovered`",
+)
 DEBUG = Setting(
     name="PGWS_DEBUG",
     parse=boolean,
@@ -254,6 +283,10 @@ SETTINGS: tuple[Setting[Any], ...] = (
     DEBUG,
     AUTH_TIMEOUT,
     EXPIRY_WARNING,
+    DURABLE,
+    DURABLE_MIGRATE,
+    DURABLE_RETENTION,
+    DURABLE_REPLAY_MAX,
 )
 
 
@@ -289,6 +322,14 @@ class Config:
     log_level: str = LOG_LEVEL.default_value
     auth_timeout: float = AUTH_TIMEOUT.default_value  # SPEC 8: first-frame auth
     expiry_warning: float = EXPIRY_WARNING.default_value  # SPEC 8: `expiring`
+    durable: ChannelSet = DURABLE.default_value  # SPEC 7; falsy = durable mode off
+    durable_migrate: bool = DURABLE_MIGRATE.default_value
+    durable_retention: float = DURABLE_RETENTION.default_value
+    durable_replay_max: int = DURABLE_REPLAY_MAX.default_value
+
+    def envelope_limit(self, channel: str) -> int:
+        """The largest envelope a socket may send on `channel`: NOTIFY's, or a durable row's."""
+        return DURABLE_PAYLOAD_LIMIT if channel in self.durable else NOTIFY_PAYLOAD_LIMIT
 
     @property
     def tls(self) -> bool:
@@ -341,6 +382,10 @@ class Config:
             log_level=LOG_LEVEL.read(env),
             auth_timeout=AUTH_TIMEOUT.read(env),
             expiry_warning=EXPIRY_WARNING.read(env),
+            durable=DURABLE.read(env),
+            durable_migrate=DURABLE_MIGRATE.read(env),
+            durable_retention=DURABLE_RETENTION.read(env),
+            durable_replay_max=DURABLE_REPLAY_MAX.read(env),
         )
 
 
@@ -409,7 +454,7 @@ def effective_settings(config: Config, *, mask_db_uri: Callable[[str], str]) -> 
         value = getattr(config, field.name)
         if field.name in secret:
             value = REDACTED
-        elif isinstance(value, Path):
+        elif isinstance(value, Path | ChannelSet):
             value = str(value)
         elif isinstance(value, frozenset):
             value = sorted(value)

@@ -256,14 +256,16 @@ class HeldUntilAnswered(ServerConnection):
                 super().data_received(bytes(held))
 
 
-def deliver_v2(connections: Iterable[ServerConnection], channel: str, raw: str) -> None:
+def deliver_v2(
+    connections: Iterable[ServerConnection], channel: str, raw: str, pos: str | None = None
+) -> None:
     """Send one notification to many pgws.v2 sockets as one shared `msg` frame.
 
     Echo suppression skips the sender's own socket on channels it subscribed with `echo:false`;
-    the frame itself is never rewritten (SPEC 8).
+    the frame itself is never rewritten (SPEC 8). `pos`: a durable message's position.
     """
     is_json, sender = inspect_notification(raw)
-    frame = v2.msg(channel, raw, is_json)
+    frame = v2.msg(channel, raw, is_json, pos)
     readers: Iterable[ServerConnection] = (
         c for c in connections if not getattr(c, "lagging", False)
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -42,9 +42,17 @@ def dump_json(value: Any) -> str:
 class EnvelopeWriter:
     """Builds the envelopes one connection sends: `claims` is fixed, so it is serialised once."""
 
-    __slots__ = ("_claims_head", "_tail")
+    __slots__ = ("_claims_head", "_limit", "_tail")
 
-    def __init__(self, claims: Mapping[str, Any], *, sender: str | None = None) -> None:
+    def __init__(
+        self,
+        claims: Mapping[str, Any],
+        *,
+        sender: str | None = None,
+        limit: Callable[[str], int] | None = None,
+    ) -> None:
+        # The largest envelope per channel: NOTIFY's, or a durable row's (Config.envelope_limit).
+        self._limit = limit
         # The server's timestamp always wins over a claim of the same name in the token.
         kept = {key: value for key, value in claims.items() if key != DELIVERED_AT}
         head = dump_json(kept)[:-1]  # without the closing brace; the timestamp goes last
@@ -63,10 +71,11 @@ class EnvelopeWriter:
             f'"{DELIVERED_AT}":{delivered_at!r}}}{self._tail}'
         )
         size = len(text) if text.isascii() else len(text.encode())
-        if size > NOTIFY_PAYLOAD_LIMIT:
+        limit = NOTIFY_PAYLOAD_LIMIT if self._limit is None else self._limit(channel)
+        if size > limit:
+            carrier = "NOTIFY" if limit == NOTIFY_PAYLOAD_LIMIT else "a durable message"
             raise MessageTooBig(
-                f"message too big: the envelope is {size} bytes, NOTIFY takes at most "
-                f"{NOTIFY_PAYLOAD_LIMIT}"
+                f"message too big: the envelope is {size} bytes, {carrier} takes at most {limit}"
             )
         return text
 

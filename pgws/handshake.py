@@ -76,7 +76,7 @@ class Handshake:
                 header_token=token_from_headers(request),
                 max_channels=self._config.max_channels,
             )
-            writer = _envelope_writer(grant)
+            writer = _envelope_writer(grant, self._config.envelope_limit)
         except HandshakeRefused as exc:
             self._stats.rejected[_reason_label(exc)] += 1
             log.info("client_rejected", status=exc.status, reason=str(exc), remote=peer(connection))
@@ -104,7 +104,8 @@ class Handshake:
             grant = grant_for_v2(self.verifier.verify(token, self._clock()))
             if requested is not None and not grant.allows(requested):
                 raise Forbidden(f"not allowed: {requested}")
-            _envelope_writer(grant)  # claims it cannot carry are a 403 here, as for legacy
+            # Claims it cannot carry are a 403 here, as for legacy.
+            _envelope_writer(grant, self._config.envelope_limit)
         conn = cast(Connection, connection)
         conn.v2, conn.v2_grant = True, grant
         conn.stats = self._stats
@@ -145,10 +146,10 @@ def wants_websocket(request: Request) -> bool:
     return True
 
 
-def _envelope_writer(grant: Grant) -> EnvelopeWriter:
+def _envelope_writer(grant: Grant, limit: Callable[[str], int]) -> EnvelopeWriter:
     """The socket's envelope writer, built before the upgrade: claims it cannot carry are a 403."""
     try:
-        return EnvelopeWriter(grant.claims)
+        return EnvelopeWriter(grant.claims, limit=limit)
     except (TypeError, ValueError, RecursionError):
         raise Forbidden("invalid claims: they cannot be serialised") from None
 

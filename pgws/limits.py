@@ -9,3 +9,5 @@ them (config, claims, envelope) need not import each other.
 MAX_CHANNEL_BYTES = 63
 # NOTIFY payloads must be shorter than 8000 bytes in the default PostgreSQL build.
 NOTIFY_PAYLOAD_LIMIT = 7999
+# What pgws.store_many() takes per durable message (SPEC 7: frames up to 16 MiB in durable mode).
+DURABLE_PAYLOAD_LIMIT = 16 * 1024 * 1024

@@ -17,9 +17,13 @@ S = TypeVar("S")
 
 # Hands a batch of (readers, raw text) to sockets, in order; returns how many messages it handed.
 Deliver = Callable[[Sequence[tuple[Iterable[S], str]]], int]
-# pgws.v2 readers (SPEC 8) get a `msg` frame naming the channel, built once per notification.
-DeliverV2 = Callable[[Iterable[S], str, str], None]  # (readers, channel, raw)
-SendOut = Callable[[str], Awaitable[None]]
+# pgws.v2 readers (SPEC 8) get a `msg` frame naming the channel, built once per notification;
+# `pos` is the durable message's position (SPEC 7), None for a NOTIFY.
+DeliverV2 = Callable[[Iterable[S], str, str, str | None], None]  # (readers, channel, raw, pos)
+# (envelope, channel) -> the position when the channel is durable, else None.
+SendOut = Callable[[str, str | None], Awaitable[str | None]]
+# Called with a channel when it gets its first reader here (True) or loses its last (False).
+Watch = Callable[[str, bool], None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,11 +52,22 @@ class Registry(Generic[S]):
         # pgws.v2 readers, apart: their subscriptions change at run time and they get other frames.
         self._v2: dict[str, set[S]] = {}
         self._published: dict[str, int] = {}  # per channel with readers: notifications so far
+        self._watch: Watch | None = None
         self.delivered = 0  # messages handed to sockets; live, /metrics reads stats()
+
+    def watch(self, watch: Watch) -> None:
+        """Tell `watch` whenever a channel gets its first reader or loses its last (either
+        protocol): the durable reader follows exactly the channels someone reads here."""
+        self._watch = watch
+
+    def _is_read(self, channel: str) -> bool:
+        return channel in self._channels or channel in self._v2
 
     def subscribe(self, subscriber: S, channels: Iterable[str]) -> None:
         """Start delivering notifications on `channels` to `subscriber`."""
         for channel in channels:
+            if self._watch is not None and not self._is_read(channel):
+                self._watch(channel, True)
             self._channels.setdefault(channel, set()).add(subscriber)
 
     def unsubscribe(self, subscriber: S, channels: Iterable[str]) -> None:
@@ -64,9 +79,13 @@ class Registry(Generic[S]):
                 if not subscribers:
                     del self._channels[channel]
                     self._published.pop(channel, None)
+                    if self._watch is not None and not self._is_read(channel):
+                        self._watch(channel, False)
 
     def subscribe_v2(self, subscriber: S, channel: str) -> None:
         """Start delivering `msg` frames on `channel` to a pgws.v2 `subscriber`."""
+        if self._watch is not None and not self._is_read(channel):
+            self._watch(channel, True)
         self._v2.setdefault(channel, set()).add(subscriber)
 
     def unsubscribe_v2(self, subscriber: S, channels: Iterable[str]) -> None:
@@ -77,6 +96,8 @@ class Registry(Generic[S]):
                 readers.discard(subscriber)
                 if not readers:
                     del self._v2[channel]
+                    if self._watch is not None and not self._is_read(channel):
+                        self._watch(channel, False)
 
     def publish_in(self, raw: str) -> int:
         """Deliver one notification's raw text to the readers of its channel; return how many."""
@@ -100,7 +121,7 @@ class Registry(Generic[S]):
                 v2_readers = v2.get(channel)
                 if v2_readers and self._deliver_v2 is not None:
                     # A socket speaks one protocol, so each socket's order holds across both.
-                    self._deliver_v2(v2_readers, channel, raw)
+                    self._deliver_v2(v2_readers, channel, raw, None)
                     handed += len(v2_readers)
             subscribers = self._channels.get(channel)
             if subscribers:
@@ -111,9 +132,33 @@ class Registry(Generic[S]):
         self.delivered += handed
         return handed
 
-    async def publish_out(self, envelope: str) -> None:
-        """Send an envelope to the database, which brings it back to every pgws reading it."""
-        await self._send_out(envelope)
+    def publish_stored(self, channel: str, messages: Sequence[tuple[str, str]]) -> int:
+        """Deliver durable messages of `channel`, (payload, position) in order; return how many.
+
+        Legacy readers get the payload's bytes exactly (SPEC 3, as a NOTIFY of that text);
+        pgws.v2 readers a `msg` frame carrying the position (SPEC 7-8).
+        """
+        handed = 0
+        v2_readers = self._v2.get(channel)
+        if v2_readers and self._deliver_v2 is not None:
+            for payload, position in messages:
+                self._deliver_v2(v2_readers, channel, payload, position)
+                handed += len(v2_readers)
+        subscribers = self._channels.get(channel)
+        if subscribers:
+            self._published[channel] = self._published.get(channel, 0) + len(messages)
+            handed += self._deliver([(subscribers, payload) for payload, _ in messages])
+        self.delivered += handed
+        return handed
+
+    def v2_readers(self, channel: str) -> frozenset[S]:
+        """The current pgws.v2 readers of `channel` (a copy)."""
+        return frozenset(self._v2.get(channel, ()))
+
+    async def publish_out(self, envelope: str, channel: str | None = None) -> str | None:
+        """Send an envelope (addressed to `channel`) to the database, which brings it back to
+        every pgws reading it; the message's position when the channel is durable."""
+        return await self._send_out(envelope, channel)
 
     def published(self, channels: Iterable[str]) -> int:
         """Notifications delivered on `channels` so far; a reader's count is the difference

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.http11 import Request, Response
 
 from pgws import __version__, metrics, web
@@ -28,10 +28,12 @@ from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.connection import SocketStats, deliver_v2, tracked_connection_class
 from pgws.db.connect import db_host
+from pgws.durable_bus import DurableBus
 from pgws.errors import ConfigError
 from pgws.fanout import fan_out
 from pgws.handshake import Handshake, select_subprotocol
 from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
+from pgws.protocols import v2
 from pgws.registry import Registry
 from pgws.session import Sessions
 from pgws.signals import signals_handled
@@ -94,13 +96,27 @@ class Gateway:
             leeway=config.jwt_leeway,
         )
         self.tls = ReloadableTls(config)
-        self.bus = NotifyBus(config, feed=lambda batch: self.registry.publish_batch(batch))
+        feed = lambda batch: self.registry.publish_batch(batch)  # noqa: E731
+        # SPEC 7: with any durable channel, the durable bus (NOTIFY still serves the others).
+        self.durable: DurableBus | None = None
+        self.bus: NotifyBus | DurableBus
+        if config.durable:
+            self.bus = self.durable = DurableBus(
+                config,
+                feed,
+                deliver_stored=lambda ch, rows: self.registry.publish_stored(ch, rows),
+                gap=self._gap,
+            )
+        else:
+            self.bus = NotifyBus(config, feed=feed)
         self.registry: Registry[ServerConnection] = Registry(
             config.listen_channel,
             functools.partial(fan_out, buffer_limit=config.client_max_buffer),
             self.bus.publish,
             deliver_v2,
         )
+        if self.durable is not None:
+            self.registry.watch(self.durable.watch)
         # The bus's parts, for /metrics and the tests that reach into them.
         self.listener, self.notifier = self.bus.listener, self.bus.notifier
         # The one clock handshakes and sessions read, looked up at each call: tests replace it.
@@ -124,6 +140,7 @@ class Gateway:
             self.socket_stats,
             verifier=lambda: self.handshake.verifier,
             clock=lambda: self.clock(),
+            durable=self.durable,
         )
         self.server: Server | None = None
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
@@ -185,6 +202,10 @@ class Gateway:
         )
         return changed
 
+    def _gap(self, channel: str) -> None:
+        """A durable channel lost continuity here (rows pruned unread): v2 readers get `gap`."""
+        broadcast(self.registry.v2_readers(channel), v2.gap(channel))
+
     def is_ready(self) -> bool:
         """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""
         return self.server is not None and self.server.is_serving() and self.bus.is_up()
@@ -223,6 +244,7 @@ class Gateway:
             buffered_total_drops=handler.over_total,
             read_only_floods_closed=handler.read_only_floods,
             notification_queue_usage=notifier.queue_usage,
+            durable=None if self.durable is None else dataclasses.asdict(self.durable.stats()),
         )
 
     @property

@@ -20,6 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from pgws.claims import Grant, Verifier
 from pgws.config import Config
 from pgws.connection import Connection, SocketStats, peer
+from pgws.durable_bus import DurableBus
 from pgws.envelope import EnvelopeWriter
 from pgws.errors import MessageRefused, MessageTooBig
 from pgws.protocols import legacy
@@ -41,13 +42,16 @@ class Sessions:
         *,
         verifier: Callable[[], Verifier] | None = None,
         clock: Callable[[], float] = time.time,
+        durable: DurableBus | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
         self._stats = stats
         self._clock = clock
         self._v2 = (
-            None if verifier is None else V2Sessions(config, registry, stats, verifier, clock)
+            None
+            if verifier is None
+            else V2Sessions(config, registry, stats, verifier, clock, durable=durable)
         )
 
     async def handle(self, ws: ServerConnection) -> None:
@@ -116,7 +120,7 @@ class Sessions:
                 return False
             match action:
                 case legacy.Publish():
-                    await self._registry.publish_out(action.envelope)
+                    await self._registry.publish_out(action.envelope, action.channel)
                 case legacy.Ignore():
                     # SPEC 3: read-only sockets' frames are read and dropped, up to a budget.
                     if conn.read_only_budget_spent(action.size):
@@ -172,6 +176,6 @@ class Sessions:
             return
         envelope = writer.build(event, meta, ",".join(grant.channels), self._clock())
         try:
-            await self._registry.publish_out(envelope)
+            await self._registry.publish_out(envelope, meta)
         except MessageRefused as exc:
             log.warning("meta_event_failed", meta_event=event, error=str(exc))

@@ -14,13 +14,14 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import structlog
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 
 from pgws.claims import Grant, Verifier, grant_for_v2
 from pgws.config import Config
 from pgws.connection import Connection, SocketStats, peer
-from pgws.envelope import EnvelopeWriter
+from pgws.durable_bus import DurableBus, NotRecovered, Replay
+from pgws.envelope import EnvelopeWriter, inspect_notification
 from pgws.errors import DatabaseUnavailable, HandshakeRefused, NotifyFailed
 from pgws.protocols import v2
 from pgws.registry import Registry
@@ -55,8 +56,11 @@ class V2Sessions:
         stats: SocketStats,
         verifier: Callable[[], Verifier],
         clock: Callable[[], float],
+        *,
+        durable: DurableBus | None = None,
     ) -> None:
         self._config = config
+        self._durable = durable  # None: durable mode off (every `from` is recovered:false)
         self._registry = registry
         self._stats = stats
         self._verifier = verifier  # looked up per `auth`: SIGHUP may replace the key
@@ -136,10 +140,11 @@ class V2Sessions:
                     if not await self._authenticate(socket, action):
                         return False
                 case v2.Subscribe():
-                    socket.subscribed[action.channel] = action.echo
-                    if not action.echo:
-                        conn.v2_no_echo = conn.v2_no_echo | {action.channel}
-                    self._registry.subscribe_v2(conn, action.channel)
+                    durable = self._durable
+                    if action.resume and durable is not None and durable.is_durable(action.channel):
+                        await self._resume(socket, action, durable)
+                        continue
+                    self._subscribe(socket, action)
                     extra = {"recovered": False} if action.resume else {}
                     await conn.send(v2.ok(action.ref, ch=action.channel, **extra))
                 case v2.Unsubscribe():
@@ -149,13 +154,47 @@ class V2Sessions:
                     await conn.send(await self._publish(action))
         return True
 
+    def _subscribe(self, socket: _Socket, action: v2.Subscribe) -> None:
+        conn = socket.conn
+        socket.subscribed[action.channel] = action.echo
+        if not action.echo:
+            conn.v2_no_echo = conn.v2_no_echo | {action.channel}
+        self._registry.subscribe_v2(conn, action.channel)
+
+    async def _resume(self, socket: _Socket, action: v2.Subscribe, durable: DurableBus) -> None:
+        """`sub` with `from` on a durable channel: `ok` + exact replay then live, or
+        `recovered:false` with the reason and live from now; 503 when the database is away."""
+        conn, channel = socket.conn, action.channel
+
+        def start(result: Replay | NotRecovered) -> None:
+            # Synchronous writes, then the subscription: nothing live can come in between.
+            if isinstance(result, Replay):
+                frames = [v2.ok(action.ref, ch=channel, recovered=True)]
+                for message in result.messages:
+                    is_json, _ = inspect_notification(message.payload)
+                    frames.append(v2.msg(channel, message.payload, is_json, message.position))
+            else:
+                reason = str(result.reason)
+                frames = [v2.ok(action.ref, ch=channel, recovered=False, reason=reason)]
+            for frame in frames:
+                broadcast((conn,), frame)
+            self._subscribe(socket, action)
+
+        try:
+            await durable.subscribe_from(channel, action.position or "", start)
+        except DatabaseUnavailable as exc:
+            log.info("resume_failed", reason=str(exc))
+            await conn.send(v2.err(action.ref, v2.UNAVAILABLE, "database unavailable", retry=True))
+
     async def _publish(self, action: v2.Publish) -> str:
         """Send the envelope; the reply says whether it went (503, retry, when it did not)."""
         try:
-            await self._registry.publish_out(action.envelope)
+            position = await self._registry.publish_out(action.envelope, action.channel)
         except (NotifyFailed, DatabaseUnavailable) as exc:
             log.info("publish_failed", reason=str(exc))
             return v2.err(action.ref, v2.UNAVAILABLE, "database unavailable", retry=True)
+        if position is not None:
+            return v2.ok(action.ref, ch=action.channel, pos=position)
         return v2.ok(action.ref, ch=action.channel)
 
     async def _authenticate(self, socket: _Socket, action: v2.Authenticate) -> bool:
@@ -165,7 +204,9 @@ class V2Sessions:
             verifier = self._verifier()
             claims = verifier.verify(action.token, self._clock())
             grant = grant_for_v2(claims, leeway=verifier.leeway)
-            writer = EnvelopeWriter(grant.claims, sender=conn.v2_sender)
+            writer = EnvelopeWriter(
+                grant.claims, sender=conn.v2_sender, limit=self._config.envelope_limit
+            )
         except (HandshakeRefused, TypeError, ValueError, RecursionError) as exc:
             code = exc.status if isinstance(exc, HandshakeRefused) else v2.NOT_GRANTED
             reason = str(exc) if isinstance(exc, HandshakeRefused) else "invalid claims"
@@ -189,7 +230,9 @@ class V2Sessions:
         socket.counted_as = grant.mode
         socket.grant = grant
         if socket.writer is None:
-            socket.writer = EnvelopeWriter(grant.claims, sender=socket.conn.v2_sender)
+            socket.writer = EnvelopeWriter(
+                grant.claims, sender=socket.conn.v2_sender, limit=self._config.envelope_limit
+            )
         self._stop_timers(socket)
         if grant.expires_at is not None:
             self._expire_later(socket, grant.expires_at)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 from pgws.errors import ConfigError
+from pgws.limits import MAX_CHANNEL_BYTES
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -204,6 +205,110 @@ class Channel:
         if any(ord(char) < 32 for char in value):
             raise ConfigError(name, "must not contain control characters")
         return value
+
+
+class ChannelSet:
+    """Which channels are durable (PGWS_DURABLE): none, every one, or names and `prefix*` families.
+
+    Falsy when it selects no channel, so `if config.durable:` reads as "durable mode is on".
+    Its str() is the setting's value in canonical form (the `settings` log line shows that).
+    """
+
+    __slots__ = ("every", "names", "prefixes")
+
+    def __init__(
+        self, *, every: bool = False, names: Iterable[str] = (), prefixes: Iterable[str] = ()
+    ) -> None:
+        self.every = every
+        self.names = frozenset(names)
+        self.prefixes = tuple(sorted(set(prefixes)))
+
+    def __contains__(self, channel: object) -> bool:
+        if not isinstance(channel, str):
+            return False
+        return (
+            self.every
+            or channel in self.names
+            or any(channel.startswith(prefix) for prefix in self.prefixes)
+        )
+
+    def __bool__(self) -> bool:
+        return self.every or bool(self.names) or bool(self.prefixes)
+
+    def _key(self) -> tuple[bool, frozenset[str], tuple[str, ...]]:
+        return self.every, self.names, self.prefixes
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ChannelSet) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __str__(self) -> str:
+        if self.every:
+            return "true"
+        if not self:
+            return "false"
+        return ",".join([*sorted(self.names), *(f"{prefix}*" for prefix in self.prefixes)])
+
+    def __repr__(self) -> str:
+        return f"ChannelSet({str(self)!r})"
+
+
+def channel_set(name: str, value: str) -> ChannelSet:
+    """true (every channel), false (none), or comma-separated channels, `prefix*` for a family.
+
+    The booleans win: a channel literally named `true` cannot be listed (name it with `true*`).
+    """
+    folded = value.strip().lower()
+    if folded in _TRUE:
+        return ChannelSet(every=True)
+    if folded in _FALSE:
+        return ChannelSet()
+    names: set[str] = set()
+    prefixes: list[str] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        if any(ord(char) < 32 or ord(char) == 127 for char in item):
+            raise ConfigError(name, "must not contain control characters")
+        if item.endswith("*"):
+            prefix = item[:-1]
+            if "*" in prefix:
+                raise ConfigError(name, f"'*' may only end a channel family, got {item!r}")
+            if not prefix:
+                return ChannelSet(every=True)  # `*`: every channel, as `true`
+            if len(prefix.encode()) >= MAX_CHANNEL_BYTES:
+                raise ConfigError(name, f"{item!r}: channel names are at most 63 bytes")
+            prefixes.append(prefix)
+            continue
+        if "*" in item:
+            raise ConfigError(name, f"'*' may only end a channel family, got {item!r}")
+        if len(item.encode()) > MAX_CHANNEL_BYTES:
+            raise ConfigError(name, f"{item!r}: channel names are at most 63 bytes")
+        names.add(item)
+    if not names and not prefixes:
+        raise ConfigError(name, f"expected true, false or a list of channels, got {value!r}")
+    return ChannelSet(names=names, prefixes=prefixes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Seconds:
+    """A duration in seconds from `minimum` (exclusive) to `maximum`."""
+
+    minimum: float
+    maximum: float
+
+    def __call__(self, name: str, value: str) -> float:
+        value = value.strip()
+        number = _number_of_seconds(name, value)
+        if not self.minimum < number <= self.maximum:
+            raise ConfigError(
+                name,
+                f"must be more than {self.minimum:g} and at most {self.maximum:g} seconds,"
+                f" got {value!r}",
+            )
+        return number
 
 
 def origins(name: str, value: str) -> frozenset[str]:

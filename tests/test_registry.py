@@ -31,7 +31,7 @@ class Recorder:
             handed += len(frozenset(subscribers))
         return handed
 
-    async def send_out(self, envelope: str) -> None:
+    async def send_out(self, envelope: str, channel: str | None = None) -> None:
         """Record one envelope sent to the database."""
         self.sent.append(envelope)
 

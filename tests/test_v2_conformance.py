@@ -253,7 +253,7 @@ async def test_a_frame_over_max_message_size_closes_1009(start_gateway: StartGat
 async def test_pub_while_the_database_is_unavailable_is_503_retry(
     gateway: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def failing(envelope: str) -> None:
+    async def failing(envelope: str, channel: str | None = None) -> None:
         raise NotifyFailed("database unavailable")
 
     monkeypatch.setattr(gateway.gateway.registry, "publish_out", failing)

@@ -153,7 +153,7 @@ def test_sub_needs_read_and_a_granted_channel() -> None:
     assert reply(receive('{"op":"sub","ch":"rooms"}'))["code"] == 403
     assert reply(receive('{"op":"sub","ch":"chat"}', grant("w")))["code"] == 403
     assert receive('{"op":"sub","ch":"chat","echo":false,"from":3}') == [
-        v2.Subscribe("chat", False, True, None)
+        v2.Subscribe("chat", False, True, None, "3")
     ]
 
 

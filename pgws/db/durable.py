@@ -38,11 +38,13 @@ __all__ = [
     "installed_version",
     "migrate",
     "migrate_database",
+    "prepare_schema",
     "prune",
     "resume",
     "schema_sql",
     "send_wakeups",
     "store_batch",
+    "store_frames",
 ]
 
 # Defaults of the settings SPEC 7 names (PGWS_DURABLE, _MIGRATE, _RETENTION, _REPLAY_MAX); config.py
@@ -131,6 +133,33 @@ async def migrate_database(db_uri: str) -> Migration:
         return await migrate(conn)
 
 
+async def prepare_schema(db_uri: str, *, apply: bool, retries: int) -> Migration:
+    """`pgws serve` in durable mode: migrate (PGWS_DURABLE_MIGRATE) or check the schema.
+
+    Connects with the start-up retries (DatabaseUnavailable after them). Without `apply`, a
+    missing or older schema is SchemaMismatch (exit 78): `pgws migrate` or a DBA has to act.
+    """
+    kwargs = connection_kwargs(db_uri, "pgws-migrate")
+
+    async def connect() -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(db_uri, autocommit=True, **kwargs)
+
+    conn: psycopg.AsyncConnection[Any] = await with_retries(
+        "durable schema", retries, connect, where=db_target(db_uri)
+    )
+    async with conn:
+        if apply:
+            return await migrate(conn)
+        version = await installed_version(conn)
+    if version == SCHEMA_VERSION:
+        return Migration(version, version)
+    found = "no pgws schema" if version is None else f"the pgws schema at version {version}"
+    raise SchemaMismatch(
+        f"PGWS_DURABLE_MIGRATE is false and the database has {found}; this pgws needs version"
+        f" {SCHEMA_VERSION}: run `pgws migrate` (or `pgws migrate --print` for a DBA)"
+    )
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class StoredMessage:
     """A durable message read back: its offset and position in its channel, and the payload."""
@@ -152,22 +181,33 @@ async def store_batch(
     """
     if not frames:
         return []
+    async with conn.transaction():
+        return await store_frames(conn, frames)
+
+
+async def store_frames(
+    conn: psycopg.AsyncConnection[Any], frames: Sequence[tuple[str, str]]
+) -> list[str]:
+    """store_batch()'s statement alone, in the caller's open transaction: the caller commits
+    (and so knows whether a failure came before the commit, when a retry cannot duplicate)."""
+    if not frames:
+        return []
     channels = [channel for channel, _ in frames]
     payloads = [payload for _, payload in frames]
-    async with conn.transaction():
-        cur = await conn.execute(
-            """
-            SELECT g.ch, pgws.store_many(g.ch, g.payloads)
-            FROM (
-                SELECT f.ch, array_agg(f.payload ORDER BY f.i) AS payloads
-                FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS f(ch, payload, i)
-                GROUP BY f.ch
-                ORDER BY f.ch COLLATE "C"
-            ) AS g
-            """,
-            (channels, payloads),
-        )
-        per_channel = {channel: iter(positions) for channel, positions in await cur.fetchall()}
+    # One statement: every channel's store_many, channels locked in one fixed order.
+    cur = await conn.execute(
+        """
+        SELECT g.ch, pgws.store_many(g.ch, g.payloads)
+        FROM (
+            SELECT f.ch, array_agg(f.payload ORDER BY f.i) AS payloads
+            FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS f(ch, payload, i)
+            GROUP BY f.ch
+            ORDER BY f.ch COLLATE "C"
+        ) AS g
+        """,
+        (channels, payloads),
+    )
+    per_channel = {channel: iter(positions) for channel, positions in await cur.fetchall()}
     return [next(per_channel[channel]) for channel in channels]
 
 

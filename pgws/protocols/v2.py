@@ -59,8 +59,9 @@ class Subscribe:
 
     channel: str
     echo: bool
-    resume: bool  # `from` was given: there are no durable channels yet, so `recovered:false`
+    resume: bool  # `from` was given: reply `recovered` (true only for an exact durable replay)
     ref: Ref
+    position: str | None = None  # the `from` value as text (an integer can never resume)
 
 
 @dataclasses.dataclass(slots=True)
@@ -138,17 +139,19 @@ def _sub(
     if not isinstance(echo, bool):
         raise _Malformed("echo must be true or false")
     resume = "from" in request
+    position: str | None = None
     if resume:
-        position = request["from"]
-        if isinstance(position, bool) or not isinstance(position, int | str):
+        given = request["from"]
+        if isinstance(given, bool) or not isinstance(given, int | str):
             raise _Malformed("from must be a position")
+        position = str(given)
     if not (grant.can_read and grant.allows(channel)):
         return Reply(err(ref, NOT_GRANTED, "channel not granted for reading"))
     if channel in subscribed:
         return Reply(err(ref, CONFLICT, "already subscribed"))
     if len(subscribed) >= max_channels:  # as at a legacy handshake: a bound on one socket's cost
         return Reply(err(ref, NOT_GRANTED, f"too many channels: at most {max_channels}"))
-    return Subscribe(channel, echo, resume, ref)
+    return Subscribe(channel, echo, resume, ref, position)
 
 
 def _pub(
@@ -263,14 +266,15 @@ def expiring(seconds: float) -> str:
     return f'{{"op":"expiring","in":{max(int(seconds), 0)}}}'
 
 
-def msg(channel: str, raw: str, raw_is_json: bool) -> str:
+def msg(channel: str, raw: str, raw_is_json: bool, pos: str | None = None) -> str:
     """A `msg` frame for one notification, built once and shared by every v2 reader of `channel`.
 
     `data` is the raw text itself when it is JSON (concatenated, never parsed and dumped again),
-    else that text as a JSON string.
+    else that text as a JSON string; `pos` (durable messages only, SPEC 7) comes last.
     """
     data = raw if raw_is_json else dump_json(raw)
-    return f'{{"op":"msg","ch":{dump_json(channel)},"data":{data}}}'
+    tail = "}" if pos is None else f',"pos":{dump_json(pos)}}}'
+    return f'{{"op":"msg","ch":{dump_json(channel)},"data":{data}{tail}'
 
 
 def dropped(grant: Grant, subscribed: Iterable[str]) -> list[str]:
