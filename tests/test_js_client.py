@@ -9,7 +9,6 @@ handed to the page's token callback through an exposed function.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import socket
 import time
@@ -501,10 +500,6 @@ async def test_a_connection_gone_silent_is_found_by_ping_and_replaced(
         assert errors == []
 
 
-DURABLE_WIRED = importlib.util.find_spec("pgws.durable_bus") is not None
-
-
-@pytest.mark.skipif(not DURABLE_WIRED, reason="durable channels are not wired to sockets here")
 async def test_a_durable_channel_resumes_across_a_killed_serve_with_nothing_lost_or_repeated(
     serve_process: Callable[..., Any], browser: Browser, db: psycopg.AsyncConnection[Any]
 ) -> None:
@@ -554,7 +549,6 @@ async def test_a_durable_channel_resumes_across_a_killed_serve_with_nothing_lost
     assert errors == []
 
 
-@pytest.mark.skipif(not DURABLE_WIRED, reason="durable channels are not wired to sockets here")
 async def test_a_durable_resume_too_far_behind_is_a_gap_with_the_servers_reason(
     serve_process: Callable[..., Any], browser: Browser, db: psycopg.AsyncConnection[Any]
 ) -> None:
