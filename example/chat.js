@@ -243,6 +243,12 @@ function connect(event) {
       token: tokenSource(settings),
       onState: onState,
       onGap: (channel, why, detail) => connectionEvent("gap", describeGap(channel, why, detail)),
+      onSubscribed: (channel, info) => {
+        // A durable channel resumed from where the page was: nothing missed, say so.
+        if (info.resumed && info.recovered) {
+          connectionEvent("caught up", `${channel}: reconnected and replayed what was missed`);
+        }
+      },
       onRefresh: (info) => {
         const until = info.exp ? clock(new Date(info.exp * 1000)) : "no expiry";
         connectionEvent("token refreshed", `renewed on the open connection, valid until ${until}`);
