@@ -13,13 +13,16 @@ import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
+import psycopg
 import pytest
 from jose import jwt
 from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 
+from pgws.setting import ChannelSet
 from tests.conftest import (
     ISSUED_TOKENS,
     TIMEOUT,
@@ -235,5 +238,41 @@ async def test_the_page_renews_short_tokens_on_the_open_connection(
     # One connection for the 3 s tokens (the first line is the page's own, before the click).
     await expect(events(page, "connected")).to_have_count(2, timeout=MS)
     await expect(events(page, "connection lost")).to_have_count(0, timeout=MS)
+    await remember_token(chat)
+    assert chat.errors == []
+
+
+async def test_on_a_durable_channel_the_page_catches_up_after_a_restart(
+    start_gateway: StartGateway, browser: Browser, db: psycopg.AsyncConnection[Any]
+) -> None:
+    """The chat channel is durable: a message sent while the gateway is down is shown once the
+    page is back, exactly once, and the page says it caught up (no gap)."""
+    channel = channel_name()
+    settings = {
+        "root_path": EXAMPLE,
+        "jwt_secret": DEMO_SECRET,
+        "durable": ChannelSet(names=(channel,)),
+    }
+    running: Running = await start_gateway(**settings)
+    chat = await open_chat(browser, running, channel, "")
+    page = chat.page
+    await page.fill("#message", "before the restart")
+    await page.press("#message", "Enter")
+    await expect(page.locator("#messages li").filter(has_text="before the restart")).to_have_count(
+        1, timeout=MS
+    )
+    port = running.gateway.port
+    await running.shutdown()
+    await expect(page.locator("#status")).to_have_attribute(
+        "data-state", "reconnecting", timeout=MS
+    )
+    await db.execute("SELECT pgws.send(%s, %s)", (channel, json.dumps({"payload": "while away"})))
+    await start_gateway(**settings, port=port)
+    await expect(events(page, "caught up", channel)).to_have_count(1, timeout=MS)
+    await expect(page.locator("#messages li").filter(has_text="while away")).to_have_count(
+        1, timeout=MS
+    )
+    await expect(events(page, "gap")).to_have_count(0, timeout=MS)
+    await expect(page.locator("#messages li")).to_have_count(2, timeout=MS)
     await remember_token(chat)
     assert chat.errors == []
