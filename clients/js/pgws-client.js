@@ -454,7 +454,11 @@ export class PgwsClient {
         this._lost(1006, "no answer to ping");
         return;
       }
-      if (quiet >= interval && ws.readyState === 1) this._send(ws, { op: "ping" });
+      // Never before the first `auth` is answered: the server takes any other op then for a
+      // failed auth (401, close 4401).
+      if (quiet >= interval && ws.readyState === 1 && this._authenticated) {
+        this._send(ws, { op: "ping" });
+      }
       this._later(interval / 2, tick);
     };
     this._later(interval / 2, tick);
