@@ -441,23 +441,27 @@ export class PgwsClient {
   }
 
   /* Keep-alive from our side: browsers cannot see a half-open TCP connection, so when the
-     socket has been quiet for pingInterval we ask for a `pong`; no frame for another interval
-     and the connection is taken for lost. */
+     socket has been quiet for pingInterval we send a `ping`; when nothing at all has come back
+     pingInterval after it, the connection is taken for lost. Judged from the ping actually sent,
+     so timers throttled in a background tab cannot make a healthy socket look dead. */
   _armPing(ws, generation) {
     const interval = this.options.pingInterval;
     if (!interval) return;
     this._lastFrameAt = Date.now();
+    let pingSentAt = 0; // 0: no ping waiting for an answer
     const tick = () => {
       if (generation !== this._generation) return;
-      const quiet = Date.now() - this._lastFrameAt;
-      if (quiet >= 2 * interval) {
+      const now = Date.now();
+      if (pingSentAt && this._lastFrameAt < pingSentAt && now - pingSentAt >= interval) {
         this._lost(1006, "no answer to ping");
         return;
       }
+      if (pingSentAt && this._lastFrameAt >= pingSentAt) pingSentAt = 0; // answered
       // Never before the first `auth` is answered: the server takes any other op then for a
       // failed auth (401, close 4401).
-      if (quiet >= interval && ws.readyState === 1 && this._authenticated) {
+      if (!pingSentAt && now - this._lastFrameAt >= interval && this._authenticated) {
         this._send(ws, { op: "ping" });
+        pingSentAt = now;
       }
       this._later(interval / 2, tick);
     };
