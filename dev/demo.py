@@ -73,6 +73,7 @@ def _print_welcome(config: Config, token: str, *, embedded: bool) -> None:
     lines = [
         "",
         f"pgws on {http}://{host}:{config.port}/  (database: {database})",
+        "Open it in a browser: the chat page connects by itself (two windows chat together).",
         "",
         "A token for channel 'chat' (mode rw, valid 24 h):",
         f"  {token}",

@@ -1,38 +1,34 @@
 /*
- * pgws chat example (plain browser JavaScript, no dependencies).
+ * pgws chat example, on the browser client pgws serves at /pgws-client.js
+ * (plain browser JavaScript, no dependencies, no build step).
+ *
+ * The page connects by itself when it loads, reconnects by itself (with
+ * back-off) after a network loss or a restart of pgws, renews its token on
+ * the open connection before it expires, and says in plain words when
+ * messages may have been missed (a gap).
  *
  * DEMO ONLY: when the token field is empty this page signs an HS256 JWT
  * itself, with the secret typed into the page. Never do that in a real
  * application: the secret would be visible to every visitor, who could then
  * mint tokens for any channel. A real app gets its tokens from its backend
- * (or, for testing, from `pgws token`).
+ * (or, for testing, from `pgws token`): that is what the `token` callback of
+ * PgwsClient is for.
  *
  * Received data is untrusted: it is only ever put into the page with
  * textContent, never innerHTML.
  */
-"use strict";
+import { PgwsClient, describeClose } from "/pgws-client.js";
 
-const DEMO_SECRET =
+export const DEMO_SECRET =
   "auwhfdnskjhewfi34uwehdlaehsfkuaeiskjnfduierhfsiweskjcnzeiluwhskdewishdnpwe";
 
 /* Keep the lists from growing without bound in a long-running tab. */
 const MAX_ITEMS = 500;
 
-/* What each close code means, in plain words for the status line. */
-const CLOSE_REASONS = {
-  1000: "normal closure",
-  1001: "server going away (restart or shutdown)",
-  1006: "connection lost (no close frame: the server may be down or refused " +
-        "the token; the browser cannot see HTTP 401/403 reasons)",
-  1008: "policy violation (e.g. slow consumer)",
-  1009: "message too big",
-  3001: "token expired",
-};
-
 /* ---------- JWT signing (HS256 with WebCrypto) ---------- */
 
 /* base64url without padding, from bytes (RFC 7515 §2). */
-function base64url(bytes) {
+export function base64url(bytes) {
   let binary = "";
   for (const b of bytes) binary += String.fromCharCode(b);
   return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
@@ -44,7 +40,7 @@ function base64urlJson(value) {
 }
 
 /* Sign `claims` as a compact HS256 JWT with the UTF-8 bytes of `secret`. */
-async function signHS256(claims, secret) {
+export async function signHS256(claims, secret) {
   const subtle = globalThis.crypto && globalThis.crypto.subtle;
   if (!subtle) {
     // crypto.subtle only exists in secure contexts (https or localhost).
@@ -60,69 +56,62 @@ async function signHS256(claims, secret) {
   return signingInput + "." + base64url(new Uint8Array(signature));
 }
 
-/* Claims of a demo token for exactly one channel. The chat socket and the
-   meta-channel socket each get their own: the server turns every frame a
-   socket sends into one NOTIFY per channel its token grants, so one token
-   for both channels would copy every chat message onto the meta channel. */
-function demoClaims(mode, channel, nowSeconds) {
-  return { mode: mode, channels: [channel], exp: Math.floor(nowSeconds) + 3600 };
+/* Claims of a demo token for the chat channel and, if any, the meta channel.
+   One protocol-v2 socket reads both and publishes to the chat channel only. */
+export function demoClaims(mode, channels, nowSeconds, ttlSeconds) {
+  return { mode: mode, channels: channels, exp: Math.floor(nowSeconds) + ttlSeconds };
 }
-
-/* ---------- URLs and close codes ---------- */
 
 /* ws:// for http pages, wss:// for https, same host:port. Opened from a
    file:// URL there is no host, so fall back to the default pgws port. */
-function defaultServerUrl(loc) {
+export function defaultServerUrl(loc) {
   if (loc.protocol !== "http:" && loc.protocol !== "https:") return "ws://localhost:3000";
   return (loc.protocol === "https:" ? "wss://" : "ws://") + loc.host;
 }
 
-/* Both URL forms of the server: /<token> (all channels of the token) or
-   /<channel>/<token> (just that one). */
-function socketUrl(server, token, channel, channelInUrl) {
-  const base = server.trim().replace(/\/+$/, "");
-  if (channelInUrl) return base + "/" + encodeURIComponent(channel) + "/" + token;
-  return base + "/" + token;
+/* Parse a frame's data; return it only if it looks like a pgws envelope. */
+export function asEnvelope(data) {
+  if (data && typeof data === "object" && !Array.isArray(data)) return data;
+  return null;
 }
 
-function describeClose(code, reason) {
-  const meaning = CLOSE_REASONS[code] || "closed by the server or the network";
-  let text = "closed: " + code + " " + meaning;
-  if (reason) text += " (reason: " + reason + ")";
-  return text;
+/* What a gap means, for people. */
+export function describeGap(channel, why, detail) {
+  switch (why) {
+    case "not recovered":
+      return `${channel}: the messages sent while this page was away could not be replayed` +
+             (detail ? ` (${detail})` : "") + "; some may be missing above";
+    case "server":
+      return `${channel}: the server lost its link to the database for a moment; ` +
+             "messages sent meanwhile may be missing above";
+    case "dropped":
+      return `${channel}: the renewed token no longer grants this channel`;
+    default:
+      return `${channel}: the connection was interrupted and this channel keeps no history; ` +
+             "messages sent meanwhile may be missing above";
+  }
 }
 
 /* ---------- the page ---------- */
 
 const $ = (id) => document.getElementById(id);
 
-/* Two sockets: `socket` for the chat channel (mode as chosen) and, when a
-   meta channel is given, `metaSocket`, read-only, for server events. Nothing
-   is ever sent on the meta socket. */
-let socket = null;        // the chat WebSocket, if any
-let metaSocket = null;    // the read-only meta-channel WebSocket, if any
-let activeMeta = "";      // meta channel name used for the current sockets
-let attempt = 0;          // bumped by every Connect, so a stale one gives up
+let client = null;   // the PgwsClient, while connected or reconnecting
+let active = null;   // {channel, meta, mode} of the current client
 
-/* Status line (about the chat socket). data-state lets CSS (and tests) see
-   the state without parsing words. Note: no state text but "connected"
-   contains the word "connected" ("idle", "connecting…", "closed: …"), so a
-   test can look for it. */
+/* Status line. data-state lets CSS (and tests) see the state without parsing
+   words. No state text but "connected" contains the word "connected"
+   ("connecting…", "reconnecting…", "closed: …"), so a test can look for it. */
 function setStatus(state, text) {
   const el = $("status");
   el.dataset.state = state;
   el.textContent = text;
 }
 
-/* Add a short note to the current status without losing it (e.g. the
-   close code stays visible). */
+/* Add a short note to the current status without losing it. */
 function noteStatus(note) {
   const el = $("status");
   el.textContent = el.textContent.replace(/ — .*$/, "") + " — " + note;
-}
-
-function setConnectedUi(connected) {
-  $("disconnect").disabled = !connected;
 }
 
 /* Append an <li> built from [className, text] parts; trim old entries. */
@@ -140,235 +129,178 @@ function appendItem(list, parts) {
   list.scrollTop = list.scrollHeight;
 }
 
+function clock(date) {
+  return date.toLocaleTimeString();
+}
+
 /* message_delivered_at is UNIX seconds (float); show it as local time. */
 function formatTime(claims) {
   const t = claims && Number(claims.message_delivered_at);
   if (!Number.isFinite(t)) return "";
-  return new Date(t * 1000).toLocaleTimeString();
+  return clock(new Date(t * 1000));
 }
 
-/* Parse a frame; return the object only if it looks like a pgws envelope. */
-function parseEnvelope(text) {
-  try {
-    const value = JSON.parse(text);
-    if (value && typeof value === "object" && !Array.isArray(value)) return value;
-  } catch (_) { /* not JSON: shown raw */ }
-  return null;
+/* A line in the events list about the connection itself. */
+function connectionEvent(event, text) {
+  appendItem($("meta"), [["time", clock(new Date())], ["event", event], ["payload", text]]);
 }
 
-/* Server events (ConnectionOpen, ConnectionClose) and anything on the meta
-   channel go to #meta. An envelope without "event" (a hand-made pg_notify)
-   is treated as chat. */
-function isMetaEvent(msg) {
-  if (activeMeta !== "" && msg.channel === activeMeta) return true;
-  return typeof msg.event === "string" && msg.event !== "WebsocketMessage";
-}
-
-/* Show one received frame; everything from the meta socket goes to #meta. */
-function showFrame(text, fromMeta) {
-  const msg = parseEnvelope(text);
-  if (!msg) {
-    appendItem($(fromMeta ? "meta" : "messages"), [["raw", text]]);
-  } else if (fromMeta || isMetaEvent(msg)) {
-    const mode = msg.claims && msg.claims.mode ? "mode " + msg.claims.mode : "";
-    appendItem($("meta"), [
-      ["time", formatTime(msg.claims)],
-      ["event", msg.event || "(no event)"],
-      ["payload", msg.payload],
-      ["note", mode],
-    ]);
-  } else if (typeof msg.payload === "string") {
+/* A message on the chat channel. */
+function showChat(channel, data) {
+  const msg = asEnvelope(data);
+  if (msg && typeof msg.payload === "string") {
     appendItem($("messages"), [
       ["time", formatTime(msg.claims)],
-      ["channel", msg.channel],
+      ["channel", msg.channel || channel],
       ["payload", msg.payload],
     ]);
   } else {
-    // JSON, but not the usual envelope (a custom producer): show it as sent.
-    appendItem($("messages"), [["raw", text]]);
+    // Not the usual envelope (a custom producer): show it as sent.
+    appendItem($("messages"), [["raw", typeof data === "string" ? data : JSON.stringify(data)]]);
   }
 }
 
-/* The tokens for the two sockets: a pasted token serves both (the meta
-   socket then names its channel in the URL, so that is all it is granted),
-   else one demo token per socket: the chosen mode for chat, "r" for meta. */
-async function obtainTokens(channel, mode, metaChannel) {
-  const given = $("token").value.trim();
-  const box = $("made-token-box");
-  if (given) {
-    box.hidden = true;
-    return { chat: given, meta: given, pasted: true };
+/* A message on the meta channel: ConnectionOpen / ConnectionClose of the
+   server (sent for legacy sockets), or anything a producer sends there. */
+function showMeta(data) {
+  const msg = asEnvelope(data);
+  if (!msg) {
+    appendItem($("meta"), [["raw", typeof data === "string" ? data : JSON.stringify(data)]]);
+    return;
   }
-  const now = Date.now() / 1000;
-  const secret = $("secret").value;
-  const chat = await signHS256(demoClaims(mode, channel, now), secret);
-  const meta = metaChannel ? await signHS256(demoClaims("r", metaChannel, now), secret) : "";
-  $("made-token").textContent = chat;
-  box.hidden = false;
-  return { chat: chat, meta: meta, pasted: false };
+  const mode = msg.claims && msg.claims.mode ? "mode " + msg.claims.mode : "";
+  appendItem($("meta"), [
+    ["time", formatTime(msg.claims)],
+    ["event", msg.event || "(no event)"],
+    ["payload", msg.payload],
+    ["note", mode],
+  ]);
 }
 
-/* Forget a socket and close it. Handlers are detached first so a late close
-   event of an old socket does not overwrite the state of a new one. */
-function discard(ws, code, reason) {
-  if (!ws) return;
-  ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
-  ws.close(code, reason);
+/* The token callback: a pasted token as is, else a fresh demo token. */
+function tokenSource(settings) {
+  return async () => {
+    if (settings.pasted) return settings.pasted;
+    const channels = settings.meta ? [settings.channel, settings.meta] : [settings.channel];
+    const claims = demoClaims(settings.mode, channels, Date.now() / 1000, settings.ttl);
+    const token = await signHS256(claims, settings.secret);
+    $("made-token").textContent = token;
+    $("made-token-box").hidden = false;
+    return token;
+  };
 }
 
-function closeSockets(code, reason) {
-  const chat = socket;
-  const meta = metaSocket;
-  socket = metaSocket = null;
-  discard(chat, code, reason);
-  discard(meta, code, reason);
-}
-
-async function connect(event) {
-  event.preventDefault();
-  closeSockets(1000, "reconnecting");
-  const run = ++attempt;
-
+function readSettings() {
   const channel = $("channel").value.trim();
-  const mode = $("mode").value;
-  let metaChannel = $("meta-channel").value.trim();
-  if (!channel) {
+  let meta = $("meta-channel").value.trim();
+  if (meta === channel) meta = ""; // the chat subscription already reads it
+  const ttl = Number.parseInt($("ttl").value, 10);
+  return {
+    url: $("url").value,
+    channel: channel,
+    meta: meta,
+    mode: $("mode").value,
+    secret: $("secret").value,
+    pasted: $("token").value.trim(),
+    ttl: Number.isFinite(ttl) && ttl > 0 ? ttl : 3600,
+  };
+}
+
+function onState(state, info) {
+  if (state === "connecting") {
+    setStatus("connecting", "connecting…");
+  } else if (state === "open") {
+    setStatus("open", "connected");
+    $("disconnect").disabled = false;
+    connectionEvent("connected", info.protocol === "legacy"
+      ? "this server does not speak protocol v2: legacy protocol, no resume"
+      : "protocol v2");
+  } else if (state === "reconnecting") {
+    const seconds = (info.delay / 1000).toFixed(1);
+    const why = describeClose(info.code, info.reason);
+    setStatus("reconnecting", `reconnecting in ${seconds} s (attempt ${info.attempt}) after ${why}`);
+    if (info.attempt === 1) connectionEvent("connection lost", why + "; reconnecting by itself");
+  } else if (state === "closed") {
+    setStatus("closed", "closed: " + describeClose(info.code, info.reason));
+    $("disconnect").disabled = true;
+  }
+}
+
+function connect(event) {
+  if (event) event.preventDefault();
+  disconnect();
+  const settings = readSettings();
+  if (!settings.channel) {
     setStatus("error", "error: a channel name is needed");
     return;
   }
-  // Meta channel = chat channel: the chat socket already reads it.
-  if (metaChannel === channel) metaChannel = "";
-
-  const server = $("url").value;
-  const channelInUrl = $("channel-in-url").checked;
-  let chatUrl;
-  let metaUrl = "";
+  active = settings;
+  $("disconnect").disabled = false; // Disconnect also stops a connection attempt
+  if (settings.pasted) $("made-token-box").hidden = true;
+  let created;
   try {
-    const tokens = await obtainTokens(channel, mode, metaChannel);
-    if (run !== attempt) return; // Connect was clicked again meanwhile
-    chatUrl = socketUrl(server, tokens.chat, channel, channelInUrl);
-    if (metaChannel) {
-      metaUrl = socketUrl(server, tokens.meta, metaChannel, channelInUrl || tokens.pasted);
-    }
-  } catch (err) {
-    setStatus("error", "error: " + err.message);
+    created = new PgwsClient(settings.url, {
+      token: tokenSource(settings),
+      onState: onState,
+      onGap: (channel, why, detail) => connectionEvent("gap", describeGap(channel, why, detail)),
+      onSubscribed: (channel, info) => {
+        // A durable channel resumed from where the page was: nothing missed, say so.
+        if (info.resumed && info.recovered) {
+          connectionEvent("caught up", `${channel}: reconnected and replayed what was missed`);
+        }
+      },
+      onRefresh: (info) => {
+        const until = info.exp ? clock(new Date(info.exp * 1000)) : "no expiry";
+        connectionEvent("token refreshed", `renewed on the open connection, valid until ${until}`);
+      },
+      onError: (error) => connectionEvent("problem", error.message),
+    });
+  } catch (error) {
+    setStatus("error", "error: " + error.message);
     return;
   }
-  activeMeta = metaChannel;
-  setStatus("connecting", "connecting…");
-  setConnectedUi(true); // Disconnect also cancels a connection attempt
-
-  const openChat = () => {
-    if (run !== attempt || socket) return;
-    try {
-      socket = new WebSocket(chatUrl); // throws on a malformed URL
-    } catch (err) {
-      closeSockets(1000, "bye");
-      setStatus("error", "error: " + err.message);
-      setConnectedUi(false);
-      return;
-    }
-    attachChatHandlers(socket);
-  };
-
-  if (!metaUrl) {
-    openChat();
-    return;
+  client = created;
+  if (settings.mode.includes("r")) {
+    client.subscribe(settings.channel, (data) => showChat(settings.channel, data));
+    if (settings.meta) client.subscribe(settings.meta, showMeta);
   }
-  // The meta socket first, so it also sees the chat socket's ConnectionOpen;
-  // the chat socket follows once it is open (or has failed).
-  try {
-    metaSocket = new WebSocket(metaUrl);
-  } catch (err) {
-    setStatus("error", "error: " + err.message);
-    setConnectedUi(false);
-    return;
-  }
-  attachMetaHandlers(metaSocket, openChat);
-}
-
-function attachChatHandlers(ws) {
-  ws.onopen = () => {
-    setStatus("open", "connected");
-    setConnectedUi(true);
-  };
-  ws.onmessage = (e) => {
-    // pgws only sends text frames; a Blob would be a server bug, show a note.
-    showFrame(typeof e.data === "string" ? e.data : "[binary frame]", false);
-  };
-  // onerror carries no detail in browsers; onclose (which always follows)
-  // has the code, so the status is set there.
-  ws.onerror = () => {};
-  ws.onclose = (e) => {
-    if (socket !== ws) return;
-    // The meta socket belongs to this connection: it goes with it.
-    closeSockets(1000, "bye");
-    setStatus("closed", describeClose(e.code, e.reason));
-    setConnectedUi(false);
-  };
-}
-
-function attachMetaHandlers(ws, next) {
-  ws.onopen = next;
-  ws.onmessage = (e) => {
-    showFrame(typeof e.data === "string" ? e.data : "[binary frame]", true);
-  };
-  ws.onerror = () => {};
-  ws.onclose = (e) => {
-    if (metaSocket !== ws) return;
-    metaSocket = null;
-    appendItem($("meta"), [
-      ["event", "meta channel socket"],
-      ["payload", describeClose(e.code, e.reason)],
-    ]);
-    next(); // chat goes on without server events
-  };
 }
 
 function disconnect() {
-  if (!socket) {
-    // Still opening the meta socket: give up the whole attempt.
-    attempt++;
-    closeSockets(1000, "bye");
-    setStatus("idle", "idle");
-    setConnectedUi(false);
-    return;
-  }
-  // Status first: onclose (kept attached on the chat socket, so the status
-  // then shows the real close code) replaces it once the server answers.
-  setStatus("closing", "closing…");
-  discard(metaSocket, 1000, "bye");
-  metaSocket = null;
-  socket.close(1000, "bye");
+  if (!client) return;
+  const old = client;
+  client = null;
+  old.close(); // reports "closed: 1000 normal closure (reason: bye)"
 }
 
-function send(event) {
+async function send(event) {
   event.preventDefault();
   const input = $("message");
   const text = input.value;
   if (text === "") return;
-  if (!socket || socket.readyState !== WebSocket.OPEN) {
-    noteStatus("cannot send, the socket is not open");
-    return; // keep the text so it can be sent after connecting
+  if (!client || !active) {
+    noteStatus("cannot send, not connected");
+    return;
   }
-  socket.send(text); // one text frame; the server wraps it in the envelope
-  input.value = "";
+  try {
+    await client.publish(active.channel, text); // the server wraps it in the envelope
+    if (input.value === text) input.value = "";
+  } catch (error) {
+    noteStatus("not sent: " + error.reason); // the text stays, to send again
+  }
 }
 
 function init() {
   $("url").value = defaultServerUrl(location);
   if (!$("secret").value) $("secret").value = DEMO_SECRET;
+  // ?channel=room&meta=info picks other channels (handy for two windows).
+  const params = new URLSearchParams(location.search);
+  if (params.get("channel")) $("channel").value = params.get("channel");
+  if (params.has("meta")) $("meta-channel").value = params.get("meta");
   $("connect-form").addEventListener("submit", connect);
   $("send-form").addEventListener("submit", send);
   $("disconnect").addEventListener("click", disconnect);
+  connect(); // by itself: no click needed
 }
 
-if (typeof document !== "undefined") {
-  document.addEventListener("DOMContentLoaded", init);
-}
-
-/* Lets node load the pure functions for a quick test; ignored by browsers. */
-if (typeof module === "object" && module.exports) {
-  module.exports = { base64url, signHS256, demoClaims, defaultServerUrl,
-                     socketUrl, describeClose, parseEnvelope };
-}
+if (typeof document !== "undefined") init(); // a module runs once the page is parsed

@@ -1,5 +1,5 @@
-"""Plain HTTP on the WebSocket port: /health, /ready, /metrics, then static files from
-PGWS_ROOT_PATH (or a short 200).
+"""Plain HTTP on the WebSocket port: /health, /ready, /metrics, /pgws-client.js, then static
+files from PGWS_ROOT_PATH (or a short 200).
 
 websockets hands us every request before the upgrade; those that are not upgrades end here.
 A file's body is never held in memory: `serve_plain` answers with its headers only and
@@ -23,6 +23,8 @@ from urllib.parse import unquote
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+
+from pgws import assets
 
 # Tokens travel in URLs: never leak them to other sites through the Referer header.
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
@@ -146,7 +148,26 @@ class Routes:
                 return text(HTTPStatus.NOT_FOUND, "not found\n", head=head)
             body, media_type = self._metrics()
             return respond(HTTPStatus.OK, body, media_type, head=head)
+        if path == assets.CLIENT_PATH and request.method in _ALLOWED_METHODS:
+            return client_script(request)
         return serve_plain(self._root, request)
+
+
+def client_script(request: Request) -> Response:
+    """/pgws-client.js from the package (SPEC 10): 200, or 304 when the client's copy is current."""
+    body, etag = assets.client_script()
+    extra = {
+        "Cache-Control": assets.CACHE_CONTROL,
+        "ETag": etag,
+        "Access-Control-Allow-Origin": "*",
+    }
+    if assets.not_modified(request.headers.get("If-None-Match"), etag):
+        headers = _headers(assets.CONTENT_TYPE, 0, extra)
+        del headers["Content-Length"]  # a 304 has no body: no length (RFC 9110 8.6)
+        return Response(HTTPStatus.NOT_MODIFIED.value, HTTPStatus.NOT_MODIFIED.phrase, headers)
+    return respond(
+        HTTPStatus.OK, body, assets.CONTENT_TYPE, head=request.method == "HEAD", extra=extra
+    )
 
 
 async def send_file(connection: ServerConnection, response: FileResponse) -> None:

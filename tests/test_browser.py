@@ -6,6 +6,7 @@ missing). Without it this module skips locally and fails when CI is set.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -13,16 +14,17 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from jose import jwt
+from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 
 from pgws.setting import ChannelSet
 from tests.conftest import (
     ISSUED_TOKENS,
-    SECRET,
     TIMEOUT,
     Running,
     StartGateway,
@@ -91,52 +93,89 @@ class Chat:
     errors: list[str]
 
 
+# The page's built-in demo secret (example/chat.js, sample-env): with it the page signs tokens the
+# gateway accepts, so it connects by itself as it does under `make run`.
+DEMO_SECRET = b"auwhfdnskjhewfi34uwehdlaehsfkuaeiskjnfduierhfsiweskjcnzeiluwhskdewishdnpwe"
+
+
+# Chromium's own console line for a socket that could not connect (the server is down): expected
+# while the page retries, and not an error of the page's script.
+_REFUSED = re.compile(r"^WebSocket connection to '[^']*' failed: ")
+
+
+def _script_error(errors: list[str], kind: str, text: str) -> None:
+    if kind == "error" and not _REFUSED.match(text):
+        errors.append(text)
+
+
 async def open_chat(browser: Browser, running: Running, channel: str, meta: str) -> Chat:
-    """A page of its own (a fresh browser context) connected to `channel` in mode rw."""
+    """A page of its own (a fresh browser context) on `channel`: it connects by itself."""
     context = await browser.new_context()
     context.set_default_timeout(MS)
     page = await context.new_page()
     chat = Chat(page, [])
     page.on("pageerror", lambda exc: chat.errors.append(str(exc)))
-    page.on("console", lambda msg: chat.errors.append(msg.text) if msg.type == "error" else None)
-    await page.goto(running.http + "/")
-    # The page derives the socket URL from its own location.
+    page.on("console", lambda msg: _script_error(chat.errors, msg.type, msg.text))
+    await page.goto(f"{running.http}/?channel={quote(channel)}&meta={quote(meta)}")
+    # The page derives the socket URL from its own location, and needs no click.
     await expect(page.locator("#url")).to_have_value(running.url, timeout=MS)
-    await page.fill("#channel", channel)
-    await page.fill("#meta-channel", meta)
-    await page.fill("#secret", SECRET)
-    await page.fill("#token", "")  # signed in the page with WebCrypto
-    await page.select_option("#mode", "rw")
-    await page.click("#connect")
     await expect(page.locator("#status")).to_have_text("connected", timeout=MS)
-    ISSUED_TOKENS.append(await page.locator("#made-token").inner_text())  # for the log audit
+    await expect(page.locator("#channel")).to_have_value(channel, timeout=MS)
     return chat
 
 
-async def test_two_pages_chat_and_see_close_codes(
+async def remember_token(chat: Chat) -> None:
+    """The last token the page signed, for the log audit."""
+    ISSUED_TOKENS.append(await chat.page.locator("#made-token").inner_text())
+
+
+def events(page: Page, event: str, text: str = "") -> Locator:
+    """The lines of the events list whose event is `event` (and that contain `text`)."""
+    lines = page.locator("#meta li").filter(has=page.locator(".event", has_text=event))
+    return lines.filter(has_text=text) if text else lines
+
+
+async def test_two_pages_chat_reconnect_and_see_gaps_in_plain_words(
     start_gateway: StartGateway, browser: Browser
 ) -> None:
-    """Two pages on one channel both show a message sent from one, server events and close codes."""
+    """Two pages connect by themselves and chat with each other and with a legacy socket; server
+    events arrive on the meta channel; Disconnect shows its close code in words; when the gateway
+    goes away the page says so and reconnects by itself once it is back, with the gap in words."""
     meta = channel_name()
-    running: Running = await start_gateway(root_path=EXAMPLE, meta_channel=meta)
+    settings = {"root_path": EXAMPLE, "meta_channel": meta, "jwt_secret": DEMO_SECRET}
+    running: Running = await start_gateway(**settings)
     channel = channel_name()
     chat_one = await open_chat(browser, running, channel, meta)
     chat_two = await open_chat(browser, running, channel, meta)
     one, two = chat_one.page, chat_two.page
-    await subscribed(running, channel, 2)
+    await expect(events(one, "connected", "protocol v2")).to_have_count(1, timeout=MS)
 
-    # The meta socket of page one, opened first, saw both chat sockets arrive.
-    opened = one.locator("#meta li").filter(has_text="ConnectionOpen")
-    await expect(opened.filter(has_text=channel)).to_have_count(2, timeout=MS)
+    # A legacy socket on the chat channel: the server's ConnectionOpen reaches both pages.
+    legacy_token = jwt.encode({"mode": "rw", "channels": [channel]}, DEMO_SECRET.decode())
+    ISSUED_TOKENS.append(legacy_token)
+    async with running.connect(f"/{legacy_token}") as legacy:
+        await subscribed(running, channel)
+        for page in (one, two):
+            await expect(
+                page.locator("#meta li").filter(has_text="ConnectionOpen").filter(has_text=channel)
+            ).to_have_count(1, timeout=MS)
 
-    text = f"hello from page one {channel}"
-    await one.fill("#message", text)
-    await one.press("#message", "Enter")
-    for page in (one, two):
-        await expect(page.locator("#messages li").filter(has_text=text)).to_have_count(
-            1, timeout=MS
-        )
-    await expect(one.locator("#message")).to_have_value("", timeout=MS)
+        text = f"hello from page one {channel}"
+        await one.fill("#message", text)
+        await one.press("#message", "Enter")
+        for page in (one, two):
+            await expect(page.locator("#messages li").filter(has_text=text)).to_have_count(
+                1, timeout=MS
+            )
+        await expect(one.locator("#message")).to_have_value("", timeout=MS)
+        async with asyncio.timeout(TIMEOUT):
+            heard = json.loads(await legacy.recv())
+        assert (heard["channel"], heard["payload"]) == (channel, text)
+        await legacy.send(f"hello from legacy {channel}")
+        for page in (one, two):
+            await expect(
+                page.locator("#messages li").filter(has_text=f"hello from legacy {channel}")
+            ).to_have_count(1, timeout=MS)
 
     # Disconnect: the close code in plain words.
     await two.click("#disconnect")
@@ -144,23 +183,42 @@ async def test_two_pages_chat_and_see_close_codes(
         "closed: 1000 normal closure (reason: bye)", timeout=MS
     )
     await expect(two.locator("#disconnect")).to_be_disabled(timeout=MS)
-    # Its ConnectionClose is NOTIFYed after anything page one's frame caused, so once it is in,
-    # a copy of the chat message on the meta channel would be too: the chat socket is granted
-    # the chat channel only, and the meta socket never sends.
+    # The legacy socket's ConnectionClose is NOTIFYed after anything its frames caused, so once it
+    # is in, a copy of a chat message on the meta channel would be too: the pages publish to the
+    # chat channel only.
     closed = one.locator("#meta li").filter(has_text="ConnectionClose").filter(has_text=channel)
     await expect(closed).to_have_count(1, timeout=MS)
     await expect(one.locator("#meta li").filter(has_text=text)).to_have_count(0, timeout=MS)
 
-    # The server going away: 1001, in words, on the page still connected.
+    # The gateway going away: 1001 in words, and the page retries by itself.
+    port = running.gateway.port
     await running.shutdown()
     await expect(one.locator("#status")).to_have_text(
-        re.compile(r"^closed: 1001 server going away"), timeout=MS
+        re.compile(r"^reconnecting in [0-9.]+ s \(attempt \d+\) after 1001 server going away"),
+        timeout=MS,
     )
-    await expect(one.locator("#status")).to_have_attribute("data-state", "closed", timeout=MS)
+    await expect(one.locator("#status")).to_have_attribute("data-state", "reconnecting", timeout=MS)
+    await expect(events(one, "connection lost", "reconnecting by itself")).to_have_count(
+        1, timeout=MS
+    )
+    # Back on the same port: connected again, and told that messages may have been missed.
+    await start_gateway(**settings, port=port)
+    await expect(one.locator("#status")).to_have_text("connected", timeout=MS)
+    await expect(events(one, "gap", channel)).to_have_count(1, timeout=MS)
+    await expect(events(one, "gap", "messages sent meanwhile may be missing")).to_have_count(
+        2,
+        timeout=MS,  # the chat channel and the meta channel
+    )
+    after = f"after the restart {channel}"
+    await one.fill("#message", after)
+    await one.press("#message", "Enter")
+    await expect(one.locator("#messages li").filter(has_text=after)).to_have_count(1, timeout=MS)
 
     SCREENSHOT.parent.mkdir(exist_ok=True)
     await one.screenshot(path=SCREENSHOT, full_page=True)
     print(f"screenshot: {SCREENSHOT}")  # noqa: T201
+    for chat in (chat_one, chat_two):
+        await remember_token(chat)
     assert chat_one.errors == []
     assert chat_two.errors == []
 
@@ -313,3 +371,60 @@ async def test_event_source_too_far_behind_on_a_durable_channel_is_told_of_the_g
     assert got[1]["data"] == {"ch": channel}
     assert [got[0]["data"]["data"], got[2]["data"]["data"]] == ["before", "after"]
     await context.close()
+
+
+async def test_the_page_renews_short_tokens_on_the_open_connection(
+    start_gateway: StartGateway, browser: Browser
+) -> None:
+    """Tokens of 3 s: the page says each renewal in words and stays connected past the first."""
+    running: Running = await start_gateway(root_path=EXAMPLE, jwt_secret=DEMO_SECRET)
+    channel = channel_name()
+    chat = await open_chat(browser, running, channel, "")
+    page = chat.page
+    await page.fill("#ttl", "3")
+    await page.click("#connect")
+    await expect(events(page, "token refreshed", "renewed on the open connection")).to_have_count(
+        2, timeout=MS
+    )
+    await expect(page.locator("#status")).to_have_text("connected", timeout=MS)
+    # One connection for the 3 s tokens (the first line is the page's own, before the click).
+    await expect(events(page, "connected")).to_have_count(2, timeout=MS)
+    await expect(events(page, "connection lost")).to_have_count(0, timeout=MS)
+    await remember_token(chat)
+    assert chat.errors == []
+
+
+async def test_on_a_durable_channel_the_page_catches_up_after_a_restart(
+    start_gateway: StartGateway, browser: Browser, db: psycopg.AsyncConnection[Any]
+) -> None:
+    """The chat channel is durable: a message sent while the gateway is down is shown once the
+    page is back, exactly once, and the page says it caught up (no gap)."""
+    channel = channel_name()
+    settings = {
+        "root_path": EXAMPLE,
+        "jwt_secret": DEMO_SECRET,
+        "durable": ChannelSet(names=(channel,)),
+    }
+    running: Running = await start_gateway(**settings)
+    chat = await open_chat(browser, running, channel, "")
+    page = chat.page
+    await page.fill("#message", "before the restart")
+    await page.press("#message", "Enter")
+    await expect(page.locator("#messages li").filter(has_text="before the restart")).to_have_count(
+        1, timeout=MS
+    )
+    port = running.gateway.port
+    await running.shutdown()
+    await expect(page.locator("#status")).to_have_attribute(
+        "data-state", "reconnecting", timeout=MS
+    )
+    await db.execute("SELECT pgws.send(%s, %s)", (channel, json.dumps({"payload": "while away"})))
+    await start_gateway(**settings, port=port)
+    await expect(events(page, "caught up", channel)).to_have_count(1, timeout=MS)
+    await expect(page.locator("#messages li").filter(has_text="while away")).to_have_count(
+        1, timeout=MS
+    )
+    await expect(events(page, "gap")).to_have_count(0, timeout=MS)
+    await expect(page.locator("#messages li")).to_have_count(2, timeout=MS)
+    await remember_token(chat)
+    assert chat.errors == []
