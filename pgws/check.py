@@ -12,6 +12,7 @@ import dataclasses
 from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.db.probe import probe_database
+from pgws.jwks import JwksKeys
 from pgws.net import tls_context
 
 
@@ -33,14 +34,7 @@ class Finding:
 
 def static_findings(config: Config) -> list[Finding]:
     """Secret and TLS files, as the gateway would load them; raises ConfigError like `serve`."""
-    verifier = Verifier.from_secret(
-        config.jwt_secret,
-        audience=config.jwt_audience,
-        issuer=config.jwt_issuer,
-        leeway=config.jwt_leeway,
-    )
-    algorithms = ", ".join(verifier.algorithms)
-    findings = [Finding("jwt", f"keys load ({algorithms})")]
+    findings = [_key_finding(config)]
     if tls_context(config) is None:
         findings.append(Finding("tls", "off: ws:// (set PGWS_CERTIFICATE_FILE and PGWS_KEY_FILE)"))
     else:
@@ -48,6 +42,22 @@ def static_findings(config: Config) -> list[Finding]:
     if config.root_path is not None:
         findings.append(Finding("static", f"serving {config.root_path}"))
     return findings
+
+
+def _key_finding(config: Config) -> Finding:
+    """PGWS_JWT_SECRET loads; or PGWS_JWT_JWKS_URL is fetched (or its cache read) as serve would."""
+    if config.jwt_jwks_url is None:
+        verifier = Verifier.from_secret(
+            config.jwt_secret,
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+            leeway=config.jwt_leeway,
+        )
+        return Finding("jwt", f"keys load ({', '.join(verifier.algorithms)})")
+    jwks = JwksKeys.from_config(config)
+    jwks.load()  # raises ConfigError as serve would: unreachable without a cache, no usable key
+    from_cache = jwks.loaded is not None and jwks.loaded["source"] == "cache"
+    return Finding("jwks", jwks.describe(), "warn" if from_cache else "ok")
 
 
 async def database_findings(config: Config) -> list[Finding]:

@@ -38,6 +38,7 @@ from pgws.config import (
 from pgws.db.connect import check_db_uri, masked_db_uri
 from pgws.envfile import credentials_env_file, parse_env_file
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
+from pgws.jwks import JwksKeys
 from pgws.net import tls_context
 from pgws.server import run
 from pgws.systemd import SystemdNotifier
@@ -177,13 +178,18 @@ def serve_gateway(
         warn_unknown_settings(env)
         return config
 
+    jwks: JwksKeys | None = None
     try:
         config, env = read_settings()
         ident = worker_id(os.environ)
         if ident is None:
             # Everything the gateway (or a worker) would refuse is refused here, before the first
             # log line, so that a bad setting is one line on stderr.
-            Verifier.from_secret(config.jwt_secret)
+            if config.jwt_jwks_url is None:
+                Verifier.from_secret(config.jwt_secret)
+            else:  # fetched once, here; workers fetch their own (or read the cache)
+                jwks = JwksKeys.from_config(config)
+                jwks.load()
             tls_context(config)
     except ConfigError as exc:
         fail(exc)
@@ -217,6 +223,7 @@ def serve_gateway(
                     parent_pipe=parent_pipe(os.environ),
                     reload_config=reload_config,
                     on_ready=serving,
+                    jwks=jwks,
                 )
             )
     except (PgwsError, BaseExceptionGroup) as exc:
