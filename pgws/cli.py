@@ -25,6 +25,7 @@ from pgws.claims import Verifier, issue_token
 from pgws.config import (
     DB_URI,
     DEBUG,
+    JWT_JWKS_URL,
     LOG_LEVEL,
     LOG_LEVELS,
     SETTINGS,
@@ -325,10 +326,19 @@ def token(
     if channels:
         claims["channels"] = list(dict.fromkeys(channels))
     try:
-        verifier = Verifier.from_secret(read_jwt_secret(load_env(env_file)))
+        verifier = signing_verifier(load_env(env_file))
         click.echo(issue_token(verifier, claims, ttl=ttl if ttl > 0 else None))
     except ConfigError as exc:
         fail(exc)
+
+
+def signing_verifier(env: Mapping[str, str]) -> Verifier:
+    """The keys `pgws token` signs with: PGWS_JWT_SECRET's (a JWKS URL's keys cannot sign)."""
+    if JWT_JWKS_URL.read(env) is not None:
+        raise ConfigError(
+            JWT_JWKS_URL.name, "holds the provider's public keys, which cannot sign tokens"
+        )
+    return Verifier.from_secret(read_jwt_secret(env))
 
 
 def main() -> None:

@@ -85,7 +85,11 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(
         self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
     ) -> urllib.request.Request | None:
-        https_url(JWT_JWKS_URL.name, newurl)  # raises ConfigError, which ends the fetch
+        try:
+            https_url(JWT_JWKS_URL.name, newurl)
+        except ConfigError:
+            fp.close()
+            raise  # ends the fetch
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 

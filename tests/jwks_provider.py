@@ -119,6 +119,7 @@ class Provider:
         self.body: bytes | None = None  # served as is instead of the keys (hostile documents)
         self.status = 200
         self.cache_control: str | None = None
+        self.location: str | None = None  # with a 3xx status: where it redirects
         self.requests: list[str] = []  # request paths, in order
         self.auth: list[str | None] = []  # their Authorization headers
         self.lock = threading.Lock()
@@ -139,12 +140,12 @@ class Provider:
         with self.lock:
             return len(self.requests)
 
-    def answer(self, path: str, auth: str | None) -> tuple[int, bytes, str | None]:
+    def answer(self, path: str, auth: str | None) -> tuple[int, bytes, str | None, str | None]:
         with self.lock:
             self.requests.append(path)
             self.auth.append(auth)
             body = self.body if self.body is not None else json.dumps({"keys": self.keys}).encode()
-            answer = self.status, body, self.cache_control
+            answer = self.status, body, self.cache_control, self.location
         self.fetched.set()
         return answer
 
@@ -153,10 +154,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
     def do_GET(self) -> None:  # http.server's name
-        status, body, cache_control = self.server.provider.answer(
+        status, body, cache_control, location = self.server.provider.answer(
             self.path, self.headers.get("Authorization")
         )
         self.send_response(status)
+        if location is not None:
+            self.send_header("Location", location)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         if cache_control is not None:

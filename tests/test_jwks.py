@@ -43,6 +43,14 @@ def key_ec() -> SigningKey:
     return signing_key("key-ec", "ES256")
 
 
+@pytest.fixture(scope="module")
+def jwks_source(key_a: SigningKey, key_ec: SigningKey) -> JwksKeys:
+    """A JwksKeys holding key-a and key-ec, installed without a fetch (no provider needed)."""
+    source = JwksKeys("https://idp.invalid/jwks", unknown_kid_interval=0.0)
+    source._install(load_remote_jwks(_document(key_a.public, key_ec.public), NAME))
+    return source
+
+
 @pytest.fixture
 def provider(tmp_path: Path) -> Iterator[Provider]:
     with running_provider(tmp_path) as running:
@@ -362,6 +370,50 @@ def test_credentials_in_the_url_become_basic_auth_and_stay_out_of_errors(
 
 
 @pytest.mark.nodb
+def test_a_redirect_is_followed_only_to_a_url_the_setting_would_take(
+    provider: Provider, key_a: SigningKey
+) -> None:
+    provider.serve(key_a)
+    provider.status, provider.location = 302, "/moved/jwks.json"
+    with pytest.raises(ConfigError):  # followed: the same server answers 302 again, then gives up
+        fetch_jwks(provider.url, provider.ca_file)
+    assert provider.requests[:2] == ["/.well-known/jwks.json", "/moved/jwks.json"]
+    provider.location = "http://idp.example.com/jwks.json?k=s3cret"
+    with pytest.raises(ConfigError) as error:
+        fetch_jwks(provider.url, provider.ca_file)
+    assert str(error.value) == (
+        f"{NAME}: must be https:// (http:// only for a loopback host),"
+        " got http://idp.example.com/jwks.json"
+    )
+
+
+@pytest.mark.nodb
+@settings(max_examples=300, deadline=None)
+@given(
+    header=st.dictionaries(
+        st.sampled_from(["alg", "kid", "typ", "crit", "jwk"]),
+        st.none() | st.integers() | st.text(max_size=12) | st.lists(st.text(max_size=4)),
+    ),
+    body=st.binary(max_size=40),
+    signature=st.binary(max_size=40),
+)
+def test_any_token_against_jwks_keys_is_claims_or_a_401(
+    jwks_source: JwksKeys, header: dict[str, Any], body: bytes, signature: bytes
+) -> None:
+    """Whatever the header says (kid of any type, any alg), a JWKS verifier only refuses with
+    Unauthorized (KeyUnknown being one)."""
+    import base64
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    token = ".".join([part(json.dumps(header).encode()), part(body), part(signature)])
+    verifier = Verifier((), source=jwks_source)
+    with contextlib.suppress(Unauthorized):
+        verifier.verify(token)
+
+
+@pytest.mark.nodb
 def test_a_certificate_not_from_the_ca_is_refused(provider: Provider, key_a: SigningKey) -> None:
     """Without PGWS_JWT_JWKS_CA_FILE the system's CAs are used, which never signed this one."""
     provider.serve(key_a)
@@ -612,3 +664,12 @@ async def test_serve_fetches_at_start_up_and_accepts_the_providers_tokens(
         assert (await recv_json(ws))["payload"] == "hi"
     with contextlib.suppress(Exception):
         await serving.kill()
+
+
+@pytest.mark.nodb
+def test_pgws_token_says_a_providers_keys_cannot_sign() -> None:
+    result = run_pgws("token", env=serve_env("https://idp.example.com/jwks"))
+    assert result.returncode == EX_CONFIG
+    assert result.stderr == (
+        f"Error: {NAME}: holds the provider's public keys, which cannot sign tokens\n"
+    )
