@@ -259,7 +259,7 @@ def at_file(name: str, value: str) -> str:
     return contents
 
 
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost."})  # RFC 6761: always this machine
 
 
 def url_shown(url: str) -> str:
