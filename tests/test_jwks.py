@@ -673,3 +673,31 @@ def test_pgws_token_says_a_providers_keys_cannot_sign() -> None:
     assert result.stderr == (
         f"Error: {NAME}: holds the provider's public keys, which cannot sign tokens\n"
     )
+
+
+async def test_each_worker_loads_the_keys_and_takes_a_rotation_by_itself(
+    serve_process: Any, provider: Provider, key_a: SigningKey, key_b: SigningKey
+) -> None:
+    """--workers 2: the supervisor checks the URL once, each worker fetches its own keys, and a
+    new kid is refetched by whichever worker sees it."""
+    from websockets.asyncio.client import connect
+
+    provider.serve(key_a)
+    serving, port = await serve_process(
+        PGWS_WORKERS="2",
+        PGWS_JWT_SECRET=None,
+        PGWS_JWT_JWKS_URL=provider.url,
+        PGWS_JWT_JWKS_CA_FILE=str(provider.ca_file),
+    )
+    await serving.wait_for_event("workers_ready")
+    loaded = [e for e in serving.events if e.get("event") == "jwks_loaded"]
+    assert sorted(e["worker"] for e in loaded) == [0, 1]
+    assert provider.count == 3
+    provider.serve(key_b)
+    for _ in range(6):  # whichever worker the kernel picks, key-b gets in
+        async with connect(
+            f"ws://127.0.0.1:{port}/{key_b.sign(claims())}", open_timeout=TIMEOUT
+        ) as ws:
+            await ws.send("hi")
+            assert (await recv_json(ws))["payload"] == "hi"
+    assert 4 <= provider.count <= 5  # at most one refetch per worker
