@@ -1,11 +1,12 @@
 """Keys from PGWS_JWT_JWKS_URL: fetched at start-up, kept in memory, refetched in the background.
 
-Refetches happen in one task (`refresh_forever`) so no handshake ever waits on the network by
-itself: on the schedule the provider's Cache-Control asks for (within bounds), on SIGHUP, and
-when a token names a `kid` the keys do not hold. Unknown kids ask for a refetch at most once per
-UNKNOWN_KID_INTERVAL however many arrive; a kid still unknown after it, or arriving while that
-budget is spent, is refused. A refetch that fails or returns an unusable document is logged and
-the keys in memory are kept. The fetch is urllib's, in a thread: no HTTP client library needed.
+Refetches happen in one task (`refresh_forever`), never in a handshake: on the schedule the
+provider's Cache-Control asks for (within bounds), on SIGHUP, and when a token names a `kid` the
+keys do not hold. Unknown kids ask for a refetch at most once per UNKNOWN_KID_INTERVAL however
+many arrive; their handshakes wait for it (at most KeyUnknown.wait_limit) and are checked again.
+A kid still unknown after it, or arriving while that budget is spent, is refused. A refetch
+that fails or returns an unusable document is logged and the keys in memory are kept. The fetch
+is urllib's, in a thread: no HTTP client library needed.
 """
 
 from __future__ import annotations
@@ -173,7 +174,6 @@ class JwksKeys:
         self._skipped: tuple[str, ...] = ()
         self.loaded: dict[str, Any] | None = None  # what the start-up load found, for its log line
         self.refresh_in = REFRESH_DEFAULT  # seconds from the last fetch to the next scheduled one
-        self.fetches = 0  # attempts, for tests and the report
         self._wanted = asyncio.Event()  # a refetch is asked for (unknown kid, SIGHUP)
         self._ended = asyncio.Event()  # set (and replaced) each time a refetch ends
         self._fetching = False
@@ -196,7 +196,6 @@ class JwksKeys:
         Raises ConfigError (exit 78) when neither gives a usable key, or when the cache file
         cannot be written: an unwritable cache would only be found out during an outage.
         """
-        self.fetches += 1
         try:
             fetched = fetch_jwks(self.url, self.ca_file)
         except ConfigError as exc:
@@ -300,7 +299,6 @@ class JwksKeys:
 
     async def refresh(self) -> None:
         """One refetch: new keys in memory and in the cache file, or a warning and the old keys."""
-        self.fetches += 1
         try:
             fetched = await asyncio.to_thread(fetch_jwks, self.url, self.ca_file)
         except ConfigError as exc:
