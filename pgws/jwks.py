@@ -106,11 +106,13 @@ def _request(url: str) -> urllib.request.Request:
     return urllib.request.Request(url, headers=headers)  # noqa: S310  # https_url checked it
 
 
-def fetch_jwks(url: str, ca_file: Path | None = None) -> Fetched:
+def fetch_jwks(url: str, ca_file: Path | None = None, *, timeout: float = FETCH_TIMEOUT) -> Fetched:
     """GET the JWKS and load its keys (blocking: call it in a thread once serving).
 
-    Raises ConfigError naming PGWS_JWT_JWKS_URL, its message showing the URL without
-    credentials or query: unreachable, not HTTP 200, too large, or no usable key.
+    `timeout` bounds each network wait and the whole body too, so a provider trickling bytes
+    cannot hold a fetch for long. Raises ConfigError naming PGWS_JWT_JWKS_URL, its message
+    showing the URL without credentials or query: unreachable, not HTTP 200, too slow, too
+    large, or no usable key.
     """
     name, shown = JWT_JWKS_URL.name, url_shown(url)
     try:
@@ -121,9 +123,9 @@ def fetch_jwks(url: str, ca_file: Path | None = None) -> Fetched:
         urllib.request.HTTPSHandler(context=context), _CheckedRedirects()
     )
     try:
-        with opener.open(_request(url), timeout=FETCH_TIMEOUT) as response:
-            document = response.read(MAX_DOCUMENT + 1)
+        with opener.open(_request(url), timeout=timeout) as response:
             cache_control = response.headers.get("Cache-Control")
+            document = _read_body(response, time.monotonic() + timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
         raise ConfigError(name, f"{shown} answered HTTP {exc.code}") from None
@@ -138,12 +140,24 @@ def fetch_jwks(url: str, ca_file: Path | None = None) -> Fetched:
     return Fetched(keys, document, cache_control)
 
 
+def _read_body(response: Any, deadline: float) -> bytes:
+    """At most MAX_DOCUMENT + 1 bytes, one socket read at a time, until EOF or `deadline`."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_DOCUMENT and (chunk := response.read1(65536)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError
+    return b"".join(chunks)
+
+
 def _os_reason(exc: BaseException) -> str:
     """One line about a network failure, without the URL (which urllib does not put in)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted ({exc.verify_message})"
     if isinstance(exc, TimeoutError):
-        return f"no answer within {FETCH_TIMEOUT:g} s"
+        return "too slow (timed out)"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = " ".join(str(exc).split())
@@ -354,7 +368,8 @@ class JwksKeys:
         """One line for `pgws check`: where the keys came from and what they are."""
         algorithms = ", ".join(sorted({key.algorithm for key in self.keys}))
         kids = ", ".join(sorted(self.kids)) or "none"
-        text = f"{self.shown}: {len(self.keys)} usable keys ({algorithms}; kids {kids})"
+        count = f"{len(self.keys)} usable key{'s' if len(self.keys) != 1 else ''}"
+        text = f"{self.shown}: {count} ({algorithms}; kids {kids})"
         if self._skipped:
             text += f", {len(self._skipped)} skipped ({'; '.join(self._skipped)})"
         if self.loaded is not None and self.loaded["source"] == "cache":
@@ -363,6 +378,6 @@ class JwksKeys:
             )
             text = (
                 f"{self.shown} unreachable ({self.loaded['fetch_error']}); serving would start"
-                f" from the copy cached {stamp:%Y-%m-%d %H:%M} UTC: {len(self.keys)} usable keys"
+                f" from the copy cached {stamp:%Y-%m-%d %H:%M} UTC: {count}"
             )
         return text

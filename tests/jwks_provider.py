@@ -16,6 +16,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,7 @@ class Provider:
         self.status = 200
         self.cache_control: str | None = None
         self.location: str | None = None  # with a 3xx status: where it redirects
+        self.trickle: float | None = None  # seconds between single bytes of the body
         self.requests: list[str] = []  # request paths, in order
         self.auth: list[str | None] = []  # their Authorization headers
         self.lock = threading.Lock()
@@ -140,12 +142,14 @@ class Provider:
         with self.lock:
             return len(self.requests)
 
-    def answer(self, path: str, auth: str | None) -> tuple[int, bytes, str | None, str | None]:
+    def answer(
+        self, path: str, auth: str | None
+    ) -> tuple[int, bytes, str | None, str | None, float | None]:
         with self.lock:
             self.requests.append(path)
             self.auth.append(auth)
             body = self.body if self.body is not None else json.dumps({"keys": self.keys}).encode()
-            answer = self.status, body, self.cache_control, self.location
+            answer = self.status, body, self.cache_control, self.location, self.trickle
         self.fetched.set()
         return answer
 
@@ -154,7 +158,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
     def do_GET(self) -> None:  # http.server's name
-        status, body, cache_control, location = self.server.provider.answer(
+        status, body, cache_control, location, trickle = self.server.provider.answer(
             self.path, self.headers.get("Authorization")
         )
         self.send_response(status)
@@ -165,7 +169,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if cache_control is not None:
             self.send_header("Cache-Control", cache_control)
         self.end_headers()
-        self.wfile.write(body)
+        if trickle is None:
+            self.wfile.write(body)
+            return
+        for byte in body:  # a slow provider: one byte at a time
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:
+                return  # the client gave up
+            time.sleep(trickle)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: the tests count requests instead

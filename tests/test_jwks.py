@@ -414,6 +414,18 @@ def test_any_token_against_jwks_keys_is_claims_or_a_401(
 
 
 @pytest.mark.nodb
+def test_a_provider_trickling_its_answer_is_cut_off_at_the_timeout(
+    provider: Provider, key_a: SigningKey
+) -> None:
+    """Each byte comes within the socket timeout, but the whole body may not take longer."""
+    provider.serve(key_a)
+    provider.trickle = 0.05  # the ~1 KB document would take about a minute
+    with pytest.raises(ConfigError) as error:
+        fetch_jwks(provider.url, provider.ca_file, timeout=0.5)
+    assert error.value.problem == f"cannot fetch {provider.url}: too slow (timed out)"
+
+
+@pytest.mark.nodb
 def test_a_certificate_not_from_the_ca_is_refused(provider: Provider, key_a: SigningKey) -> None:
     """Without PGWS_JWT_JWKS_CA_FILE the system's CAs are used, which never signed this one."""
     provider.serve(key_a)
