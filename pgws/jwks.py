@@ -136,7 +136,10 @@ def fetch_jwks(url: str, ca_file: Path | None = None, *, timeout: float = FETCH_
         raise ConfigError(name, f"cannot fetch {shown}: {_os_reason(exc)}") from None
     if len(document) > MAX_DOCUMENT:
         raise ConfigError(name, f"{shown} sent more than {MAX_DOCUMENT} bytes")
-    keys = load_remote_jwks(document, name)
+    try:
+        keys = load_remote_jwks(document, name)
+    except ConfigError as exc:
+        raise ConfigError(name, f"{shown}: {exc.problem}") from None
     return Fetched(keys, document, cache_control)
 
 

@@ -713,3 +713,25 @@ async def test_each_worker_loads_the_keys_and_takes_a_rotation_by_itself(
             await ws.send("hi")
             assert (await recv_json(ws))["payload"] == "hi"
     assert 4 <= provider.count <= 5  # at most one refetch per worker
+
+
+@pytest.mark.nodb
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"<html>sign in</html>", "the document is not a JSON object"),
+        (b"[" * 50_000, "the document is not a JSON object"),
+        (
+            b'{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}',
+            "the JWKS has no usable signature key (key 0: a symmetric (oct) key is never public)",
+        ),
+    ],
+)
+def test_serve_with_a_hostile_document_at_start_up_exits_78_with_one_line(
+    provider: Provider, body: bytes, problem: str
+) -> None:
+    provider.body = body
+    env = serve_env(provider.url, PGWS_JWT_JWKS_CA_FILE=str(provider.ca_file))
+    result = run_pgws("serve", env=env)
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert result.stderr == f"Error: {NAME}: {provider.url}: {problem}\n"
