@@ -15,14 +15,21 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn, Protocol
 
 from jose import jws
 from jose.exceptions import JOSEError
 
 from pgws.channels import channel_granted, channel_problem, is_wildcard
 from pgws.envelope import strict_loads
-from pgws.errors import INVALID_TOKEN, ConfigError, Forbidden, TokenExpired, Unauthorized
+from pgws.errors import (
+    INVALID_TOKEN,
+    ConfigError,
+    Forbidden,
+    KeyUnknown,
+    TokenExpired,
+    Unauthorized,
+)
 from pgws.keys import Key, load_keys
 from pgws.paths import parse_channel_path, parse_path
 
@@ -78,8 +85,19 @@ class Grant:
         return "w" in self.mode
 
 
+class KeySource(Protocol):
+    """Keys that change while serving (pgws.jwks.JwksKeys: PGWS_JWT_JWKS_URL)."""
+
+    keys: tuple[Key, ...]
+    kids: frozenset[str]
+
+    def unknown_kid(self) -> Any:
+        """Ask for a refetch: an asyncio.Event set when it ends, or None (refuse now)."""
+
+
 class Verifier:
-    """Checks tokens against the configured key(s); built once at start-up from PGWS_JWT_SECRET."""
+    """Checks tokens against the configured key(s); built once at start-up from PGWS_JWT_SECRET,
+    or reading a `KeySource`'s keys at each token (PGWS_JWT_JWKS_URL)."""
 
     def __init__(
         self,
@@ -88,10 +106,12 @@ class Verifier:
         audience: str | None = None,
         issuer: str | None = None,
         leeway: float = 0.0,
+        source: KeySource | None = None,
     ) -> None:
-        if not keys:
+        if not keys and source is None:
             raise ConfigError("PGWS_JWT_SECRET", "holds no usable key")
-        self._keys = tuple(keys)
+        self._static = tuple(keys)
+        self._source = source
         self._audience = audience
         self._issuer = issuer
         self.leeway = leeway  # seconds of clock skew allowed on `exp` and `nbf` (PGWS_JWT_LEEWAY)
@@ -107,6 +127,10 @@ class Verifier:
     ) -> Verifier:
         """A plain secret is an HS256 key; a JSON object is a JWK, or a JWKS with `keys`."""
         return cls(load_keys(secret), audience=audience, issuer=issuer, leeway=leeway)
+
+    @property
+    def _keys(self) -> tuple[Key, ...]:
+        return self._static if self._source is None else self._source.keys
 
     @property
     def weakest_secret(self) -> int | None:
@@ -141,6 +165,8 @@ class Verifier:
             candidates = [key for key in candidates if key.kid == kid]
         elif kid is not None:
             candidates = [key for key in candidates if key.kid is None]
+            if not candidates and self._source is not None and isinstance(kid, str):
+                _refetch_for(self._source, kid)
         payload = None
         for key in candidates:
             try:
@@ -159,6 +185,15 @@ class Verifier:
         if self._issuer is not None and claims.get("iss") != self._issuer:
             raise Unauthorized(INVALID_TOKEN)
         return claims
+
+
+def _refetch_for(source: KeySource, kid: str) -> NoReturn:
+    """A kid the JWKS lacks: KeyUnknown when a refetch may bring it, else a plain 401.
+
+    A kid the keys hold under another algorithm is refused as it is (no refetch)."""
+    if kid not in source.kids and (refetched := source.unknown_kid()) is not None:
+        raise KeyUnknown(refetched)
+    raise Unauthorized(INVALID_TOKEN)
 
 
 def _has_audience(claims: Mapping[str, Any], audience: str) -> bool:

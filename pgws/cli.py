@@ -25,6 +25,7 @@ from pgws.claims import Verifier, issue_token
 from pgws.config import (
     DB_URI,
     DEBUG,
+    JWT_JWKS_URL,
     LOG_LEVEL,
     LOG_LEVELS,
     SETTINGS,
@@ -36,6 +37,7 @@ from pgws.config import (
 from pgws.db.connect import check_db_uri, masked_db_uri
 from pgws.envfile import credentials_env_file, parse_env_file
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
+from pgws.jwks import JwksKeys
 from pgws.net import tls_context
 from pgws.server import run
 from pgws.settings_log import effective_settings, unknown_settings
@@ -183,13 +185,18 @@ def serve_gateway(
         warn_unknown_settings(env)
         return config
 
+    jwks: JwksKeys | None = None
     try:
         config, env = read_settings()
         ident = worker_id(os.environ)
         if ident is None:
             # Everything the gateway (or a worker) would refuse is refused here, before the first
             # log line, so that a bad setting is one line on stderr.
-            Verifier.from_secret(config.jwt_secret)
+            if config.jwt_jwks_url is None:
+                Verifier.from_secret(config.jwt_secret)
+            else:  # fetched once, here; workers fetch their own (or read the cache)
+                jwks = JwksKeys.from_config(config)
+                jwks.load()
             tls_context(config)
     except ConfigError as exc:
         fail(exc)
@@ -225,6 +232,7 @@ def serve_gateway(
                     parent_pipe=parent_pipe(os.environ),
                     reload_config=reload_config,
                     on_ready=serving,
+                    jwks=jwks,
                 )
             )
     except (PgwsError, BaseExceptionGroup) as exc:
@@ -326,10 +334,19 @@ def token(
     if channels:
         claims["channels"] = list(dict.fromkeys(channels))
     try:
-        verifier = Verifier.from_secret(read_jwt_secret(load_env(env_file)))
+        verifier = signing_verifier(load_env(env_file))
         click.echo(issue_token(verifier, claims, ttl=ttl if ttl > 0 else None))
     except ConfigError as exc:
         fail(exc)
+
+
+def signing_verifier(env: Mapping[str, str]) -> Verifier:
+    """The keys `pgws token` signs with: PGWS_JWT_SECRET's (a JWKS URL's keys cannot sign)."""
+    if JWT_JWKS_URL.read(env) is not None:
+        raise ConfigError(
+            JWT_JWKS_URL.name, "holds the provider's public keys, which cannot sign tokens"
+        )
+    return Verifier.from_secret(read_jwt_secret(env))
 
 
 def main() -> None:

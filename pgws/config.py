@@ -38,6 +38,7 @@ from pgws.setting import (
     existing_dir,
     existing_file,
     host,
+    https_url,
     interval_ms,
     metrics_address,
     metrics_place,
@@ -46,6 +47,7 @@ from pgws.setting import (
     seconds,
     skew_seconds,
     text,
+    writable_file,
 )
 
 # What all sockets' unsent data may take together: 256 MiB, a few hundred stalled readers.
@@ -65,7 +67,8 @@ DB_URI = Setting(
 JWT_SECRET = Setting(
     name="PGWS_JWT_SECRET",
     parse=at_file,
-    help="HS256 secret, or a JWK / JWKS JSON object; @FILE reads it from a file",
+    help="HS256 secret, or a JWK / JWKS JSON object; @FILE reads it from a file"
+    " (not with PGWS_JWT_JWKS_URL)",
     required=True,
     secret=True,
 )
@@ -203,6 +206,25 @@ JWT_LEEWAY = Setting(
     default="0",
     help="seconds of clock skew allowed on a token's exp and nbf (and the 3001 timer)",
 )
+# JWKS from an identity provider (issue 13 item 1): instead of PGWS_JWT_SECRET, never with it.
+JWT_JWKS_URL = Setting(
+    name="PGWS_JWT_JWKS_URL",
+    parse=optional(https_url),
+    help="https:// URL of the identity provider's JWKS (RS*/PS*/ES* keys), fetched at start-up"
+    " and refetched on an unknown kid and as its Cache-Control says; instead of PGWS_JWT_SECRET",
+    secret=True,  # a query string may hold an API key; logs show url_shown() of it
+)
+JWT_JWKS_CACHE = Setting(
+    name="PGWS_JWT_JWKS_CACHE",
+    parse=optional(writable_file),
+    help="file pgws writes the JWKS to after each good fetch, and starts from when the"
+    " provider is unreachable at start-up",
+)
+JWT_JWKS_CA_FILE = Setting(
+    name="PGWS_JWT_JWKS_CA_FILE",
+    parse=optional(existing_file),
+    help="CA certificates (PEM) the JWKS URL's certificate must chain to, instead of the system's",
+)
 ALLOWED_ORIGINS = Setting(
     name="PGWS_ALLOWED_ORIGINS",
     parse=optional(origins),  # None = any Origin
@@ -301,6 +323,9 @@ SETTINGS: tuple[Setting[Any], ...] = (
     JWT_AUDIENCE,
     JWT_ISSUER,
     JWT_LEEWAY,
+    JWT_JWKS_URL,
+    JWT_JWKS_CACHE,
+    JWT_JWKS_CA_FILE,
     ALLOWED_ORIGINS,
     LOG_LEVEL,
     DEBUG,
@@ -344,6 +369,9 @@ class Config:
     jwt_audience: str | None = JWT_AUDIENCE.default_value
     jwt_issuer: str | None = JWT_ISSUER.default_value
     jwt_leeway: float = JWT_LEEWAY.default_value
+    jwt_jwks_url: str | None = dataclasses.field(default=JWT_JWKS_URL.default_value, repr=False)
+    jwt_jwks_cache: Path | None = JWT_JWKS_CACHE.default_value
+    jwt_jwks_ca_file: Path | None = JWT_JWKS_CA_FILE.default_value
     allowed_origins: frozenset[str] | None = ALLOWED_ORIGINS.default_value
     log_level: str = LOG_LEVEL.default_value
     auth_timeout: float = AUTH_TIMEOUT.default_value  # SPEC 8: first-frame auth
@@ -387,9 +415,21 @@ class Config:
             raise ConfigError(
                 METRICS.name, f"port {address[1]} + one per worker ({workers}) passes 65535"
             )
+        jwks_url = JWT_JWKS_URL.read(env)
+        if jwks_url is None:
+            for setting in (JWT_JWKS_CACHE, JWT_JWKS_CA_FILE):
+                if env.get(setting.name, "").strip():
+                    raise ConfigError(setting.name, f"is set but {JWT_JWKS_URL.name} is not")
+            jwt_secret = read_jwt_secret(env)
+        elif env.get(JWT_SECRET.name, "").strip():
+            raise ConfigError(
+                JWT_JWKS_URL.name, f"and {JWT_SECRET.name} are both set: keep one of them"
+            )
+        else:
+            jwt_secret = b""  # the keys come from the URL
         return cls(
             db_uri=db_uri,
-            jwt_secret=read_jwt_secret(env),
+            jwt_secret=jwt_secret,
             host=HOST.read(env),
             port=PORT.read(env),
             root_path=ROOT_PATH.read(env),
@@ -413,6 +453,9 @@ class Config:
             jwt_audience=JWT_AUDIENCE.read(env),
             jwt_issuer=JWT_ISSUER.read(env),
             jwt_leeway=JWT_LEEWAY.read(env),
+            jwt_jwks_url=jwks_url,
+            jwt_jwks_cache=JWT_JWKS_CACHE.read(env),
+            jwt_jwks_ca_file=JWT_JWKS_CA_FILE.read(env),
             allowed_origins=ALLOWED_ORIGINS.read(env),
             log_level=LOG_LEVEL.read(env),
             auth_timeout=AUTH_TIMEOUT.read(env),

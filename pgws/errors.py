@@ -6,6 +6,9 @@ upgrade, a close code after it), so the handler maps them to the wire in one pla
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 # Everything a client learns from a token that does not verify (SPEC 2): the same words whatever
 # was wrong, so a refusal tells an attacker nothing.
 INVALID_TOKEN = "invalid token"  # noqa: S105  (a message, not a password)
@@ -106,3 +109,21 @@ class SchemaMismatch(PgwsError):
     """The database's pgws schema is missing or not the version this pgws knows (SPEC 7)."""
 
     exit_code = 78  # EX_CONFIG: `pgws migrate` (or a DBA) has to act
+
+
+class KeyUnknown(Unauthorized):
+    """The token names a `kid` the JWKS from PGWS_JWT_JWKS_URL does not hold (yet); a refetch
+    has been asked for. A caller that can wait awaits `refetched()`, which is bounded, and
+    verifies once more; any other caller answers it as the 401 it is."""
+
+    wait_limit = 5.0  # seconds a handshake waits for the refetch (the fetch itself may take 10)
+
+    def __init__(self, refetched: asyncio.Event) -> None:
+        super().__init__("invalid token")
+        self._refetched = refetched
+
+    async def refetched(self) -> None:
+        """Return once the refetch has ended (keys replaced or kept), or after `wait_limit`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.wait_limit):
+                await self._refetched.wait()

@@ -10,7 +10,7 @@ ride on the connection to the session. Any refusal is an HTTP error, counted and
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import cast
 
@@ -31,7 +31,7 @@ from pgws.claims import (
 from pgws.config import Config
 from pgws.connection import Connection, SocketStats, peer
 from pgws.envelope import EnvelopeWriter
-from pgws.errors import BadRequest, Forbidden, HandshakeRefused, ServiceUnavailable
+from pgws.errors import BadRequest, Forbidden, HandshakeRefused, KeyUnknown, ServiceUnavailable
 from pgws.paths import parse_channel_path, parse_path
 from pgws.protocols.v2 import SUBPROTOCOL as V2
 from pgws.proxies import TrustedProxies
@@ -64,8 +64,14 @@ class Handshake:
         self._proxies = TrustedProxies(config.trusted_proxies)
         self._events = events  # GET /events (SPEC 9): checked here like an upgrade
 
-    def check_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade."""
+    def check_request(
+        self, connection: ServerConnection, request: Request, *, may_wait: bool = True
+    ) -> Response | Awaitable[Response | None] | None:
+        """websockets' process_request: plain HTTP, a refused handshake, or None to upgrade.
+
+        Answered at once, except for a token whose `kid` the JWKS lacks: then an awaitable
+        that waits (bounded) for the refetch that asked for and checks the request again.
+        """
         self._note_client(connection, request)  # first: every refusal's log line names it
         try:
             if not wants_websocket(request):
@@ -87,16 +93,30 @@ class Handshake:
                 max_channels=self._config.max_channels,
             )
             writer = _envelope_writer(grant, self._config.envelope_limit)
+        except KeyUnknown as exc:
+            if may_wait:
+                return self._after_refetch(connection, request, exc)
+            return self._refuse(connection, exc)
         except HandshakeRefused as exc:
-            self._stats.rejected[_reason_label(exc)] += 1
-            log.info("client_rejected", status=exc.status, reason=str(exc), remote=peer(connection))
-            return web.text(HTTPStatus(exc.status), str(exc))
+            return self._refuse(connection, exc)
         conn = cast(Connection, connection)
         conn.grant, conn.writer = grant, writer
         conn.stats = self._stats
         if self._buffers.limit is not None:
             conn.ledger = self._buffers
         return None
+
+    def _refuse(self, connection: ServerConnection, exc: HandshakeRefused) -> Response:
+        self._stats.rejected[_reason_label(exc)] += 1
+        log.info("client_rejected", status=exc.status, reason=str(exc), remote=peer(connection))
+        return web.text(HTTPStatus(exc.status), str(exc))
+
+    async def _after_refetch(
+        self, connection: ServerConnection, request: Request, unknown: KeyUnknown
+    ) -> Response | None:
+        await unknown.refetched()
+        answer = self.check_request(connection, request, may_wait=False)
+        return None if answer is None else cast(Response, answer)
 
     def _accept_v2(self, connection: ServerConnection, request: Request) -> None:
         """A `pgws.v2` upgrade (SPEC 8): a token is optional here (else the first frame is `auth`);

@@ -33,6 +33,7 @@ from pgws.durable_bus import DurableBus
 from pgws.errors import ConfigError
 from pgws.fanout import fan_out
 from pgws.handshake import Handshake, select_subprotocol
+from pgws.jwks import JwksKeys
 from pgws.metrics_http import MetricsListener
 from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
 from pgws.registry import Registry
@@ -106,16 +107,16 @@ class Gateway:
         reuse_port: bool = False,
         shared_listener: str | None = None,
         worker: int | None = None,
+        jwks: JwksKeys | None = None,
     ) -> None:
         self.config = config
         self._reuse_port = reuse_port  # a worker sharing the port with its siblings
         self._worker = worker  # its number: PGWS_METRICS=host:port puts worker i on port + i
-        self.verifier = Verifier.from_secret(
-            config.jwt_secret,
-            audience=config.jwt_audience,
-            issuer=config.jwt_issuer,
-            leeway=config.jwt_leeway,
-        )
+        # PGWS_JWT_JWKS_URL: the keys the CLI already fetched, or fetched in run().
+        if jwks is None and config.jwt_jwks_url is not None:
+            jwks = JwksKeys.from_config(config)
+        self.jwks = jwks
+        self.verifier = self._new_verifier(config)
         self.tls = ReloadableTls(config)
 
         def feed(batch: list[str]) -> object:
@@ -215,6 +216,8 @@ class Gateway:
             *self._reload_certificate(new),
             *self._reload_proxies(new),
         ]
+        if self.jwks is not None:
+            self.jwks.request_refresh()  # SIGHUP also refetches PGWS_JWT_JWKS_URL
         needs_restart = [
             _variable(field.name)
             for field in dataclasses.fields(Config)
@@ -235,12 +238,7 @@ class Gateway:
         if not changed:
             return []
         try:
-            verifier = Verifier.from_secret(
-                new.jwt_secret,
-                audience=new.jwt_audience,
-                issuer=new.jwt_issuer,
-                leeway=new.jwt_leeway,
-            )
+            verifier = self._new_verifier(new)
         except ConfigError as exc:
             log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")
             return []
@@ -250,6 +248,22 @@ class Gateway:
         )
         _warn_if_weak(verifier)
         return changed
+
+    def _new_verifier(self, config: Config) -> Verifier:
+        if self.jwks is not None:
+            return Verifier(
+                (),
+                source=self.jwks,
+                audience=config.jwt_audience,
+                issuer=config.jwt_issuer,
+                leeway=config.jwt_leeway,
+            )
+        return Verifier.from_secret(
+            config.jwt_secret,
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+            leeway=config.jwt_leeway,
+        )
 
     def _reload_certificate(self, new: Config) -> list[str]:
         if self.tls.context is None or not new.tls:
@@ -338,6 +352,8 @@ class Gateway:
         queued, close the LISTEN connection, release the port.
         """
         config = self.config
+        if self.jwks is not None:
+            await self.jwks.start()  # before the port: no socket is taken without keys
         # Bound first, so a taken port fails at once rather than after the database retries;
         # connections are only accepted once serve() listens, after the database is up.
         sock = listen_socket(config.host, config.port, reuse_port=self._reuse_port)
@@ -398,7 +414,9 @@ class Gateway:
         self, stop: asyncio.Event, on_ready: Callable[[Gateway], Any] | None
     ) -> None:
         async with asyncio.TaskGroup() as tasks:
-            feeding = tasks.create_task(self.bus.run(), name="bus")
+            feeding = [tasks.create_task(self.bus.run(), name="bus")]
+            if self.jwks is not None:
+                feeding.append(tasks.create_task(self.jwks.refresh_forever(), name="jwks"))
             log.info(
                 "server_started",
                 port=self.port,
@@ -412,7 +430,8 @@ class Gateway:
             if on_ready is not None:
                 on_ready(self)
             await stop.wait()  # a crashing child cancels this wait too
-            feeding.cancel()
+            for task in feeding:
+                task.cancel()
 
     async def _close_sockets(self, server: Server) -> None:
         """Close every socket with 1001; abort the ones that do not go in time.
@@ -453,6 +472,7 @@ async def run(
     parent_pipe: int | None = None,
     reload_config: Callable[[], Config] | None = None,
     on_ready: Callable[[], None] | None = None,
+    jwks: JwksKeys | None = None,
 ) -> None:
     """Run pgws until SIGTERM/SIGINT/SIGQUIT (or a fatal error, which propagates).
 
@@ -462,7 +482,13 @@ async def run(
     (its supervisor is gone) stops it as SIGTERM does.
     """
     systemd = systemd or SystemdNotifier(None)
-    gateway = Gateway(config, reuse_port=reuse_port, shared_listener=shared_listener, worker=worker)
+    gateway = Gateway(
+        config,
+        reuse_port=reuse_port,
+        shared_listener=shared_listener,
+        worker=worker,
+        jwks=jwks,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

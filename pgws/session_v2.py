@@ -22,7 +22,7 @@ from pgws.config import Config
 from pgws.connection import Connection, SocketStats, peer
 from pgws.durable_bus import DurableBus, NotRecovered, Replay
 from pgws.envelope import EnvelopeWriter, inspect_notification
-from pgws.errors import DatabaseUnavailable, HandshakeRefused, NotifyFailed
+from pgws.errors import DatabaseUnavailable, HandshakeRefused, KeyUnknown, NotifyFailed
 from pgws.protocols import v2
 from pgws.registry import Registry
 
@@ -202,7 +202,11 @@ class V2Sessions:
         conn = socket.conn
         try:
             verifier = self._verifier()
-            claims = verifier.verify(action.token, self._clock())
+            try:
+                claims = verifier.verify(action.token, self._clock())
+            except KeyUnknown as unknown:  # PGWS_JWT_JWKS_URL: wait (bounded) for the refetch
+                await unknown.refetched()
+                claims = verifier.verify(action.token, self._clock())
             grant = grant_for_v2(claims, leeway=verifier.leeway)
             writer = EnvelopeWriter(
                 grant.claims, sender=conn.v2_sender, limit=self._config.envelope_limit

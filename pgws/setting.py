@@ -8,6 +8,7 @@ settings themselves are declared in `config`.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -389,3 +390,59 @@ def at_file(name: str, value: str) -> str:
     if not contents.strip():
         raise ConfigError(name, f"file {str(path)!r} is empty")
     return contents
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost."})  # RFC 6761: always this machine
+
+
+def url_shown(url: str) -> str:
+    """A URL as logs and errors may show it: scheme, host, port and path, without the user
+    name, password, query or fragment (where API keys hide)."""
+    try:
+        parts = urlsplit(url.strip())
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "(an unparsable URL)"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def is_loopback_host(hostname: str) -> bool:
+    """Whether a URL's host is this machine: `localhost`, 127.0.0.0/8 or ::1."""
+    if hostname.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def https_url(name: str, value: str) -> str:
+    """An https:// URL (http:// only when its host is loopback), as fetched."""
+    value = value.strip()
+    shown = url_shown(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  # raises ValueError on a port that is no number or out of range
+    except ValueError:
+        raise ConfigError(name, f"is not a valid URL: {shown}") from None
+    if any(char.isspace() or ord(char) < 32 for char in value):
+        raise ConfigError(name, f"is not a valid URL (whitespace or control characters): {shown}")
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(name, f"expected an https:// URL, got {shown}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ConfigError(name, f"must be https:// (http:// only for a loopback host), got {shown}")
+    return value
+
+
+def writable_file(name: str, value: str) -> Path:
+    """A file pgws may create or replace: its folder exists (the file need not)."""
+    value = value.strip()
+    path = Path(value)
+    if path.is_dir():
+        raise ConfigError(name, f"{value!r} is a folder, not a file")
+    if not path.parent.is_dir():
+        raise ConfigError(name, f"no such folder: {str(path.parent)!r}")
+    return path

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from psycopg import sql
 
+from pgws.check import certificate_dates
 from tests.conftest import SECRET, TIMEOUT, channel_name, run_pgws
+from tests.jwks_provider import Provider, running_provider, signing_key
 
 PASSWORD = "hunter2-check"
 
@@ -23,12 +32,16 @@ def check(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 async def test_a_good_setup_reports_every_check_and_exits_0(dsn: str, tmp_path: Path) -> None:
     env_file = tmp_path / "env"
-    env_file.write_text(f"PGWS_DB_URI={dsn}\nPGWS_JWT_SECRET={SECRET}\nPGWS_MAX_CONECTIONS=5\n")
+    env_file.write_text(
+        f"PGWS_DB_URI={dsn}\nPGWS_JWT_SECRET={SECRET}\nPGWS_MAX_CONECTIONS=5\n"
+        "PGWS_PORT=0\nPGWS_POOL_SIZE=1\n"
+    )
     result = await asyncio.to_thread(check, "--env-file", str(env_file))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert [line.split()[1] for line in lines] == [
-        "settings", "settings", "jwt", "tls", "database", "listen", "notify",
+        "settings", "settings", "jwt", "tls", "port", "database", "listen", "notify",
+        "connections", "durable",
     ]  # fmt: skip
     assert lines[1].startswith("warn")
     assert "did you mean PGWS_MAX_CONNECTIONS?" in lines[1]
@@ -75,3 +88,174 @@ def test_what_would_stop_serve_stops_check_with_the_same_code(
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert PASSWORD not in result.stderr
     assert SECRET not in result.stderr
+
+
+# --- JWKS, certificate dates, port, connections, durable schema (issue 13 items 1 and 6) ------
+
+
+@pytest.fixture
+def provider(tmp_path: Path) -> Iterator[Provider]:
+    with running_provider(tmp_path) as running:
+        yield running
+
+
+def jwks_env(dsn: str, url: str, ca_file: Path, **extra: str) -> dict[str, str]:
+    return {
+        "PGWS_DB_URI": dsn,
+        "PGWS_JWT_JWKS_URL": url,
+        "PGWS_JWT_JWKS_CA_FILE": str(ca_file),
+        "PGWS_PORT": "0",
+        "PGWS_POOL_SIZE": "1",
+        **extra,
+    }
+
+
+async def test_the_jwks_is_fetched_and_its_usable_keys_reported(
+    dsn: str, provider: Provider, tmp_path: Path
+) -> None:
+    provider.serve(signing_key("idp-1"), signing_key("idp-2", "ES256"))
+    provider.keys.append({"kty": "RSA", "use": "enc", "kid": "enc-1"})
+    cache = tmp_path / "jwks.json"
+    env = jwks_env(dsn, provider.url, provider.ca_file, PGWS_JWT_JWKS_CACHE=str(cache))
+    result = await asyncio.to_thread(check, **env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.split()[1] == "jwks")
+    assert line == (
+        f"ok    jwks        {provider.url}: 2 usable keys (ES256, RS256; kids idp-1, idp-2),"
+        " 1 skipped (key 2: not a signature key (use is not sig))"
+    )
+    assert provider.count == 1
+    assert cache.exists()  # written as serve writes it
+
+
+async def test_with_the_provider_down_check_exits_78_or_warns_from_the_cache(
+    dsn: str, tmp_path: Path
+) -> None:
+    cache = tmp_path / "jwks.json"
+    with running_provider(tmp_path) as provider:
+        provider.serve(signing_key("idp-1"))
+        url, ca_file = provider.url, provider.ca_file
+        first = await asyncio.to_thread(check, **jwks_env(dsn, url, ca_file))
+        assert first.returncode == 0, first.stdout + first.stderr
+    down = await asyncio.to_thread(check, **jwks_env(dsn, url, ca_file))
+    assert down.returncode == 78
+    assert down.stdout == ""
+    assert down.stderr == f"Error: PGWS_JWT_JWKS_URL: cannot fetch {url}: Connection refused\n"
+    with running_provider(tmp_path) as provider:
+        provider.serve(signing_key("idp-1"))
+        cached = jwks_env(dsn, provider.url, provider.ca_file, PGWS_JWT_JWKS_CACHE=str(cache))
+        assert (await asyncio.to_thread(check, **cached)).returncode == 0  # writes the cache
+        cached["PGWS_JWT_JWKS_URL"] = url  # the port nothing listens on any more
+    result = await asyncio.to_thread(check, **cached)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.split()[1] == "jwks")
+    assert line.startswith(f"warn  jwks        {url} unreachable (cannot fetch {url}: Connection")
+    assert "serving would start from the copy cached" in line
+
+
+@pytest.mark.nodb
+def test_certificate_dates_fail_outside_them_and_warn_near_the_end(tmp_path: Path) -> None:
+    pem = _certificate_valid(tmp_path, days=30)
+    start = datetime.datetime.now(datetime.UTC)
+    assert certificate_dates(pem, start).status == "ok"
+    assert certificate_dates(pem, start + datetime.timedelta(days=20)).status == "warn"
+    expired = certificate_dates(pem, start + datetime.timedelta(days=31))
+    assert expired.status == "FAIL"
+    assert expired.detail.startswith("certificate expired ")
+    early = certificate_dates(pem, start - datetime.timedelta(days=2))
+    assert early.status == "FAIL"
+    assert early.detail.startswith("certificate not valid before ")
+
+
+async def test_an_expired_certificate_makes_check_exit_1(dsn: str, tmp_path: Path) -> None:
+    pem = _certificate_valid(tmp_path, days=-1)
+    env = {
+        "PGWS_DB_URI": dsn,
+        "PGWS_JWT_SECRET": SECRET,
+        "PGWS_PORT": "0",
+        "PGWS_CERTIFICATE_FILE": str(pem),
+        "PGWS_KEY_FILE": str(tmp_path / "key.pem"),
+    }
+    result = await asyncio.to_thread(check, **env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL  tls         certificate expired " in result.stdout
+
+
+async def test_a_port_in_use_is_a_warning(dsn: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"PGWS_DB_URI": dsn, "PGWS_JWT_SECRET": SECRET, "PGWS_HOST": "127.0.0.1",
+               "PGWS_PORT": str(port)}  # fmt: skip
+        result = await asyncio.to_thread(check, **env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"warn  port        port {port} is already in use on 127.0.0.1" in result.stdout
+
+
+async def test_too_few_database_connections_for_pool_and_workers_is_a_warning(dsn: str) -> None:
+    env = {"PGWS_DB_URI": dsn, "PGWS_JWT_SECRET": SECRET, "PGWS_PORT": "0",
+           "PGWS_POOL_SIZE": "1000", "PGWS_WORKERS": "8"}  # fmt: skip
+    result = await asyncio.to_thread(check, **env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.split()[1] == "connections")
+    assert line.startswith("warn  connections pgws needs 8008 (1 LISTEN + 1000 NOTIFY per process")
+
+
+async def test_the_durable_schema_is_reported_current_after_migrate(dsn: str) -> None:
+    migrated = await asyncio.to_thread(run_pgws, "migrate", env={"PGWS_DB_URI": dsn})
+    assert migrated.returncode == 0, migrated.stderr
+    result = await asyncio.to_thread(
+        check, PGWS_DB_URI=dsn, PGWS_JWT_SECRET=SECRET, PGWS_PORT="0", PGWS_POOL_SIZE="1"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok    durable     schema pgws at version 1, current" in result.stdout.splitlines()
+
+
+async def test_an_older_durable_schema_asks_for_pgws_migrate(dsn: str) -> None:
+    """In a transaction rolled back at the end: the database keeps its real schema."""
+    from pgws.db.durable import SCHEMA_VERSION
+    from pgws.db.probe import _durable_schema
+
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute("CREATE SCHEMA IF NOT EXISTS pgws")
+        await conn.execute("CREATE TABLE IF NOT EXISTS pgws.schema_version (version integer)")
+        await conn.execute("DELETE FROM pgws.schema_version")
+        await conn.execute("INSERT INTO pgws.schema_version VALUES (%s)", (SCHEMA_VERSION - 1,))
+        older = await _durable_schema(conn)
+        await conn.execute("UPDATE pgws.schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+        newer = await _durable_schema(conn)
+        await conn.rollback()
+    assert older[2] == "warn"
+    assert older[1].endswith("run `pgws migrate`")
+    assert newer[2] == "warn"
+    assert newer[1].endswith("upgrade pgws")
+
+
+def _certificate_valid(folder: Path, *, days: int) -> Path:
+    """A self-signed certificate from now-1h to now+`days` (and its key, key.pem, beside it)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(
+            now - datetime.timedelta(hours=1) + min(days, 0) * datetime.timedelta(days=1)
+        )
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .sign(key, hashes.SHA256())
+    )
+    path = folder / "cert.pem"
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
