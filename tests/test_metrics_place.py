@@ -188,3 +188,16 @@ async def test_with_workers_each_worker_serves_its_own_port(
         status, body = await get(each, "/metrics")
         assert status == b"HTTP/1.1 200 OK"
         assert b"pgws_listener_up 1.0" in body
+
+
+async def test_an_ipv6_listener_in_brackets(start_gateway: StartGateway) -> None:
+    running = await start_gateway(metrics="[::1]:0")
+    assert running.gateway.metrics_listener is not None
+    port = running.gateway.metrics_listener.port
+    async with asyncio.timeout(TIMEOUT):
+        reader, writer = await asyncio.open_connection("::1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: [::1]\r\n\r\n")
+        await writer.drain()
+        status = await reader.readline()
+        writer.close()
+    assert status == b"HTTP/1.1 200 OK\r\n"
