@@ -57,6 +57,7 @@ class DurableStats:
     replayed: int  # rows replayed to resuming subscribers
     recovered: int  # resumes answered with an exact replay
     not_recovered: int  # resumes answered "not recovered"
+    oldest_undelivered: float  # seconds, at the last reconcile (0: nothing was behind)
 
 
 class DurableBus:
@@ -166,4 +167,5 @@ class DurableBus:
             replayed=reader.replayed,
             recovered=reader.recovered,
             not_recovered=reader.not_recovered,
+            oldest_undelivered=reader.oldest_undelivered,
         )

@@ -40,6 +40,41 @@ class Snapshot:
     buffered_total_drops: int
     read_only_floods_closed: int
     notification_queue_usage: float | None  # None until sampled, and while the database is away
+    # SPEC 7 durable counters by name (pgws.durable_bus.DurableStats); None in NOTIFY-only mode.
+    durable: Mapping[str, float] | None = None
+
+
+# name in DurableStats -> (metric, help, counter or gauge)
+_DURABLE: tuple[tuple[str, str, str, bool], ...] = (
+    ("stored", "pgws_durable_stored", "Socket messages stored on durable channels", True),
+    (
+        "failed",
+        "pgws_durable_failed",
+        "Socket messages on durable channels that were not stored (their writer was told)",
+        True,
+    ),
+    ("batches", "pgws_durable_batches", "Transactions that stored sockets' messages", True),
+    ("channels", "pgws_durable_channels", "Durable channels followed by this process", False),
+    (
+        "delivered",
+        "pgws_durable_delivered",
+        "Durable messages read and handed to the readers of their channel (once per message)",
+        True,
+    ),
+    (
+        "caught_up",
+        "pgws_durable_caught_up",
+        "Durable messages found by the periodic reconcile rather than a wake-up",
+        True,
+    ),
+    (
+        "repairs",
+        "pgws_durable_reconcile_repairs",
+        "Reconciles that found messages no wake-up had announced (lost wake-up or outage)",
+        True,
+    ),
+    ("replayed", "pgws_durable_replayed", "Durable messages replayed to resuming clients", True),
+)
 
 
 class SnapshotCollector(Collector):
@@ -131,12 +166,31 @@ class SnapshotCollector(Collector):
             "Read-only sockets closed for sending more than they may",
             value=stats.read_only_floods_closed,
         )
+        if stats.durable is not None:
+            yield from _durable_families(stats.durable)
         if stats.notification_queue_usage is not None:
             yield GaugeMetricFamily(
                 "pgws_notification_queue_usage",
                 "pg_notification_queue_usage(), sampled periodically",
                 value=stats.notification_queue_usage,
             )
+
+
+def _durable_families(figures: Mapping[str, float]) -> Iterator[Metric]:
+    for key, name, text, counter in _DURABLE:
+        family = CounterMetricFamily if counter else GaugeMetricFamily
+        yield family(name, text, value=figures.get(key, 0))
+    resumes = CounterMetricFamily(
+        "pgws_durable_resumes", "Resumes from a position, by outcome", labels=["result"]
+    )
+    resumes.add_metric(["recovered"], figures.get("recovered", 0))
+    resumes.add_metric(["not_recovered"], figures.get("not_recovered", 0))
+    yield resumes
+    yield GaugeMetricFamily(
+        "pgws_durable_oldest_undelivered_seconds",
+        "Age of the oldest durable message not yet delivered here, at the last reconcile",
+        value=figures.get("oldest_undelivered", 0.0),
+    )
 
 
 def exposition(take: Callable[[], Snapshot]) -> Callable[[], tuple[bytes, str]]:

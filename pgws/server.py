@@ -246,6 +246,7 @@ class Gateway:
             buffered_total_drops=handler.over_total,
             read_only_floods_closed=handler.read_only_floods,
             notification_queue_usage=notifier.queue_usage,
+            durable=None if self.durable is None else dataclasses.asdict(self.durable.stats()),
         )
 
     @property

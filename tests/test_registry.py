@@ -238,3 +238,47 @@ def test_a_batch_is_delivered_in_one_call_in_order() -> None:
         (frozenset({"s1"}), raws[3]),
     ]
     assert registry.published(["a"]) == 2
+
+
+def test_watch_reports_a_channels_first_reader_and_its_last_across_both_protocols() -> None:
+    """Registry.watch: told once when a channel gets its first reader (legacy or v2) and once
+    when its last one goes (what the durable reader follows)."""
+    registry, _ = make()
+    seen: list[tuple[str, bool]] = []
+    registry.watch(lambda channel, read: seen.append((channel, read)))
+    registry.subscribe("s1", ["a"])
+    registry.subscribe("s2", ["a"])
+    registry.subscribe_v2("v", "a")
+    registry.subscribe_v2("v", "b")
+    registry.unsubscribe("s1", ["a"])
+    registry.unsubscribe("s2", ["a"])
+    assert seen == [("a", True), ("b", True)]
+    registry.unsubscribe_v2("v", ["a", "b"])
+    assert seen == [("a", True), ("b", True), ("a", False), ("b", False)]
+
+
+def test_publish_stored_gives_legacy_readers_the_payload_and_v2_readers_the_position() -> None:
+    """Durable rows go to their channel's readers whatever the payload names: legacy readers
+    get the payload text, v2 readers (payload, position) through deliver_v2."""
+    recorder = Recorder()
+    v2_calls: list[tuple[frozenset[str], str, str, str | None]] = []
+    registry: Registry[str] = Registry(
+        LISTEN,
+        recorder.deliver,
+        recorder.send_out,
+        lambda readers, channel, raw, pos: v2_calls.append((frozenset(readers), channel, raw, pos)),
+    )
+    registry.subscribe("legacy", ["chat"])
+    registry.subscribe_v2("v2", "chat")
+    rows = [(on("elsewhere", "1"), "p1"), ("plain text", "p2")]
+    assert registry.publish_stored("chat", rows) == 4
+    assert recorder.deliveries == [
+        (frozenset({"legacy"}), rows[0][0]),
+        (frozenset({"legacy"}), "plain text"),
+    ]
+    assert v2_calls == [
+        (frozenset({"v2"}), "chat", rows[0][0], "p1"),
+        (frozenset({"v2"}), "chat", "plain text", "p2"),
+    ]
+    assert registry.published(["chat"]) == 2
+    assert registry.publish_stored("nobody", rows) == 0

@@ -257,3 +257,10 @@ def test_sub_beyond_max_channels_is_403() -> None:
         max_channels=1,
     )
     assert reply(actions)["reason"] == "too many channels: at most 1"
+
+
+def test_a_durable_msg_ends_with_its_position() -> None:
+    """`pos` comes last in a durable message's `msg` frame; NOTIFY messages carry none."""
+    assert v2.msg("c", '{"a":1}', True, "p:1") == '{"op":"msg","ch":"c","data":{"a":1},"pos":"p:1"}'
+    assert v2.msg("c", "hi", False, "p:2") == '{"op":"msg","ch":"c","data":"hi","pos":"p:2"}'
+    assert v2.msg("c", "hi", False) == '{"op":"msg","ch":"c","data":"hi"}'

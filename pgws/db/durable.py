@@ -35,6 +35,7 @@ __all__ = [
     "Replay",
     "StoredMessage",
     "fetch_after",
+    "fetch_many",
     "installed_version",
     "migrate",
     "migrate_database",
@@ -44,6 +45,7 @@ __all__ = [
     "schema_sql",
     "send_wakeups",
     "store_batch",
+    "store_frames",
 ]
 
 # Defaults of the settings SPEC 7 names (PGWS_DURABLE, _MIGRATE, _RETENTION, _REPLAY_MAX); config.py
@@ -180,22 +182,33 @@ async def store_batch(
     """
     if not frames:
         return []
+    async with conn.transaction():
+        return await store_frames(conn, frames)
+
+
+async def store_frames(
+    conn: psycopg.AsyncConnection[Any], frames: Sequence[tuple[str, str]]
+) -> list[str]:
+    """store_batch()'s statement alone, in the caller's open transaction: the caller commits
+    (and so knows whether a failure came before the commit, when a retry cannot duplicate)."""
+    if not frames:
+        return []
     channels = [channel for channel, _ in frames]
     payloads = [payload for _, payload in frames]
-    async with conn.transaction():
-        cur = await conn.execute(
-            """
-            SELECT g.ch, pgws.store_many(g.ch, g.payloads)
-            FROM (
-                SELECT f.ch, array_agg(f.payload ORDER BY f.i) AS payloads
-                FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS f(ch, payload, i)
-                GROUP BY f.ch
-                ORDER BY f.ch COLLATE "C"
-            ) AS g
-            """,
-            (channels, payloads),
-        )
-        per_channel = {channel: iter(positions) for channel, positions in await cur.fetchall()}
+    # One statement: every channel's store_many, channels locked in one fixed order.
+    cur = await conn.execute(
+        """
+        SELECT g.ch, pgws.store_many(g.ch, g.payloads)
+        FROM (
+            SELECT f.ch, array_agg(f.payload ORDER BY f.i) AS payloads
+            FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS f(ch, payload, i)
+            GROUP BY f.ch
+            ORDER BY f.ch COLLATE "C"
+        ) AS g
+        """,
+        (channels, payloads),
+    )
+    per_channel = {channel: iter(positions) for channel, positions in await cur.fetchall()}
     return [next(per_channel[channel]) for channel in channels]
 
 
@@ -223,6 +236,58 @@ async def fetch_after(
 ) -> list[StoredMessage]:
     """Up to `limit` messages of `channel` past `offset`, in order (what a wake-up asks for)."""
     return await _fetch(conn, channel, offset, 2**63 - 1, limit)
+
+
+_FETCH_MANY = """
+    SELECT c.i, r."offset", pgws.channel_hash(c.name), ch.epoch, r.tag, r.payload, r.running
+    FROM unnest(%(names)s::text[], %(afters)s::bigint[]) WITH ORDINALITY AS c(name, after, i)
+    JOIN pgws.channel AS ch ON ch.name = c.name
+    CROSS JOIN LATERAL (
+        SELECT m."offset", m.tag, m.payload,
+               sum(octet_length(m.payload)) OVER (ORDER BY m."offset") AS running
+        FROM pgws.message AS m
+        WHERE m.channel = c.name AND m."offset" > c.after
+        ORDER BY m."offset"
+        LIMIT %(limit)s
+    ) AS r
+    WHERE r.running - octet_length(r.payload) < %(budget)s
+    ORDER BY c.i, r."offset"
+"""
+
+
+async def fetch_many(
+    conn: psycopg.AsyncConnection[Any],
+    cursors: Sequence[tuple[str, int]],
+    limit: int,
+    budget: int,
+) -> dict[str, tuple[list[StoredMessage], bool]]:
+    """For each (channel, offset): up to `limit` messages past it, in order, in one query, and
+    whether more may follow (the limit or the budget was reached).
+
+    Per channel the payloads stop once they pass `budget` bytes (the first message always
+    comes), so a catch-up of large messages is read in parts. Channels without new messages are
+    left out of the result.
+    """
+    if not cursors:
+        return {}
+    names = [channel for channel, _ in cursors]
+    cur = await conn.execute(
+        _FETCH_MANY,
+        {
+            "names": names,
+            "afters": [after for _, after in cursors],
+            "limit": limit,
+            "budget": budget,
+        },
+    )
+    found: dict[str, list[StoredMessage]] = {}
+    full: dict[str, bool] = {}
+    for i, offset, channel_hash, epoch, tag, payload, running in await cur.fetchall():
+        channel = names[i - 1]
+        rows = found.setdefault(channel, [])
+        rows.append(StoredMessage(offset, make_position(channel_hash, epoch, offset, tag), payload))
+        full[channel] = len(rows) >= limit or running >= budget
+    return {channel: (rows, full[channel]) for channel, rows in found.items()}
 
 
 async def _fetch(

@@ -45,7 +45,9 @@ from pgws.positions import parse_position
 log = structlog.get_logger("pgws.db.durable_reader")
 
 RECONCILE_INTERVAL = 1.0  # seconds: the longest a lost wake-up delays delivery
-FETCH_MAX = 500  # rows per fetch; a catch-up takes as many fetches as it needs
+FETCH_MAX = 500  # rows per channel per fetch; a catch-up takes as many fetches as it needs
+FETCH_BYTES = 4 * 1024 * 1024  # payload per channel per fetch (one large message may pass it)
+FETCH_CHANNELS = 200  # channels per fetch query
 QUERY_TIMEOUT = 5.0  # a query the database does not answer in this time: connection replaced
 RESUME_CONNECTIONS = 2  # resumes come in bursts after a restart: a few at a time is enough
 # The wake-up listener always heals itself: a lost one only delays delivery until the reconcile.
@@ -56,6 +58,12 @@ Gap = Callable[[str], object]
 Start = Callable[[Replay | NotRecovered], object]
 
 _TOPS = "SELECT name, epoch, top FROM pgws.channel WHERE name = ANY(%s)"
+# The age of the oldest row past the cursors of the channels that are behind (primary-key lookups).
+_OLDEST = """
+    SELECT extract(epoch FROM now() - min(m.created_at))::float8
+    FROM unnest(%s::text[], %s::bigint[]) AS c(name, after)
+    JOIN pgws.message AS m ON m.channel = c.name AND m."offset" = c.after + 1
+"""
 
 
 @dataclasses.dataclass(slots=True)
@@ -78,6 +86,7 @@ class ReaderStats:
     recovered: int  # resumes answered with an exact replay
     not_recovered: int  # resumes answered "not recovered"
     gaps: int  # continuity lost on a followed channel (pruned rows, a reset history)
+    oldest_undelivered: float  # seconds, at the last reconcile (0: nothing was behind)
 
 
 class DurableReader:
@@ -100,6 +109,7 @@ class DurableReader:
         self._cursors: dict[str, _Cursor] = {}
         self._dirty: set[str] = set()
         self._found: set[str] = set()  # marked by the reconcile: their next fetch is a catch-up
+        self._pending: set[str] = set()  # followed, starting point not read yet
         self._reconcile_due = True
         self._changed = asyncio.Event()
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -112,6 +122,7 @@ class DurableReader:
         self.recovered = 0
         self.not_recovered = 0
         self.gaps = 0
+        self.oldest_undelivered = 0.0
 
     def stats(self) -> ReaderStats:
         """A snapshot of the counters, for /metrics."""
@@ -124,6 +135,7 @@ class DurableReader:
             recovered=self.recovered,
             not_recovered=self.not_recovered,
             gaps=self.gaps,
+            oldest_undelivered=self.oldest_undelivered,
         )
 
     # --- which channels -------------------------------------------------------------------------
@@ -132,12 +144,15 @@ class DurableReader:
         """Start following `channel` from its current top (read at the next query)."""
         if channel not in self._cursors:
             self._cursors[channel] = _Cursor()
+            self._pending.add(channel)
             self._changed.set()
 
     def unfollow(self, channel: str) -> None:
         """Stop following `channel` (its last reader here went away)."""
         self._cursors.pop(channel, None)
         self._dirty.discard(channel)
+        self._found.discard(channel)
+        self._pending.discard(channel)
 
     def following(self, channel: str) -> bool:
         """Whether `channel` is followed from a known offset (new rows will be delivered)."""
@@ -180,7 +195,7 @@ class DurableReader:
                 if self.wake_listener.reconnects != listener_reconnects:
                     listener_reconnects = self.wake_listener.reconnects
                     self._reconcile_due = True  # wake-ups sent while it was away are lost
-                if any(cursor.offset is None for cursor in self._cursors.values()):
+                if self._pending:
                     self._reconcile_due = True  # new channels: read where they stand
                 try:
                     conn = await self._connection()
@@ -188,8 +203,7 @@ class DurableReader:
                         self._reconcile_due = False
                         next_reconcile = loop.time() + RECONCILE_INTERVAL
                         await self._reconcile(conn)
-                    while self._dirty:
-                        await self._catch_up(conn, self._dirty.pop())
+                    await self._catch_up(conn)
                     backoff.reset()
                 except (psycopg.OperationalError, OSError) as exc:  # TimeoutError is an OSError
                     log.warning("durable_reader_lost", error=describe(exc), action="reconnect")
@@ -217,11 +231,13 @@ class DurableReader:
     async def _reconcile(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Compare every followed channel's top with its cursor; mark the ones behind."""
         names = list(self._cursors)
+        self._pending.clear()  # read now (or followed from a resume's top)
         if not names:
             return
         async with asyncio.timeout(QUERY_TIMEOUT):
             cur = await conn.execute(_TOPS, (names,))
             rows = {name: (epoch, top) for name, epoch, top in await cur.fetchall()}
+        behind: dict[str, int] = {}
         for name in names:
             cursor = self._cursors.get(name)
             if cursor is None:
@@ -237,36 +253,59 @@ class DurableReader:
                 self._lost_continuity(name)
             elif cursor.epoch is None:
                 cursor.epoch = epoch
-            if top > cursor.offset and name not in self._dirty:
-                self.repairs += 1
-                self._dirty.add(name)
-                self._found.add(name)
-
-    async def _catch_up(self, conn: psycopg.AsyncConnection[Any], channel: str) -> None:
-        """Fetch and deliver every row of `channel` past its cursor, in order."""
-        by_reconcile = channel in self._found
-        self._found.discard(channel)
-        while True:
-            cursor = self._cursors.get(channel)
-            if cursor is None or cursor.offset is None:
-                return
-            after = cursor.offset
+            if top > cursor.offset:
+                behind[name] = cursor.offset
+                if name not in self._dirty:
+                    self.repairs += 1
+                    self._dirty.add(name)
+                    self._found.add(name)
+        self.oldest_undelivered = 0.0
+        if behind:
             async with asyncio.timeout(QUERY_TIMEOUT):
-                rows = await durable.fetch_after(conn, channel, after, FETCH_MAX)
-            if self._cursors.get(channel) is not cursor or cursor.offset != after:
-                return  # unfollowed, or moved by a resume, while fetching: read again later
-            if not rows:
-                return
-            if rows[0].offset != after + 1:
-                self._lost_continuity(channel)  # pruned before this process read them
-            cursor.offset = rows[-1].offset
-            self.delivered += len(rows)
-            if by_reconcile:
-                self.caught_up += len(rows)
-            self._deliver(channel, rows)
-            if len(rows) < FETCH_MAX:
-                return
-            await asyncio.sleep(0)  # a long catch-up lets the rest of the process run
+                cur = await conn.execute(_OLDEST, (list(behind), list(behind.values())))
+                row = await cur.fetchone()
+            if row is not None and row[0] is not None:
+                self.oldest_undelivered = max(float(row[0]), 0.0)
+
+    async def _catch_up(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Fetch and deliver every row past the cursors of the marked channels, in order.
+
+        Up to FETCH_CHANNELS channels per query (a burst over many channels costs few round
+        trips); a channel with more to read stays marked for the next round.
+        """
+        while self._dirty:
+            chosen = []
+            for channel in list(self._dirty)[:FETCH_CHANNELS]:
+                self._dirty.discard(channel)
+                cursor = self._cursors.get(channel)
+                if cursor is not None and cursor.offset is not None:
+                    chosen.append((channel, cursor, cursor.offset))
+            if not chosen:
+                continue
+            async with asyncio.timeout(QUERY_TIMEOUT):
+                found = await durable.fetch_many(
+                    conn, [(channel, after) for channel, _, after in chosen], FETCH_MAX, FETCH_BYTES
+                )
+            for channel, cursor, after in chosen:
+                by_reconcile = channel in self._found
+                rows, more = found.get(channel, ([], False))
+                if self._cursors.get(channel) is not cursor or cursor.offset != after:
+                    continue  # unfollowed, or started anew, while fetching
+                if not more:
+                    self._found.discard(channel)
+                else:
+                    self._dirty.add(channel)
+                if not rows:
+                    continue
+                if rows[0].offset != after + 1:
+                    self._lost_continuity(channel)  # pruned before this process read them
+                cursor.offset = rows[-1].offset
+                self.delivered += len(rows)
+                if by_reconcile:
+                    self.caught_up += len(rows)
+                self._deliver(channel, rows)
+            if self._dirty:
+                await asyncio.sleep(0)  # a long catch-up lets the rest of the process run
 
     def _lost_continuity(self, channel: str) -> None:
         self.gaps += 1
@@ -283,24 +322,31 @@ class DurableReader:
         Raises DatabaseUnavailable (and does not call `start`) when the database cannot answer.
         """
         async with self._resume_slots:
-            conn = self._idle.pop() if self._idle else None
-            try:
-                async with asyncio.timeout(QUERY_TIMEOUT):
-                    if conn is None or conn.closed:
-                        conn = await psycopg.AsyncConnection.connect(
-                            self._config.db_uri, **self._kwargs
-                        )
-                    result = await self._resume(conn, channel, position, replay_max)
-            except (psycopg.OperationalError, OSError) as exc:
-                if conn is not None:
-                    sever(conn)
-                    with contextlib.suppress(psycopg.Error, OSError):
-                        await conn.close()
-                raise DatabaseUnavailable(f"database unavailable: {describe(exc)}") from None
+            # An idle connection may have died meanwhile (a database restart): a resume only
+            # reads, so it is asked again once on a fresh connection.
+            idle = self._idle.pop() if self._idle else None
+            for conn in (idle, None) if idle is not None else (None,):
+                try:
+                    async with asyncio.timeout(QUERY_TIMEOUT):
+                        if conn is None or conn.closed:
+                            conn = await psycopg.AsyncConnection.connect(
+                                self._config.db_uri, **self._kwargs
+                            )
+                        result = await self._resume(conn, channel, position, replay_max)
+                    break
+                except (psycopg.OperationalError, OSError) as exc:
+                    if conn is not None:
+                        sever(conn)
+                        with contextlib.suppress(psycopg.Error, OSError):
+                            await conn.close()
+                    error = exc
+            else:
+                raise DatabaseUnavailable(f"database unavailable: {describe(error)}") from None
             self._idle.append(conn)
         # From here to the end: no await, so no live row can slip between replay and live.
         created = channel not in self._cursors
         cursor = self._cursors.setdefault(channel, _Cursor())
+        self._pending.discard(channel)
         if cursor.offset is None:
             epoch = None
             if isinstance(result, Replay) and (parsed := parse_position(position)) is not None:

@@ -61,6 +61,28 @@ class _Refused(Exception):
     """The database refused the batch's contents (the connection itself is fine)."""
 
 
+class _BeforeCommit(Exception):
+    """The connection failed before the COMMIT was sent: nothing of the batch was stored."""
+
+    def __init__(self, error: psycopg.OperationalError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclasses.dataclass(slots=True)
+class _Slot:
+    """One writer task's connection, opened when needed and replaced when it fails."""
+
+    conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def discard(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            sever(conn)
+            with contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()
+
+
 class DurableWriter:
     """Stores sockets' messages on durable channels, batched across sockets."""
 
@@ -95,7 +117,11 @@ class DurableWriter:
             raise NotifyFailed(_STOPPING)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        size = len(payload) if payload.isascii() else len(payload.encode())
+        try:
+            size = len(payload) if payload.isascii() else len(payload.encode())
+        except UnicodeEncodeError:
+            self.failed += 1
+            raise NotifyFailed("the message is not valid UTF-8") from None
         self._queue.put_nowait(
             _Pending(channel, payload, size, future, loop.time() + STORE_TIMEOUT)
         )
@@ -106,25 +132,19 @@ class DurableWriter:
             raise
 
     async def _write_forever(self) -> None:
-        conn: psycopg.AsyncConnection[Any] | None = None
+        slot = _Slot()
         backoff = Backoff(initial=0.1, cap=1.0)
         try:
             while True:
                 batch = await self._gather()
                 try:
-                    if conn is None or conn.closed:
-                        conn = await self._connect()
-                    await self._store(conn, batch)
+                    await self._store(slot, batch)
                     backoff.reset()
                 except (psycopg.OperationalError, OSError) as exc:  # TimeoutError is an OSError
                     log.warning("durable_store_failed", error=describe(exc), count=len(batch))
                     for message in batch:
                         message.fail(UNAVAILABLE)
-                    if conn is not None:
-                        sever(conn)
-                        with contextlib.suppress(psycopg.Error, OSError):
-                            await conn.close()
-                        conn = None
+                    await slot.discard()
                     await asyncio.sleep(backoff.next())
                 except Exception:  # task boundary: a bug must not strand waiters
                     log.exception("durable_writer_crashed")
@@ -135,10 +155,7 @@ class DurableWriter:
                         message.fail(_STOPPING)  # only when cancelled: the rest are settled
                         self._queue.task_done()
         finally:
-            if conn is not None:
-                sever(conn)
-                with contextlib.suppress(psycopg.Error, OSError):
-                    await conn.close()
+            await slot.discard()
 
     async def _gather(self) -> list[_Pending]:
         """The next batch: what is queued, lingering briefly for more while it is not full."""
@@ -167,20 +184,39 @@ class DurableWriter:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             return await psycopg.AsyncConnection.connect(self._db_uri, **self._kwargs)
 
-    async def _store(self, conn: psycopg.AsyncConnection[Any], batch: list[_Pending]) -> None:
+    async def _store(self, slot: _Slot, batch: list[_Pending]) -> None:
+        """Store `batch` on the slot's connection, answer its waiters, send its wake-ups.
+
+        A connection found dead before the COMMIT went out (an idle one after a database
+        restart) stored nothing, so the batch goes once more on a fresh one.
+        """
         live = self._live(batch)
         if not live:
             return
-        try:
-            positions = await self._commit(conn, live)
-        except _Refused as exc:
-            if len(live) == 1:
-                live[0].fail(f"the database refused the message: {exc}")
+        for attempt in (1, 2):
+            if slot.conn is None or slot.conn.closed:
+                slot.conn = await self._connect()
+            conn: psycopg.AsyncConnection[Any] = slot.conn
+            try:
+                positions = await self._commit(conn, live)
+                break
+            except _BeforeCommit as exc:
+                await slot.discard()
+                if attempt == 2:
+                    raise exc.error from None
+                live = self._live(live)
+                if not live:
+                    return
+            except _Refused as exc:
+                if len(live) == 1:
+                    live[0].fail(f"the database refused the message: {exc}")
+                    return
+                log.warning(
+                    "durable_batch_refused", error=str(exc), count=len(live), action="split"
+                )
+                for message in live:  # one bad message must not cost the others
+                    await self._store(slot, [message])
                 return
-            log.warning("durable_batch_refused", error=str(exc), count=len(live), action="split")
-            for message in live:  # one bad message must not cost the others
-                await self._store(conn, [message])
-            return
         for message, position in zip(live, positions, strict=True):
             if not message.future.done():
                 message.future.set_result(position)
@@ -192,12 +228,17 @@ class DurableWriter:
             raise  # the connection is gone: replaced; the reconcile delivers the batch
 
     async def _commit(self, conn: psycopg.AsyncConnection[Any], live: list[_Pending]) -> list[str]:
-        """Store `live` in one transaction; raise _Refused for contents the database refuses."""
+        """Store `live` in one transaction; _Refused for contents the database refuses,
+        _BeforeCommit when the connection failed before the COMMIT was sent."""
         frames = [(message.channel, message.payload) for message in live]
+        committing = False
         try:
-            async with asyncio.timeout(self._time_left(live)):
-                positions = await durable.store_batch(conn, frames)
-        except psycopg.OperationalError:
+            async with asyncio.timeout(self._time_left(live)), conn.transaction():
+                positions = await durable.store_frames(conn, frames)
+                committing = True  # from here on the outcome of a failure is unknown
+        except psycopg.OperationalError as exc:
+            if not committing:
+                raise _BeforeCommit(exc) from None
             raise
         except psycopg.Error as exc:  # contents: bad channel, payload over 16 MiB, ...
             raise _Refused(describe(exc)) from None
