@@ -613,6 +613,9 @@ def table_rows(plan: Plan, target: str = "pgws") -> list[report.Row]:
         for quantile in ("p50", "p99"):
             add(key, label, f"{quantile}_ms", f"{quantile} ms, against non-durable", "ms",
                 better="lower", **same, baseline_scenario=f"latency-{rate}")  # fmt: skip
+        # Not delivered by the end of the drain: a writer socket that outruns its stores.
+        add(key, label, "loss_frac", "loss", "loss", chart=False, **same,
+            baseline_scenario=f"latency-{rate}")  # fmt: skip
     label = "idle sockets"
     for step in plan.connection_steps:
         metric_label = f"server RSS MiB, {step:,} sockets"
@@ -886,6 +889,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-readers", type=int, help="readers in latency (default 100)")
     parser.add_argument("--connection-steps", help="comma-separated, e.g. 1000,5000,10000")
     parser.add_argument("--notify-connections", type=int, help="raw psycopg NOTIFY connections")
+    parser.add_argument("--sql-batches", help="SQL producer payloads per call, e.g. 1,10,100")
+    parser.add_argument("--durable-ingest-writers", help="durable kind: e.g. 100")
+    parser.add_argument("--durable-fanout-readers", help="durable kind: e.g. 1000")
+    parser.add_argument("--durable-latency-rates", help="durable kind: msg/s, e.g. 100,1000")
     parser.add_argument(
         "--server-cmd", default=f"{sys.executable} -m pgws serve", help="the server under test"
     )
@@ -960,6 +967,10 @@ def plan_from(args: argparse.Namespace) -> Plan:
         latency_readers=args.latency_readers or plan.latency_readers,
         connection_steps=numbers(args.connection_steps, plan.connection_steps),
         notify_connections=args.notify_connections or plan.notify_connections,
+        sql_batches=numbers(args.sql_batches, plan.sql_batches),
+        durable_ingest_writers=numbers(args.durable_ingest_writers, plan.durable_ingest_writers),
+        durable_fanout_readers=numbers(args.durable_fanout_readers, plan.durable_fanout_readers),
+        durable_latency_rates=numbers(args.durable_latency_rates, plan.durable_latency_rates),
         kinds=kinds if not args.no_baseline else tuple(k for k in kinds if k != "notify"),
     )
 
