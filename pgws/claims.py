@@ -450,7 +450,14 @@ def _token_json(data: bytes | str | None) -> dict[str, Any] | None:
         value = strict_loads(data)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if not isinstance(value, dict) or not _nesting_within(value, MAX_JSON_DEPTH):
+    if not isinstance(value, dict):
+        return None
+    # Each level of nesting takes a bracket: with few brackets in all there is nothing to walk.
+    if isinstance(data, bytes):  # in UTF-16 or -32 too, every bracket holds its ASCII byte
+        brackets = data.count(b"[") + data.count(b"{")
+    else:
+        brackets = data.count("[") + data.count("{")
+    if brackets > MAX_JSON_DEPTH and not _nesting_within(value, MAX_JSON_DEPTH):
         return None
     return value
 
