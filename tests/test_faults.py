@@ -250,7 +250,7 @@ async def test_shutdown_with_200_sockets_traffic_and_a_stalled_client_finishes_i
     serving, port = await serve_process(
         PGWS_SHUTDOWN_TIMEOUT="3", PGWS_DB_URI=make_conninfo(dsn, application_name=marker)
     )
-    assert await sessions_named(db, marker) >= 1 + 10  # the listener and the senders
+    assert await sessions_named(db, marker) >= 1 + 1  # the listener and the first sender
     chat = channel_name()
     stalled = socket.create_connection(("127.0.0.1", port))  # TCP only: never speaks HTTP
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import psycopg
@@ -96,3 +97,34 @@ async def test_a_bug_in_one_handler_closes_that_socket_with_1011_only(
         assert any(entry["event"] == "handler_crashed" for entry in logs)
         await gateway.notify(db, {"channel": chat, "payload": "still here"})
         assert (await recv_json(bystander))["payload"] == "still here"
+
+
+async def test_writers_flooding_at_once_have_every_frame_delivered_once_in_order(
+    gateway: Running, dsn: str
+) -> None:
+    """Each writing socket keeps several NOTIFYs in flight (WINDOW) while 20 write at once: a
+    LISTEN sees every frame of every socket once, each socket's in the order it sent them."""
+    writers, each = 20, 60
+    chat = channel_name()
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener:
+        await listener.execute(f'LISTEN "{gateway.config.listen_channel}"')
+
+        async def flood(writer: int) -> None:
+            async with gateway.connect(f"/{chat}/{make_token({'mode': 'w'})}") as ws:
+                for seq in range(each):
+                    await ws.send(f"{writer}:{seq}")
+                await ws.close()
+
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(*(flood(writer) for writer in range(writers)))
+        payloads = [
+            json.loads(n.payload)["payload"]
+            async for n in listener.notifies(timeout=TIMEOUT, stop_after=writers * each)
+        ]
+        payloads += [json.loads(n.payload)["payload"] async for n in listener.notifies(timeout=0.3)]
+    seen: dict[int, list[int]] = {writer: [] for writer in range(writers)}
+    for payload in payloads:
+        writer, seq = payload.split(":")
+        seen[int(writer)].append(int(seq))
+    for writer in range(writers):
+        assert seen[writer] == list(range(each)), f"writer {writer}: {seen[writer]}"

@@ -24,6 +24,7 @@ from pgws.db.connect import (
 )
 from pgws.db.pipeline import Message, PipelinedConnection
 from pgws.errors import NotifyFailed
+from pgws.publisher import PUBLISHER
 
 log = structlog.get_logger("pgws.db.notifier")
 
@@ -168,8 +169,8 @@ class Notifier:
     async def notify(self, payload: str, *, caller: object = None) -> None:
         """NOTIFY one payload; raise NotifyFailed (with a reason for the client) if it was not.
 
-        `caller` (by default the current task) keeps its NOTIFYs in order: while it has some
-        pending, the next ones go to the same sender.
+        `caller` (by default the context's PUBLISHER, else the current task) keeps its NOTIFYs
+        in order: while it has some pending, the next ones go to the same sender.
         """
         if self._closing or not self._senders:
             self.failed += 1
@@ -180,7 +181,9 @@ class Notifier:
             self.failed += 1
             raise NotifyFailed("the message is not valid UTF-8") from None
         if caller is None:
-            caller = asyncio.current_task()
+            caller = PUBLISHER.get()
+            if caller is None:
+                caller = asyncio.current_task()
         sender = self._pins.get(caller)
         if sender is None:
             sender = self._pins[caller] = self._pick()
