@@ -291,10 +291,17 @@ class Pool:
         self.timeout: float = args.connect_timeout
         self.clients: list[Client] = []
         self.failures: dict[int, int] = {}
+        self.issued = 0  # tokens made so far
 
     def path(self, mode: str) -> str:
-        """The URL path for a socket of `mode` on the benchmark channel."""
-        token = make_token(self.secret, {"mode": mode, "channels": [self.channel]})
+        """The URL path for a socket of `mode` on the benchmark channel.
+
+        Every socket gets a token of its own (a `jti` counter), as real clients do, so no cache
+        of verified tokens could make handshakes look cheaper than they are.
+        """
+        self.issued += 1
+        claims = {"mode": mode, "channels": [self.channel], "jti": str(self.issued)}
+        token = make_token(self.secret, claims)
         return f"/{self.channel}/{token}" if self.path_form == "channel" else f"/{token}"
 
     async def open(self, count: int, mode: str, tally: Tally) -> tuple[list[Client], float]:
@@ -303,12 +310,11 @@ class Pool:
         Failed handshakes are counted in `failures` by HTTP status (0: no usable answer).
         """
         loop = asyncio.get_running_loop()
-        path = self.path(mode)
         opened: list[Client] = []
         remaining = count
 
         async def one() -> None:
-            request, accept = handshake_request(self.host, self.port, path)
+            request, accept = handshake_request(self.host, self.port, self.path(mode))
             client = Client(request, accept, tally)
             try:
                 async with asyncio.timeout(self.timeout):

@@ -10,15 +10,22 @@ No compression, no logging per message, no reconnects, no metrics, no static fil
 It reads the same environment as `pgws serve` (PGWS_DB_URI, PGWS_JWT_SECRET, PGWS_HOST,
 PGWS_PORT, PGWS_LISTEN_CHANNEL) and logs `server_started` as a JSON line on stderr.
 
-    python -m bench.raw_gateway [--send-loop] [--loop asyncio] [--senders 2]
+    python -m bench.raw_gateway [--send-loop] [--loop asyncio] [--senders 2] [--hmac]
+
+`--hmac` checks the HS256 token with `hmac` directly instead of python-jose (signature, `alg`,
+`exp`, `nbf`): the least a token check can cost, the baseline for handshakes/s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -56,6 +63,7 @@ class Settings:
     listen_channel: str
     senders: int
     send_loop: bool
+    hmac_tokens: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], args: argparse.Namespace) -> Settings:
@@ -69,6 +77,7 @@ class Settings:
             listen_channel=env.get("PGWS_LISTEN_CHANNEL", "postgres-websockets-listener"),
             senders=args.senders,
             send_loop=args.send_loop,
+            hmac_tokens=args.hmac,
         )
 
 
@@ -101,6 +110,7 @@ class Gateway:
         self.notifiers = notifiers
         self._next_notifier = itertools.cycle(notifiers)
         self._listen = settings.listen_channel.encode()
+        self._secret = settings.secret.encode()
 
     def check_token(self, ws: ServerConnection, request: Request) -> Response | None:
         """Verify the token and the channels before the upgrade, as pgws does."""
@@ -109,7 +119,10 @@ class Gateway:
             return ws.respond(HTTPStatus.BAD_REQUEST, "bad request\n")
         channel, token = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
         try:
-            claims = jwt.decode(token, self.settings.secret, algorithms=["HS256"])
+            if self.settings.hmac_tokens:
+                claims = hs256_claims(token, self._secret)
+            else:
+                claims = jwt.decode(token, self.settings.secret, algorithms=["HS256"])
         except ExpiredSignatureError:
             return ws.respond(HTTPStatus.UNAUTHORIZED, "token expired\n")
         except JWTError:
@@ -192,6 +205,35 @@ class Gateway:
                     broadcast(sockets, payload)
 
 
+def _b64url(segment: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError):
+        raise JWTError("bad base64") from None
+
+
+def hs256_claims(token: str, secret: bytes) -> dict[str, Any]:
+    """An HS256 token's claims, checked with hmac directly: signature, alg, exp and nbf."""
+    signing_input, _, signature = token.rpartition(".")
+    header_segment, _, payload_segment = signing_input.partition(".")
+    expected = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(_b64url(signature), expected):
+        raise JWTError("signature")
+    try:
+        header = json.loads(_b64url(header_segment))
+        claims = json.loads(_b64url(payload_segment))
+    except ValueError:
+        raise JWTError("not JSON") from None
+    if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
+        raise JWTError("not an HS256 JWT")
+    now = time.time()
+    if isinstance(claims.get("exp"), int | float) and now >= claims["exp"]:
+        raise ExpiredSignatureError("expired")
+    if isinstance(claims.get("nbf"), int | float) and now < claims["nbf"]:
+        raise JWTError("not yet valid")
+    return claims
+
+
 async def run(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT."""
     stop = asyncio.Event()
@@ -234,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--senders", type=int, default=2, help="pipelined NOTIFY connections")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument(
+        "--hmac", action="store_true", help="check tokens with hmac directly, not python-jose"
+    )
     args = parser.parse_args(argv)
     settings = Settings.from_env(os.environ, args)
     raise_nofile_limit(65536)

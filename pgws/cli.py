@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import click
 import structlog
 
-from pgws import __version__, logs
+from pgws import __version__, gctune, logs
 from pgws.check import Finding, database_findings, static_findings
 from pgws.claims import Verifier, issue_token
 from pgws.config import (
@@ -221,6 +221,7 @@ def serve_gateway(
         if ident is not None:
             structlog.contextvars.bind_contextvars(worker=ident)
             bind_to_supervisor(os.environ)
+        gctune.tune()  # the serving process itself (one, or each worker), not the supervisor
         with event_loop_runner(config.uvloop) as runner:
             runner.run(
                 run(

@@ -105,7 +105,7 @@ POOL_SIZE = Setting(
     name="PGWS_POOL_SIZE",
     parse=Integer(1, 1000),
     default="10",
-    help="database connections used to send NOTIFY",
+    help="most database connections used to send NOTIFY (opened as load needs them)",
 )
 RETRIES = Setting(
     name="PGWS_RETRIES",

@@ -9,7 +9,9 @@ the open-socket count that PGWS_MAX_CONNECTIONS reads.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import cast
 
@@ -24,11 +26,17 @@ from pgws.durable_bus import DurableBus
 from pgws.envelope import EnvelopeWriter
 from pgws.errors import MessageRefused, MessageTooBig
 from pgws.protocols import legacy
+from pgws.publisher import PUBLISHER
 from pgws.registry import Registry
 from pgws.session_v2 import V2Sessions
 
 # Socket events keep the logger name they had before the split, which log filters may select on.
 log = structlog.get_logger("pgws.handler")
+
+# NOTIFYs one writing socket may have in flight at once. Each is still its own transaction, and
+# they go down one sender connection in order (PUBLISHER); the socket reads its next frame while
+# they travel instead of waiting for each answer, so 10 writers keep 80 NOTIFYs in flight.
+WINDOW = 8
 
 
 class Sessions:
@@ -63,6 +71,7 @@ class Sessions:
         grant, stats = conn.grant, self._stats
         conn.opened_at = self._clock()
         structlog.contextvars.bind_contextvars(conn_id=str(ws.id)[:8])
+        PUBLISHER.set(conn)  # this task's context: its NOTIFYs stay in order
         log.info(
             "client_connected", remote=peer(ws), channels=list(grant.channels), mode=grant.mode
         )
@@ -102,25 +111,55 @@ class Sessions:
 
     async def _receive_forever(self, conn: Connection) -> None:
         """Read frames and carry out what the protocol makes of each, until the socket closes."""
-        async for frame in conn:
-            conn.frames_in += 1
-            self._stats.frames_in += 1
+        in_flight: deque[asyncio.Task[None]] = deque()
+        try:
+            async for frame in conn:
+                conn.frames_in += 1
+                self._stats.frames_in += 1
+                if conn.dropped:
+                    break
+                actions = legacy.receive(conn.grant, conn.writer, frame, self._clock())
+                if not await self._execute(conn, actions, in_flight):
+                    break
             if conn.dropped:
-                break
-            actions = legacy.receive(conn.grant, conn.writer, frame, self._clock())
-            if not await self._execute(conn, actions):
-                break
-        if conn.dropped:
-            await conn.wait_closed()  # within DROP_GRACE: the close code is then known
+                await conn.wait_closed()  # within DROP_GRACE: the close code is then known
+        finally:
+            # What the socket sent before it went is still sent; the first failure is raised.
+            while in_flight:
+                await in_flight.popleft()
 
-    async def _execute(self, conn: Connection, actions: Sequence[legacy.Action]) -> bool:
+    def _publish(
+        self,
+        conn: Connection,
+        envelope: str,
+        channel: str,
+        in_flight: deque[asyncio.Task[None]],
+    ) -> None:
+        """Start one NOTIFY (or durable store) without waiting for it (at most WINDOW are in
+        flight); tasks start in the order made, which keeps this socket's order."""
+        task = conn.loop.create_task(self._send(envelope, channel))
+        task.add_done_callback(functools.partial(_published, conn))
+        in_flight.append(task)
+
+    async def _send(self, envelope: str, channel: str) -> None:
+        await self._registry.publish_out(envelope, channel)  # a legacy writer gets no position
+
+    async def _execute(
+        self,
+        conn: Connection,
+        actions: Sequence[legacy.Action],
+        in_flight: deque[asyncio.Task[None]],
+    ) -> bool:
         """Carry out one frame's actions in order; False once the socket is being closed."""
         for action in actions:
             if conn.dropped:  # RFC 6455 7.1.7: nothing more is processed after a drop
                 return False
             match action:
                 case legacy.Publish():
-                    await self._registry.publish_out(action.envelope, action.channel)
+                    self._publish(conn, action.envelope, action.channel, in_flight)
+                    # A failure raises here (MessageRefused: the socket is closed with its code).
+                    while in_flight and (len(in_flight) >= WINDOW or in_flight[0].done()):
+                        await in_flight.popleft()
                 case legacy.Ignore():
                     # SPEC 3: read-only sockets' frames are read and dropped, up to a budget.
                     if conn.read_only_budget_spent(action.size):
@@ -179,3 +218,13 @@ class Sessions:
             await self._registry.publish_out(envelope, meta)
         except MessageRefused as exc:
             log.warning("meta_event_failed", meta_event=event, error=str(exc))
+
+
+def _published(conn: Connection, task: asyncio.Task[None]) -> None:
+    """A NOTIFY the database did not take closes its socket at once with the reason, even when
+    the socket sends nothing more (the session raises the same error when it reaches it)."""
+    if task.cancelled():
+        return
+    exc = task.exception()  # retrieved here, whatever happens to the task later
+    if isinstance(exc, MessageRefused) and not conn.dropped:
+        conn.drop(exc.close_code, str(exc))

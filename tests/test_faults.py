@@ -250,7 +250,7 @@ async def test_shutdown_with_200_sockets_traffic_and_a_stalled_client_finishes_i
     serving, port = await serve_process(
         PGWS_SHUTDOWN_TIMEOUT="3", PGWS_DB_URI=make_conninfo(dsn, application_name=marker)
     )
-    assert await sessions_named(db, marker) >= 1 + 10  # the listener and the senders
+    assert await sessions_named(db, marker) >= 1 + 1  # the listener and the first sender
     chat = channel_name()
     stalled = socket.create_connection(("127.0.0.1", port))  # TCP only: never speaks HTTP
     try:
@@ -347,3 +347,35 @@ async def test_connect_disconnect_churn_does_not_grow_the_servers_memory(
     await cycles(2000)
     after = rss_kib(serving.process.pid)
     assert after - before < 4096, f"RSS grew by {after - before} KiB over 2,000 cycles"
+
+
+async def test_a_notify_lost_with_no_fresh_connection_closes_its_writer_1011(
+    start_gateway: StartGateway, cluster: ThrowawayPostgres
+) -> None:
+    """The senders' path goes silent with a NOTIFY unanswered: it is given up on, no fresh
+    connection can be had, so its writer is closed 1011 'database unavailable'. What was
+    delivered before was delivered once, and nothing reached the database while it was cut off.
+    """
+    async with PausableProxy(cluster.port) as proxy:
+        gateway: Running = await start_gateway(db_uri=uri_via(cluster.uri, proxy.port))
+        channel = gateway.config.listen_channel
+        async with (
+            await psycopg.AsyncConnection.connect(cluster.uri, autocommit=True) as listener,
+            gateway.connect(f"/{channel_name()}/{make_token({'mode': 'w'})}") as writer,
+        ):
+            await listener.execute(f'LISTEN "{channel}"')
+            await writer.send("first")
+            first = [n.payload async for n in listener.notifies(timeout=TIMEOUT, stop_after=1)]
+            proxy.flowing.clear()
+            await writer.send("lost")
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(TIMEOUT):
+                    await writer.recv()
+            later = [n.payload async for n in listener.notifies(timeout=0.3)]
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1011
+        assert "database unavailable" in closed.value.rcvd.reason
+        assert len(first) == 1
+        assert '"payload":"first"' in first[0]
+        assert later == []
+        assert gateway.gateway.notifier.failed == 1

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from dev.devdb import ThrowawayPostgres
 from pgws.config import Config
-from pgws.db.notifier import NOTIFY, NOTIFY_TIMEOUT, Notifier
+from pgws.db.notifier import GROW_AT, NOTIFY, NOTIFY_TIMEOUT, Notifier
 from pgws.db.pipeline import Message, PipelinedConnection
 from pgws.errors import NotifyFailed
 from tests.conftest import TIMEOUT, channel_name, until
@@ -26,7 +26,8 @@ DB = psycopg.AsyncConnection[Any]
 
 SENDERS = (
     "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgws-notify' "
-    "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+    "AND datname = current_database()"  # other test runs may share the server, not the database
 )
 
 
@@ -247,7 +248,7 @@ async def test_close_returns_within_about_a_second_with_frozen_backends(dsn: str
     config = config_for(dsn, pool_size=2)
     notifier = Notifier(config)
     await notifier.open()
-    frozen = await sender_pids(db, 2)
+    frozen = await sender_pids(db, 1)  # the second opens only under load
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
     try:
@@ -276,3 +277,58 @@ async def test_queue_usage_is_sampled(dsn: str) -> None:
                 await sampling
     assert notifier.queue_usage is not None
     assert 0.0 <= notifier.queue_usage < 1.0
+
+
+async def test_one_sender_opens_at_start_and_light_load_needs_no_other(dsn: str, db: DB) -> None:
+    """PGWS_POOL_SIZE is an upper bound: one connection at start, still one after a trickle."""
+    async with opened(config_for(dsn, pool_size=5)) as notifier:
+        for index in range(20):
+            await notifier.notify(f"m{index}")
+        assert notifier.stats().connections == 1
+        await sender_pids(db, 1)
+
+
+async def test_the_pool_grows_under_load_and_never_above_pool_size(dsn: str, db: DB) -> None:
+    """Many callers at once open more senders, GROW_AT pending each, up to PGWS_POOL_SIZE."""
+    config = config_for(dsn, pool_size=3)
+    total = 5 * GROW_AT
+    async with listening(dsn, config.listen_channel) as listener, opened(config) as notifier:
+        await asyncio.gather(*(notifier.notify(f"m{index}") for index in range(total)))
+        assert notifier.stats().connections == 3
+        await sender_pids(db, 3)
+        await asyncio.gather(*(notifier.notify(f"n{index}") for index in range(total)))
+        await sender_pids(db, 3)
+        payloads = await received(listener, 2 * total)
+    assert sorted(payloads) == sorted(
+        [f"m{index}" for index in range(total)] + [f"n{index}" for index in range(total)]
+    )
+    assert (notifier.sent, notifier.failed) == (2 * total, 0)
+
+
+async def test_a_caller_with_notifies_pending_stays_on_one_sender_in_order(dsn: str) -> None:
+    """Callers that keep several NOTIFYs in flight (by `caller`) have them delivered in order,
+    while the pool grows under them."""
+    config = config_for(dsn, pool_size=4)
+    callers, each, window = 40, 30, 8
+    async with listening(dsn, config.listen_channel) as listener, opened(config) as notifier:
+
+        async def write(caller: int) -> None:
+            in_flight: list[asyncio.Task[None]] = []
+            for seq in range(each):
+                in_flight.append(
+                    asyncio.create_task(notifier.notify(f"{caller}:{seq}", caller=caller))
+                )
+                if len(in_flight) >= window:
+                    await in_flight.pop(0)
+            await asyncio.gather(*in_flight)
+
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(*(write(caller) for caller in range(callers)))
+        payloads = await received(listener, callers * each)
+        assert notifier.stats().connections > 1
+    seen: defaultdict[int, list[int]] = defaultdict(list)
+    for payload in payloads:
+        who, seq = payload.split(":")
+        seen[int(who)].append(int(seq))
+    for caller in range(callers):
+        assert seen[caller] == list(range(each)), f"caller {caller}: {seen[caller]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import psycopg
@@ -17,6 +18,7 @@ from tests.conftest import (
     make_token,
     recv_json,
     subscribed,
+    until,
 )
 
 DB = psycopg.AsyncConnection[Any]
@@ -96,3 +98,77 @@ async def test_a_bug_in_one_handler_closes_that_socket_with_1011_only(
         assert any(entry["event"] == "handler_crashed" for entry in logs)
         await gateway.notify(db, {"channel": chat, "payload": "still here"})
         assert (await recv_json(bystander))["payload"] == "still here"
+
+
+async def test_writers_flooding_at_once_have_every_frame_delivered_once_in_order(
+    gateway: Running, dsn: str
+) -> None:
+    """Each writing socket keeps several NOTIFYs in flight (WINDOW) while 20 write at once: a
+    LISTEN sees every frame of every socket once, each socket's in the order it sent them."""
+    writers, each = 20, 60
+    chat = channel_name()
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener:
+        await listener.execute(f'LISTEN "{gateway.config.listen_channel}"')
+
+        async def flood(writer: int) -> None:
+            async with gateway.connect(f"/{chat}/{make_token({'mode': 'w'})}") as ws:
+                for seq in range(each):
+                    await ws.send(f"{writer}:{seq}")
+                await ws.close()
+
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(*(flood(writer) for writer in range(writers)))
+        payloads = [
+            json.loads(n.payload)["payload"]
+            async for n in listener.notifies(timeout=TIMEOUT, stop_after=writers * each)
+        ]
+        payloads += [json.loads(n.payload)["payload"] async for n in listener.notifies(timeout=0.3)]
+    seen: dict[int, list[int]] = {writer: [] for writer in range(writers)}
+    for payload in payloads:
+        writer, seq = payload.split(":")
+        seen[int(writer)].append(int(seq))
+    for writer in range(writers):
+        assert seen[writer] == list(range(each)), f"writer {writer}: {seen[writer]}"
+
+
+async def test_killed_sender_backends_cost_flooding_writers_nothing(
+    gateway: Running, dsn: str, db: DB
+) -> None:
+    """Sender backends terminated three times while 20 sockets flood with NOTIFYs in flight: no
+    writer is closed, and a LISTEN sees every frame of every socket, each socket's in order."""
+    writers, each = 20, 150
+    chat = channel_name()
+    notifier = gateway.gateway.notifier
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener:
+        await listener.execute(f'LISTEN "{gateway.config.listen_channel}"')
+
+        async def flood(writer: int) -> None:
+            async with gateway.connect(f"/{chat}/{make_token({'mode': 'w'})}") as ws:
+                for seq in range(each):
+                    await ws.send(f"{writer}:{seq}")
+                await ws.close()
+                assert ws.close_code == 1000
+
+        async def kill() -> None:
+            for share in (0.2, 0.45, 0.7):
+                await until(lambda: notifier.sent >= share * writers * each, f"{share:.0%}")  # noqa: B023
+                await db.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'pgws-notify' AND datname = current_database()"
+                )
+
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(*(flood(writer) for writer in range(writers)), kill())
+        payloads = [
+            json.loads(n.payload)["payload"]
+            async for n in listener.notifies(timeout=TIMEOUT, stop_after=writers * each)
+        ]
+        payloads += [json.loads(n.payload)["payload"] async for n in listener.notifies(timeout=0.3)]
+    assert notifier.failed == 0
+    assert notifier.resent > 0, "no kill hit a connection with NOTIFYs in flight"
+    seen: dict[int, list[int]] = {writer: [] for writer in range(writers)}
+    for payload in payloads:
+        writer, seq = payload.split(":")
+        seen[int(writer)].append(int(seq))
+    for writer in range(writers):
+        assert seen[writer] == list(range(each)), f"writer {writer}: {seen[writer]}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -32,13 +33,16 @@ _BAD = pq.ConnStatus.BAD
 class Message:
     """One NOTIFY on its way: the payload, its waiter, and when the waiter is to be answered."""
 
-    __slots__ = ("data", "deadline", "error", "future")
+    __slots__ = ("attempt", "data", "deadline", "error", "future", "mark", "sent_at")
 
     def __init__(self, data: bytes, future: asyncio.Future[None], deadline: float) -> None:
         self.data = data
         self.future = future
         self.deadline = deadline
         self.error: str | None = None  # the database's error; final once this NOTIFY's Sync is back
+        self.attempt = 0  # how many times it was sent
+        self.mark = deadline  # when its connection is given up on if it is still unanswered
+        self.sent_at = 0.0  # when it was last sent (loop time)
 
     def settle(self) -> None:
         """Tell the waiter, if it still waits, how the database answered."""
@@ -75,6 +79,7 @@ class PipelinedConnection:
         self._drained: asyncio.Future[None] | None = None
         self.error: str | None = None
         self.refused: list[str] = []  # errors of refused NOTIFYs, for the owner to log
+        self.on_break: Callable[[], object] | None = None  # told once, when the connection breaks
 
     @classmethod
     async def open(
@@ -125,12 +130,14 @@ class PipelinedConnection:
         except NotifyFailed:
             raise psycopg.OperationalError(f"cannot prepare NOTIFY: {prepared.error}") from None
 
-    async def exchange(self, messages: list[Message], within: float) -> list[Message]:
-        """Send each message as its own transaction and settle it when the database answers.
+    @property
+    def oldest(self) -> Message | None:
+        """The message sent longest ago that is still unanswered, if any."""
+        return self._in_flight[0] if self._in_flight else None
 
-        Returns the messages whose answer never came because the connection broke (or gave no
-        answer `within` seconds): they may or may not have been committed.
-        """
+    def send(self, messages: list[Message]) -> None:
+        """Send each message as its own transaction, without waiting: each is settled when the
+        database answers it. After a break, `take_unanswered()` hands back what never was."""
         in_flight, pg, channel = self._in_flight, self._pg, self._channel
         in_flight.extend(messages)
         try:
@@ -142,12 +149,31 @@ class PipelinedConnection:
             self._break(describe(exc))
         else:
             self._flush()
+
+    def give_up(self, reason: str) -> None:
+        """Break the connection for good (its owner found it too slow to answer)."""
+        self._break(reason)
+
+    def take_unanswered(self) -> list[Message]:
+        """The messages sent whose answer has not come, oldest first; they are forgotten here.
+
+        After a break they may or may not have been committed.
+        """
+        lost = list(self._in_flight)
+        self._in_flight.clear()
+        return lost
+
+    async def exchange(self, messages: list[Message], within: float) -> list[Message]:
+        """Send each message as its own transaction and settle it when the database answers.
+
+        Returns the messages whose answer never came because the connection broke (or gave no
+        answer `within` seconds): they may or may not have been committed.
+        """
+        self.send(messages)
         await self._wait(within)
         if self.error is None:
             return []
-        lost = list(in_flight)
-        in_flight.clear()
-        return lost
+        return self.take_unanswered()
 
     async def _wait(self, within: float) -> None:
         """Until every message sent is answered or the connection breaks (silence `within`
@@ -219,6 +245,8 @@ class PipelinedConnection:
             self._writing = False
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
+        if self.on_break is not None:
+            self.on_break()
 
     async def close(self) -> None:
         """Stop watching the socket and close; a broken peer is cut off, never waited on."""
