@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import socket
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from pgws.check import certificate_dates
+from pgws.config import Config
+from pgws.setting import ChannelSet
 from tests.conftest import SECRET, TIMEOUT, channel_name, run_pgws
 from tests.jwks_provider import Provider, running_provider, signing_key
 
@@ -222,14 +227,41 @@ async def test_an_older_durable_schema_asks_for_pgws_migrate(dsn: str) -> None:
         await conn.execute("CREATE TABLE IF NOT EXISTS pgws.schema_version (version integer)")
         await conn.execute("DELETE FROM pgws.schema_version")
         await conn.execute("INSERT INTO pgws.schema_version VALUES (%s)", (SCHEMA_VERSION - 1,))
-        older = await _durable_schema(conn)
+        off = Config(db_uri=dsn, jwt_secret=SECRET.encode())
+        on = dataclasses.replace(off, durable=ChannelSet(every=True))
+        kept = dataclasses.replace(on, durable_migrate=False)
+        older = [await _durable_schema(conn, config) for config in (off, on, kept)]
         await conn.execute("UPDATE pgws.schema_version SET version = %s", (SCHEMA_VERSION + 1,))
-        newer = await _durable_schema(conn)
+        newer = [await _durable_schema(conn, config) for config in (off, on, kept)]
         await conn.rollback()
-    assert older[2] == "warn"
-    assert older[1].endswith("run `pgws migrate`")
-    assert newer[2] == "warn"
-    assert newer[1].endswith("upgrade pgws")
+    # Durable channels off: reported; on: what would stop serve fails, what serve fixes passes.
+    assert [finding[2] for finding in older] == ["warn", "ok", "FAIL"]
+    assert older[0][1].endswith("run `pgws migrate`")
+    assert "serve upgrades it" in older[1][1]
+    assert [finding[2] for finding in newer] == ["warn", "FAIL", "FAIL"]
+    assert all(finding[1].endswith("upgrade pgws") for finding in newer)
+
+
+async def test_with_durable_channels_on_and_no_migration_a_missing_schema_fails_check(
+    db: psycopg.AsyncConnection[Any], dsn: str
+) -> None:
+    """serve would exit 78 here (PGWS_DURABLE_MIGRATE=false, no schema): check says FAIL."""
+    name = f"pgws_check_{uuid.uuid4().hex[:8]}"
+    await db.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        fresh = make_conninfo(dsn, dbname=name)
+        env = {"PGWS_DB_URI": fresh, "PGWS_JWT_SECRET": SECRET, "PGWS_PORT": "0"}
+        result = await asyncio.to_thread(
+            check, **env, PGWS_POOL_SIZE="1", PGWS_DURABLE="true", PGWS_DURABLE_MIGRATE="false"
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        line = next(line for line in result.stdout.splitlines() if line.split()[1] == "durable")
+        assert line.startswith("FAIL")
+        assert "run `pgws migrate`" in line
+        migrating = await asyncio.to_thread(check, **env, PGWS_POOL_SIZE="1", PGWS_DURABLE="true")
+        assert migrating.returncode == 0, migrating.stdout + migrating.stderr
+    finally:
+        await db.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def _certificate_valid(folder: Path, *, days: int) -> Path:

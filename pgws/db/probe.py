@@ -65,7 +65,7 @@ async def probe_database(config: Config) -> list[Result]:
             await conn.rollback()
             findings.append(("notify", f"pg_notify refused: {exc.diag.message_primary}", "FAIL"))
         findings.append(await _connection_budget(conn, config))
-        findings.append(await _durable_schema(conn))
+        findings.append(await _durable_schema(conn, config))
         await conn.rollback()
     return findings
 
@@ -99,24 +99,30 @@ async def _connection_budget(conn: psycopg.AsyncConnection[Any], config: Config)
     return ("connections", detail, "warn" if short else "ok")
 
 
-async def _durable_schema(conn: psycopg.AsyncConnection[Any]) -> Result:
+async def _durable_schema(conn: psycopg.AsyncConnection[Any], config: Config) -> Result:
     """The `pgws` schema of durable channels (SPEC 7): absent, current, or not this version.
 
-    Reported, not enforced: durable channels are a preview that sockets do not use yet.
+    With durable channels off it is only reported. With them on, what would stop `serve` is a
+    FAIL: a newer schema, or (PGWS_DURABLE_MIGRATE=false) a missing or older one; with
+    migration on, a missing or older schema is fine, serve creates or upgrades it.
     """
     from pgws.db.durable import SCHEMA_VERSION, installed_version  # only `check` needs it here
 
+    on, migrates = bool(config.durable), config.durable_migrate
     try:
         version = await installed_version(conn)
     except psycopg.Error as exc:
         await conn.rollback()
-        return ("durable", f"cannot read schema pgws: {exc.diag.message_primary}", "warn")
+        return ("durable", f"cannot read schema pgws: {exc.diag.message_primary}",
+                "FAIL" if on else "warn")  # fmt: skip
     if version is None:
-        return (
-            "durable",
-            "no schema pgws (durable channels unused; `pgws migrate` makes it)",
-            "ok",
-        )
+        if not on:
+            return ("durable", "no schema pgws (durable channels unused; `pgws migrate` makes it)",
+                    "ok")  # fmt: skip
+        if migrates:
+            return ("durable", "no schema pgws yet: serve creates it (PGWS_DURABLE_MIGRATE)", "ok")
+        return ("durable", "no schema pgws and PGWS_DURABLE_MIGRATE=false: run `pgws migrate`",
+                "FAIL")  # fmt: skip
     if version == SCHEMA_VERSION:
         cursor = await conn.execute(
             "SELECT has_schema_privilege('pgws', 'USAGE'),"
@@ -125,10 +131,13 @@ async def _durable_schema(conn: psycopg.AsyncConnection[Any]) -> Result:
         row = await cursor.fetchone()
         if row is None or not all(row):
             return ("durable", f"schema pgws at version {version}, but this role may not use it",
-                    "warn")  # fmt: skip
+                    "FAIL" if on else "warn")  # fmt: skip
         return ("durable", f"schema pgws at version {version}, current", "ok")
     if version < SCHEMA_VERSION:
+        if on and migrates:
+            return ("durable", f"schema pgws at version {version}: serve upgrades it to"
+                    f" {SCHEMA_VERSION} (PGWS_DURABLE_MIGRATE)", "ok")  # fmt: skip
         return ("durable", f"schema pgws at version {version}, older than {SCHEMA_VERSION}:"
-                " run `pgws migrate`", "warn")  # fmt: skip
+                " run `pgws migrate`", "FAIL" if on else "warn")  # fmt: skip
     return ("durable", f"schema pgws at version {version}, newer than this pgws knows"
-            f" ({SCHEMA_VERSION}): upgrade pgws", "warn")  # fmt: skip
+            f" ({SCHEMA_VERSION}): upgrade pgws", "FAIL" if on else "warn")  # fmt: skip
