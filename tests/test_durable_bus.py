@@ -669,17 +669,41 @@ async def test_fetch_many_reads_several_channels_within_a_byte_budget(db: DB) ->
     for payload in ("aaa", "bbb", "ccc"):
         await send(db, a, payload)
     await send(db, b, "x" * 10)
-    found = await durable.fetch_many(db, [(a, 0), (b, 0), (empty, 0)], 10, 5)
+    found = await durable.fetch_many(db, [(a, None, 0), (b, None, 0), (empty, None, 0)], 10, 5)
     assert set(found) == {a, b}
     rows, more = found[a]
     assert [row.payload for row in rows] == ["aaa", "bbb"]
     assert more is True
+    first = parse_position(rows[0].position)
+    assert first is not None
+    epoch = first.epoch
     rows, more = found[b]
     assert [row.payload for row in rows] == ["x" * 10]  # over the budget alone: still read
     assert more is True
-    rows, more = (await durable.fetch_many(db, [(a, 2)], 10, 1000))[a]
+    rows, more = (await durable.fetch_many(db, [(a, None, 2)], 10, 1000))[a]
     assert [(row.offset, row.payload) for row in rows] == [(3, "ccc")]
     assert more is False
-    rows, more = (await durable.fetch_many(db, [(a, 0)], 1, 1000))[a]
+    rows, more = (await durable.fetch_many(db, [(a, epoch, 0)], 1, 1000))[a]
     assert [row.payload for row in rows] == ["aaa"]
     assert more is True
+    assert await durable.fetch_many(db, [(a, "00000000", 0)], 10, 1000) == {}  # other history
+
+
+async def test_a_reset_history_is_a_gap_for_live_v2_readers_then_the_new_messages(
+    start_gateway: StartGateway, db: DB
+) -> None:
+    """The channel's row deleted (its history reset) under a live v2 subscription: the reader
+    gets `gap` for the channel, then the new history's message (and no old one again)."""
+    chat = channel_name()
+    running = await start_durable(start_gateway, chat)
+    ws = await v2_socket(running, {"mode": "r"})
+    assert (await request(ws, op="sub", ch=chat))["op"] == "ok"
+    await following(running, chat)
+    await send(db, chat, '"old"')
+    assert (await recv_json(ws))["data"] == "old"
+    await db.execute("DELETE FROM pgws.channel WHERE name = %s", (chat,))
+    position = await send(db, chat, '"new"')
+    assert await recv_json(ws) == {"op": "gap", "ch": chat}
+    assert await recv_json(ws) == {"op": "msg", "ch": chat, "data": "new", "pos": position}
+    await assert_nothing_received(ws, 0.3)
+    await ws.close()

@@ -282,10 +282,9 @@ class DurableReader:
                     chosen.append((channel, cursor, cursor.offset))
             if not chosen:
                 continue
+            wanted = [(channel, cursor.epoch, after) for channel, cursor, after in chosen]
             async with asyncio.timeout(QUERY_TIMEOUT):
-                found = await durable.fetch_many(
-                    conn, [(channel, after) for channel, _, after in chosen], FETCH_MAX, FETCH_BYTES
-                )
+                found = await durable.fetch_many(conn, wanted, FETCH_MAX, FETCH_BYTES)
             for channel, cursor, after in chosen:
                 by_reconcile = channel in self._found
                 rows, more = found.get(channel, ([], False))
@@ -300,6 +299,9 @@ class DurableReader:
                 if rows[0].offset != after + 1:
                     self._lost_continuity(channel)  # pruned before this process read them
                 cursor.offset = rows[-1].offset
+                if cursor.epoch is None:  # the channel's history began after it was followed
+                    last = parse_position(rows[-1].position)
+                    cursor.epoch = None if last is None else last.epoch
                 self.delivered += len(rows)
                 if by_reconcile:
                     self.caught_up += len(rows)
