@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -110,6 +110,7 @@ class DurableReader:
         self._dirty: set[str] = set()
         self._found: set[str] = set()  # marked by the reconcile: their next fetch is a catch-up
         self._pending: set[str] = set()  # followed, starting point not read yet
+        self._known: dict[str, asyncio.Event] = {}  # set once a followed channel's start is read
         self._reconcile_due = True
         self._changed = asyncio.Event()
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -145,6 +146,7 @@ class DurableReader:
         if channel not in self._cursors:
             self._cursors[channel] = _Cursor()
             self._pending.add(channel)
+            self._known[channel] = asyncio.Event()
             self._changed.set()
 
     def unfollow(self, channel: str) -> None:
@@ -153,11 +155,31 @@ class DurableReader:
         self._dirty.discard(channel)
         self._found.discard(channel)
         self._pending.discard(channel)
+        if (known := self._known.pop(channel, None)) is not None:
+            known.set()  # nobody waits for a channel nobody reads
 
     def following(self, channel: str) -> bool:
         """Whether `channel` is followed from a known offset (new rows will be delivered)."""
         cursor = self._cursors.get(channel)
         return cursor is not None and cursor.offset is not None
+
+    async def until_following(self, channels: Iterable[str], within: float) -> bool:
+        """Wait (at most `within` seconds) until every followed one of `channels` has its
+        starting point read; whether they all have. A socket that waits for this before its
+        first write hears that write (SPEC 3: rw sockets receive their own messages)."""
+        waits = [known.wait() for ch in channels if (known := self._known.get(ch)) is not None]
+        if not waits:
+            return True
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            return False
+        return True
+
+    def _started(self, channel: str) -> None:
+        if (known := self._known.pop(channel, None)) is not None:
+            known.set()
 
     def _woken(self, channels: list[str]) -> None:
         """Wake-ups from the listener: the payload is the channel that has new rows."""
@@ -245,6 +267,7 @@ class DurableReader:
             epoch, top = rows.get(name, (None, 0))
             if cursor.offset is None:  # newly followed: live from here
                 cursor.epoch, cursor.offset = epoch, top
+                self._started(name)
                 continue
             if cursor.epoch is not None and epoch != cursor.epoch:
                 # The channel row was deleted (and maybe created again): offsets restart.
@@ -354,6 +377,7 @@ class DurableReader:
             if isinstance(result, Replay) and (parsed := parse_position(position)) is not None:
                 epoch = parsed.epoch
             cursor.epoch, cursor.offset = epoch, result.top
+            self._started(channel)
         elif isinstance(result, Replay) and result.top > cursor.offset:
             # This process has not delivered those yet: they come live, after the replay.
             kept = [m for m in result.messages if m.offset <= cursor.offset]
