@@ -285,7 +285,6 @@ async def test_a_lost_wake_up_is_repaired_by_the_reconcile(
     assert bus is not None
     assert bus.stats().repairs >= 1
     assert bus.stats().caught_up == 3
-    assert bus.stats().oldest_undelivered > 0  # seen behind by the reconcile that repaired it
     await ws.close()
 
 
