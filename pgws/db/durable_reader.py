@@ -227,7 +227,9 @@ class DurableReader:
                         await self._reconcile(conn)
                     await self._catch_up(conn)
                     backoff.reset()
-                except (psycopg.OperationalError, OSError) as exc:  # TimeoutError is an OSError
+                except (psycopg.Error, OSError) as exc:  # TimeoutError is an OSError
+                    # Any database error (also a schema dropped under it) costs a reconnect and
+                    # a retry, never the process: the cursors stay, nothing is skipped.
                     log.warning("durable_reader_lost", error=describe(exc), action="reconnect")
                     await self._drop()
                     self._reconcile_due = True  # whatever came meanwhile is read then
