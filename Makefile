@@ -72,7 +72,7 @@ test-floors:
 
 check: lint types test
 
-## bench: the benchmark suite (about 7 minutes; BENCH_ARGS=--quick for under 2); see bench/README.md
+## bench: the benchmark suite (about 8 minutes; BENCH_ARGS=--quick for about 2); see bench/README.md
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[dev,fast,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

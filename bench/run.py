@@ -6,8 +6,8 @@ one core, drives them with `bench.loadgen` pinned to another, and samples CPU an
 every process involved. Raw psycopg NOTIFY (no gateway) is measured alongside. Writes
 bench/results/latest.{md,json,png}; logs and per-run records go to bench/results/raw/.
 
-    python -m bench.run                 # full suite, about 7 minutes
-    python -m bench.run --quick         # every scenario, shorter and fewer runs, under 2 minutes
+    python -m bench.run                 # full suite, about 8 minutes
+    python -m bench.run --quick         # every scenario, shorter and fewer runs, about 2 minutes
     python -m bench.run --server-cmd "pgws serve" --only fanout,latency --reps 5
 """
 
@@ -873,7 +873,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (~2 minutes)")
     parser.add_argument("--reps", type=int, help="runs of each scenario (median and spread)")
     parser.add_argument("--duration", type=float, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, help="seconds of load before measuring")
