@@ -175,7 +175,7 @@ async def test_a_stream_ends_with_a_comment_at_exp_and_when_the_server_stops(
 ) -> None:
     gateway: Running = await start_gateway()
     ch = channel_name()
-    async with events(gateway, token_query({"mode": "r", "exp": int(now()) + 1}, ch)) as stream:
+    async with events(gateway, token_query({"mode": "r", "exp": int(now()) + 3}, ch)) as stream:
         assert (await stream.body()).endswith(b": token expired\n\n")
     async with events(gateway, token_query({"mode": "r"}, ch)) as stream:
         await stream.event()
