@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
@@ -37,6 +37,8 @@ __all__ = [
 
 log = structlog.get_logger("pgws.durable")
 
+# How long a new subscription waits for its channel's starting point before going on anyway.
+FOLLOW_WAIT = 5.0
 # Hands a channel's rows on: (channel, [(payload, position), ...]) -> how many deliveries.
 DeliverStored = Callable[[str, Sequence[tuple[str, str]]], object]
 # A live subscription on the channel lost continuity (v2 `gap`).
@@ -134,6 +136,16 @@ class DurableBus:
     def following(self, channel: str) -> bool:
         """Whether new rows of `channel` are being delivered here (its starting point is known)."""
         return self.reader.following(channel)
+
+    async def until_following(self, channels: Iterable[str]) -> None:
+        """Wait, briefly (FOLLOW_WAIT at most: the database may be away), until the durable ones
+        of `channels` that someone here reads have their starting point read.
+
+        Sessions call it after subscribing and before acting on the socket's frames, so a
+        socket hears its own first message (SPEC 3) and a v2 `ok` to `sub` means "live"."""
+        durable = [channel for channel in channels if channel in self._durable]
+        if durable:
+            await self.reader.until_following(durable, FOLLOW_WAIT)
 
     async def subscribe_from(
         self, channel: str, position: str, start: Callable[[Replay | NotRecovered], object]

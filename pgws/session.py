@@ -48,6 +48,7 @@ class Sessions:
         self._registry = registry
         self._stats = stats
         self._clock = clock
+        self._durable = durable
         self._v2 = (
             None
             if verifier is None
@@ -76,6 +77,8 @@ class Sessions:
                 self._registry.subscribe(ws, grant.channels)
                 seen = self._registry.published(grant.channels)
             expiry = self._expire_later(conn)
+            if grant.can_read and self._durable is not None:
+                await self._durable.until_following(grant.channels)  # live before frames are read
             await self._announce(conn.writer, "ConnectionOpen", grant)
             await self._receive_forever(conn)
         except MessageRefused as exc:

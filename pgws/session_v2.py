@@ -145,6 +145,8 @@ class V2Sessions:
                         await self._resume(socket, action, durable)
                         continue
                     self._subscribe(socket, action)
+                    if durable is not None:  # `ok` once live: a `pub` after it is heard
+                        await durable.until_following([action.channel])
                     extra = {"recovered": False} if action.resume else {}
                     await conn.send(v2.ok(action.ref, ch=action.channel, **extra))
                 case v2.Unsubscribe():

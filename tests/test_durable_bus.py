@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
@@ -34,6 +35,7 @@ from tests.conftest import (
     make_token,
     recv_json,
     run_pgws,
+    signal_closes_1001_and_exits_0,
     subscribed,
     until,
 )
@@ -669,17 +671,78 @@ async def test_fetch_many_reads_several_channels_within_a_byte_budget(db: DB) ->
     for payload in ("aaa", "bbb", "ccc"):
         await send(db, a, payload)
     await send(db, b, "x" * 10)
-    found = await durable.fetch_many(db, [(a, 0), (b, 0), (empty, 0)], 10, 5)
+    found = await durable.fetch_many(db, [(a, None, 0), (b, None, 0), (empty, None, 0)], 10, 5)
     assert set(found) == {a, b}
     rows, more = found[a]
     assert [row.payload for row in rows] == ["aaa", "bbb"]
     assert more is True
+    first = parse_position(rows[0].position)
+    assert first is not None
+    epoch = first.epoch
     rows, more = found[b]
     assert [row.payload for row in rows] == ["x" * 10]  # over the budget alone: still read
     assert more is True
-    rows, more = (await durable.fetch_many(db, [(a, 2)], 10, 1000))[a]
+    rows, more = (await durable.fetch_many(db, [(a, None, 2)], 10, 1000))[a]
     assert [(row.offset, row.payload) for row in rows] == [(3, "ccc")]
     assert more is False
-    rows, more = (await durable.fetch_many(db, [(a, 0)], 1, 1000))[a]
+    rows, more = (await durable.fetch_many(db, [(a, epoch, 0)], 1, 1000))[a]
     assert [row.payload for row in rows] == ["aaa"]
     assert more is True
+    assert await durable.fetch_many(db, [(a, "00000000", 0)], 10, 1000) == {}  # other history
+
+
+async def test_a_reset_history_is_a_gap_for_live_v2_readers_then_the_new_messages(
+    start_gateway: StartGateway, db: DB
+) -> None:
+    """The channel's row deleted (its history reset) under a live v2 subscription: the reader
+    gets `gap` for the channel, then the new history's message (and no old one again)."""
+    chat = channel_name()
+    running = await start_durable(start_gateway, chat)
+    ws = await v2_socket(running, {"mode": "r"})
+    assert (await request(ws, op="sub", ch=chat))["op"] == "ok"
+    await following(running, chat)
+    await send(db, chat, '"old"')
+    assert (await recv_json(ws))["data"] == "old"
+    await db.execute("DELETE FROM pgws.channel WHERE name = %s", (chat,))
+    position = await send(db, chat, '"new"')
+    assert await recv_json(ws) == {"op": "gap", "ch": chat}
+    assert await recv_json(ws) == {"op": "msg", "ch": chat, "data": "new", "pos": position}
+    await assert_nothing_received(ws, 0.3)
+    await ws.close()
+
+
+async def test_pgws_serve_in_durable_mode_stores_delivers_and_stops_cleanly(
+    serve_process: Any, db: DB
+) -> None:
+    """`pgws serve` with PGWS_DURABLE from the environment: a socket write is stored and read
+    back, the settings line shows the selection, and SIGTERM closes 1001 and exits 0."""
+    chat = channel_name()
+    serving, port = await serve_process(PGWS_DURABLE=f"{chat},other:*")
+    settings = await serving.wait_for_event("settings")
+    assert settings["settings"]["durable"] == f"{chat},other:*"
+    url = f"ws://127.0.0.1:{port}/{chat}/{make_token({'mode': 'rw'})}"
+    async with connect(url, open_timeout=TIMEOUT) as ws:
+        await ws.send("hello")  # heard: the server follows the channel before reading frames
+        [text] = await receive(ws, 1)
+        assert json.loads(text)["payload"] == "hello"
+        assert (await stored_payloads(db, chat))[-1] == text
+        await signal_closes_1001_and_exits_0(serving, ws, signal.SIGTERM)
+
+
+async def test_a_new_socket_hears_its_own_first_message_on_a_durable_channel(
+    start_gateway: StartGateway,
+) -> None:
+    """SPEC 3: an rw socket receives its own messages, even the first one it sends at once on a
+    durable channel nobody read before; a v2 `pub` right after `sub`'s `ok` is heard too."""
+    chat, other = channel_name(), channel_name()
+    running = await start_durable(start_gateway, chat, other)
+    async with running.connect(f"/{chat}/{make_token({'mode': 'rw'})}") as ws:
+        await ws.send("first")
+        [text] = await receive(ws, 1)
+        assert json.loads(text)["payload"] == "first"
+    async with running.connect(f"/{make_token({'mode': 'rw'})}", subprotocols=V2) as v2:
+        assert (await request(v2, op="sub", ch=other))["op"] == "ok"
+        await v2.send(json.dumps({"op": "pub", "ch": other, "data": "mine", "ref": 1}))
+        frames = [json.loads(t) for t in await receive(v2, 2)]  # ok and msg, in either order
+        assert sorted(f["op"] for f in frames) == ["msg", "ok"]
+        assert next(f for f in frames if f["op"] == "msg")["data"]["payload"] == "mine"

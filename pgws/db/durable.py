@@ -240,8 +240,9 @@ async def fetch_after(
 
 _FETCH_MANY = """
     SELECT c.i, r."offset", pgws.channel_hash(c.name), ch.epoch, r.tag, r.payload, r.running
-    FROM unnest(%(names)s::text[], %(afters)s::bigint[]) WITH ORDINALITY AS c(name, after, i)
-    JOIN pgws.channel AS ch ON ch.name = c.name
+    FROM unnest(%(names)s::text[], %(epochs)s::text[], %(afters)s::bigint[])
+        WITH ORDINALITY AS c(name, epoch, after, i)
+    JOIN pgws.channel AS ch ON ch.name = c.name AND (c.epoch IS NULL OR ch.epoch = c.epoch)
     CROSS JOIN LATERAL (
         SELECT m."offset", m.tag, m.payload,
                sum(octet_length(m.payload)) OVER (ORDER BY m."offset") AS running
@@ -257,12 +258,15 @@ _FETCH_MANY = """
 
 async def fetch_many(
     conn: psycopg.AsyncConnection[Any],
-    cursors: Sequence[tuple[str, int]],
+    cursors: Sequence[tuple[str, str | None, int]],
     limit: int,
     budget: int,
 ) -> dict[str, tuple[list[StoredMessage], bool]]:
-    """For each (channel, offset): up to `limit` messages past it, in order, in one query, and
-    whether more may follow (the limit or the budget was reached).
+    """For each (channel, epoch, offset): up to `limit` messages past it, in order, in one query,
+    and whether more may follow (the limit or the budget was reached).
+
+    A channel whose history is no longer `epoch` (its row was deleted and created again) gives
+    nothing: offsets of another history mean nothing against this cursor. None: any history.
 
     Per channel the payloads stop once they pass `budget` bytes (the first message always
     comes), so a catch-up of large messages is read in parts. Channels without new messages are
@@ -270,12 +274,13 @@ async def fetch_many(
     """
     if not cursors:
         return {}
-    names = [channel for channel, _ in cursors]
+    names = [channel for channel, _, _ in cursors]
     cur = await conn.execute(
         _FETCH_MANY,
         {
             "names": names,
-            "afters": [after for _, after in cursors],
+            "epochs": [epoch for _, epoch, _ in cursors],
+            "afters": [after for _, _, after in cursors],
             "limit": limit,
             "budget": budget,
         },

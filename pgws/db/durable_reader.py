@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -110,6 +110,7 @@ class DurableReader:
         self._dirty: set[str] = set()
         self._found: set[str] = set()  # marked by the reconcile: their next fetch is a catch-up
         self._pending: set[str] = set()  # followed, starting point not read yet
+        self._known: dict[str, asyncio.Event] = {}  # set once a followed channel's start is read
         self._reconcile_due = True
         self._changed = asyncio.Event()
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -145,6 +146,7 @@ class DurableReader:
         if channel not in self._cursors:
             self._cursors[channel] = _Cursor()
             self._pending.add(channel)
+            self._known[channel] = asyncio.Event()
             self._changed.set()
 
     def unfollow(self, channel: str) -> None:
@@ -153,11 +155,31 @@ class DurableReader:
         self._dirty.discard(channel)
         self._found.discard(channel)
         self._pending.discard(channel)
+        if (known := self._known.pop(channel, None)) is not None:
+            known.set()  # nobody waits for a channel nobody reads
 
     def following(self, channel: str) -> bool:
         """Whether `channel` is followed from a known offset (new rows will be delivered)."""
         cursor = self._cursors.get(channel)
         return cursor is not None and cursor.offset is not None
+
+    async def until_following(self, channels: Iterable[str], within: float) -> bool:
+        """Wait (at most `within` seconds) until every followed one of `channels` has its
+        starting point read; whether they all have. A socket that waits for this before its
+        first write hears that write (SPEC 3: rw sockets receive their own messages)."""
+        waits = [known.wait() for ch in channels if (known := self._known.get(ch)) is not None]
+        if not waits:
+            return True
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            return False
+        return True
+
+    def _started(self, channel: str) -> None:
+        if (known := self._known.pop(channel, None)) is not None:
+            known.set()
 
     def _woken(self, channels: list[str]) -> None:
         """Wake-ups from the listener: the payload is the channel that has new rows."""
@@ -245,6 +267,7 @@ class DurableReader:
             epoch, top = rows.get(name, (None, 0))
             if cursor.offset is None:  # newly followed: live from here
                 cursor.epoch, cursor.offset = epoch, top
+                self._started(name)
                 continue
             if cursor.epoch is not None and epoch != cursor.epoch:
                 # The channel row was deleted (and maybe created again): offsets restart.
@@ -282,10 +305,9 @@ class DurableReader:
                     chosen.append((channel, cursor, cursor.offset))
             if not chosen:
                 continue
+            wanted = [(channel, cursor.epoch, after) for channel, cursor, after in chosen]
             async with asyncio.timeout(QUERY_TIMEOUT):
-                found = await durable.fetch_many(
-                    conn, [(channel, after) for channel, _, after in chosen], FETCH_MAX, FETCH_BYTES
-                )
+                found = await durable.fetch_many(conn, wanted, FETCH_MAX, FETCH_BYTES)
             for channel, cursor, after in chosen:
                 by_reconcile = channel in self._found
                 rows, more = found.get(channel, ([], False))
@@ -300,6 +322,9 @@ class DurableReader:
                 if rows[0].offset != after + 1:
                     self._lost_continuity(channel)  # pruned before this process read them
                 cursor.offset = rows[-1].offset
+                if cursor.epoch is None:  # the channel's history began after it was followed
+                    last = parse_position(rows[-1].position)
+                    cursor.epoch = None if last is None else last.epoch
                 self.delivered += len(rows)
                 if by_reconcile:
                     self.caught_up += len(rows)
@@ -352,6 +377,7 @@ class DurableReader:
             if isinstance(result, Replay) and (parsed := parse_position(position)) is not None:
                 epoch = parsed.epoch
             cursor.epoch, cursor.offset = epoch, result.top
+            self._started(channel)
         elif isinstance(result, Replay) and result.top > cursor.offset:
             # This process has not delivered those yet: they come live, after the replay.
             kept = [m for m in result.messages if m.offset <= cursor.offset]
