@@ -379,7 +379,11 @@ class Client:
     def _gap(self, channel: str) -> None:
         if self._on_gap is None:
             return
-        result = self._on_gap(channel)
+        try:
+            result = self._on_gap(channel)
+        except Exception:  # the caller's bug must not cost the connection (and a reconnect)
+            log.exception("pgws_client_gap_callback_failed")
+            return
         if inspect.isawaitable(result):
             self._spawn(result)
 

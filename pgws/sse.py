@@ -130,6 +130,10 @@ class Resumer(Protocol):
         """Replay `channel` after `position` and go live, calling `start` at the switch."""
         ...
 
+    async def until_following(self, channels: Iterable[str]) -> None:
+        """Wait (briefly) until the durable `channels` read here have their starting point."""
+        ...
+
 
 def is_events_request(request: Request) -> bool:
     """Whether the request is for /events (query string aside)."""
@@ -546,6 +550,9 @@ class EventStreams:
                 self._registry.subscribe_events(stream, [channel])
 
             await durable.subscribe_from(channel, position, start)
+        if durable is not None:
+            # The head means "live": a durable message committed after it reaches the stream.
+            await durable.until_following(plan.channels)
         return [*gaps, *replays, f"id: {stream.event_id()}\n\n".encode()]
 
     def forget(self, stream: EventStream) -> None:

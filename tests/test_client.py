@@ -107,6 +107,14 @@ async def test_a_position_the_server_cannot_resume_calls_the_gap_callback(
         assert reply["recovered"] is False
         assert gaps == [d]
 
+    def broken(channel: str) -> None:
+        raise RuntimeError(f"a bug in the caller's callback for {channel}")
+
+    async with Client(gateway.url, make_token({"mode": "r"}), on_gap=broken) as client:
+        await client.subscribe(d, position="garbage")  # the callback raises: logged, nothing else
+        await client.ping()
+        assert client.connects == 1
+
 
 # The server process killed (SIGKILL) mid-traffic and started again
 
