@@ -8,6 +8,7 @@ each node's own address. Skipped, with the reason, where namespaces cannot be ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError
 
 from dev.devdb import ThrowawayPostgres
+from pgws.client import Client, Message
 from tests import netns
 from tests.conftest import (
     SECRET,
@@ -72,10 +74,14 @@ class Node:
         )
 
 
-@pytest.fixture
-async def nodes(hosts: list[netns.Host], shared_db: ThrowawayPostgres) -> AsyncIterator[list[Node]]:
-    """A node on every host, all on one LISTEN channel of the shared database."""
+@pytest.fixture(params=["notify"])
+async def nodes(
+    request: pytest.FixtureRequest, hosts: list[netns.Host], shared_db: ThrowawayPostgres
+) -> AsyncIterator[list[Node]]:
+    """A node on every host, all on one LISTEN channel of the shared database (with durable
+    channels when a test asks for `durable`)."""
     listen_channel = channel_name()
+    extra = {"PGWS_DURABLE": "true"} if request.param == "durable" else {}
     started: list[Node] = []
     try:
         for host in hosts:
@@ -87,6 +93,7 @@ async def nodes(hosts: list[netns.Host], shared_db: ThrowawayPostgres) -> AsyncI
                 "PGWS_PORT": str(PORT),
                 "PGWS_LISTEN_CHANNEL": listen_channel,
                 "PGWS_RETRIES": "1",
+                **extra,
             }
             process = await asyncio.create_subprocess_exec(
                 *host.exec_prefix, "env", "-i", *(f"{k}={v}" for k, v in env.items()),
@@ -207,3 +214,59 @@ async def payloads_until(ws: ClientConnection, last: str) -> list[str]:
         while not got or got[-1] != last:
             got.append(json.loads(await ws.recv())["payload"])
     return got
+
+
+@pytest.mark.parametrize("nodes", ["durable"], indirect=True)
+async def test_on_a_durable_channel_clients_of_a_killed_node_resume_elsewhere_losing_nothing(
+    nodes: list[Node],
+) -> None:
+    """Durable mode on every node; pgws.client readers on each node; one node is SIGKILLed
+    while a writer keeps publishing, its readers are pointed at a surviving node (as a load
+    balancer would) and resume from their last positions: every reader ends with every
+    message exactly once, in order, and no gap is reported."""
+    first, doomed, survivor = nodes
+    channel, count = "ledger", 300
+    token = make_token({"mode": "rw", "channels": [channel]})
+    gaps: list[str] = []
+
+    def client(node: Node) -> Client:
+        return Client(node.url + "/", token, on_gap=gaps.append, initial_delay=0.05,
+                      max_delay=0.5, open_timeout=TIMEOUT)  # fmt: skip
+
+    readers = [client(node) for node in (first, survivor, doomed, doomed)]
+    writer = client(first)
+    received: list[list[int]] = [[] for _ in readers]
+    halfway = asyncio.Event()
+
+    async def read(index: int, reader: Client) -> None:
+        async for message in reader:
+            assert isinstance(message, Message)
+            received[index].append(int(message.data["payload"]))  # a SPEC 3 envelope
+            if index >= 2 and len(received[index]) == count // 3:
+                halfway.set()
+            if len(received[index]) == count:
+                return
+
+    async with contextlib.AsyncExitStack() as stack:
+        for each in (*readers, writer):
+            await stack.enter_async_context(each)
+        for reader in readers:
+            await reader.subscribe(channel)
+        async with asyncio.timeout(TIMEOUT * 3), asyncio.TaskGroup() as tasks:
+            for index, reader in enumerate(readers):
+                tasks.create_task(read(index, reader))
+            for number in range(count):
+                await writer.publish(channel, number)
+                if number == count // 2:
+                    await halfway.wait()  # the doomed node's readers are mid-stream
+                    await doomed.serving.kill()
+                    for reader in readers[2:]:
+                        reader.url = survivor.url + "/"  # what a load balancer would now do
+    problems = {
+        index: (sorted(set(range(count)) - set(got))[:5], [n for n in got if got.count(n) > 1][:5])
+        for index, got in enumerate(received)
+        if got != list(range(count))
+    }
+    assert problems == {}, "reader: (missing, repeated)"
+    assert all(reader.connects >= 2 for reader in readers[2:]), "the killed node's readers moved"
+    assert gaps == []
