@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -16,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 
+from pgws.client import Client
 from pgws.shared_listener import decode_batch, encode_batch
 from tests.conftest import TIMEOUT, channel_name, make_token, recv_json
 
@@ -120,6 +122,56 @@ async def served_by(serving: Any, ws: ClientConnection) -> int:
         if event.get("remote") == remote:
             return int(event["worker"])
         after = serving.events.index(event) + 1
+
+
+async def test_v2_sockets_on_the_other_workers_hear_gap_after_a_hand_over(
+    serve_process: Any,
+) -> None:
+    """Notifications sent while the listening worker is replaced are lost, as in any LISTEN
+    outage: v2 sockets that stayed connected (on the other workers) get `gap` for their
+    non-durable channel once a sibling listens again (SPEC 8)."""
+    serving, port = await serve_process(PGWS_WORKERS="3")
+    await serving.wait_for_event("workers_ready")
+    leader = listening(serving)[0]["worker"]
+    leader_pid = next(
+        e["pid"]
+        for e in serving.events
+        if e.get("event") == "worker_started" and e["worker"] == leader
+    )
+    chat = channel_name()
+    token = make_token({"mode": "r", "channels": [chat]})
+    clients: list[Client] = []
+    # (channel, the client's connects at that moment): 1 = told on its first connection.
+    gaps: dict[int, list[tuple[str, int]]] = {}
+    changed = asyncio.Event()
+
+    def gap_of(index: int) -> Callable[[str], None]:
+        def record(channel: str) -> None:
+            gaps.setdefault(index, []).append((channel, clients[index].connects))
+            changed.set()
+
+        return record
+
+    async with contextlib.AsyncExitStack() as stack:
+        for index in range(12):
+            client = Client(f"ws://127.0.0.1:{port}/", token, on_gap=gap_of(index),
+                            initial_delay=0.05, max_delay=0.5)  # fmt: skip
+            clients.append(client)
+            await stack.enter_async_context(client)
+            await client.subscribe(chat)
+        mark = len(serving.events)
+        os.kill(leader_pid, signal.SIGKILL)
+        await serving.wait_for_event("shared_listener_taken_over", after=mark)
+        # Wait until each client has moved (its worker died) or has been told of the gap.
+        async with asyncio.timeout(TIMEOUT):
+            while not all(c.connects >= 2 or i in gaps for i, c in enumerate(clients)):
+                changed.clear()
+                await changed.wait()
+        stayed = [index for index, client in enumerate(clients) if client.connects == 1]
+        assert stayed, "every client was on the worker that listened"
+        assert all(gaps[index] == [(chat, 1)] for index in stayed)
+    serving.process.send_signal(signal.SIGTERM)
+    assert await serving.wait_exit() == 0
 
 
 def serving_channel(serving: Any) -> str:
