@@ -179,8 +179,9 @@ async def servers(
 
 
 async def open_readers(
-    ports: Sequence[int], per_port: int, tally: Tally, args: argparse.Namespace
+    ports: Sequence[int], per_port: int, tally: Tally
 ) -> tuple[list[Client], list[Pool]]:
+    """`per_port` legacy reader sockets on each port, with bench.loadgen's client."""
     pools, clients = [], []
     for port in ports:
         pool = Pool(
@@ -210,7 +211,7 @@ async def measure(
     async with servers(kind, processes, uri, logs, name) as (pids, ports):
         tally = Tally()
         per_port = args.readers * processes // len(ports)
-        readers, pools = await open_readers(ports, per_port, tally, args)
+        readers, pools = await open_readers(ports, per_port, tally)
         notifier = await PipelinedNotifier.open(uri)
         body = (
             b'{"event":"WebsocketMessage","channel":"%s","payload":"%%d %s",'
