@@ -309,7 +309,7 @@ async def test_a_caller_with_notifies_pending_stays_on_one_sender_in_order(dsn: 
     """Callers that keep several NOTIFYs in flight (by `caller`) have them delivered in order,
     while the pool grows under them."""
     config = config_for(dsn, pool_size=4)
-    callers, each, window = 40, 30, 8
+    callers, each, window = 80, 20, 8  # 640 pending at once: more than GROW_AT
     async with listening(dsn, config.listen_channel) as listener, opened(config) as notifier:
 
         async def write(caller: int) -> None:

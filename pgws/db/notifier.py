@@ -37,8 +37,10 @@ BATCH_MAX = 256
 # A sender with this many NOTIFYs queued or unanswered is busy: the next caller that is not
 # pinned goes to the next sender, which opens its connection then if it has none. Few senders
 # is the point: NOTIFY commits serialize on one lock in PostgreSQL, and many connections each
-# with a few NOTIFYs in flight contend on it (10 senders gave 0.39x the raw NOTIFY rate).
-GROW_AT = 64
+# with a few NOTIFYs in flight contend on it (10 senders gave 0.39x the raw NOTIFY rate, 2 gave
+# 0.52x). 100 writer sockets with 8 in flight each (session.WINDOW) fill 2 senders, as the raw
+# baseline's 2 connections with 200 each.
+GROW_AT = 400
 # How long close() lets the senders finish what is queued before it fails the rest.
 CLOSE_GRACE = 1.0
 UNAVAILABLE = "database unavailable: the message was not sent"
@@ -75,7 +77,7 @@ class Notifier:
 
     notify() queues the payload with a future on a sender and waits for it. There are at most
     PGWS_POOL_SIZE senders, started as load needs them: a caller goes to the first sender with
-    fewer than GROW_AT NOTIFYs waiting, and a new sender (one more connection) starts only when
+    fewer than GROW_AT NOTIFYs pending, and a new sender (one more connection) starts only when
     every running one is that busy. A caller with NOTIFYs still unanswered stays on the sender it
     has (pinned), so what one caller sends goes down one connection in order. Each sender
     streams: whatever is queued goes out at once in pipeline mode, a Sync after every NOTIFY,
