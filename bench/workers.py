@@ -35,9 +35,8 @@ from typing import Any
 import psutil
 
 from bench.procs import free_port, kill_groups, process_tree, spawn, stop
-from bench.run import CHANNEL, LISTEN_CHANNEL, SECRET, database, exclusive, wait_ready
+from bench.run import CHANNEL, LISTEN_CHANNEL, LOCK_FILE, SECRET, database, exclusive, wait_ready
 
-LOCK = Path("/tmp/pgws-bench.lock")  # noqa: S108  # the suite's machine-wide lock
 RAW = Path(__file__).resolve().parent / "results" / "raw"
 
 
@@ -171,7 +170,7 @@ async def main_async(args: argparse.Namespace) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"load average {os.getloadavg()}; logs in {logs}")
     runs: list[dict[str, Any]] = []
-    with exclusive(LOCK, args.wait_lock), database(args.db_uri, {}) as (db_uri, _postmaster):
+    with exclusive(LOCK_FILE, args.wait_lock), database(args.db_uri, {}) as (db_uri, _postmaster):
         for rep in range(1, args.reps + 1):
             for workers in (1, 2) if rep % 2 else (2, 1):
                 runs.append(await one_run(args, db_uri, workers, rep, logs))  # noqa: PERF401

@@ -11,6 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 from websockets.exceptions import ConnectionClosed
 
+from pgws import session
 from tests.conftest import (
     TIMEOUT,
     Running,
@@ -135,7 +136,10 @@ async def test_killed_sender_backends_cost_flooding_writers_nothing(
     gateway: Running, dsn: str, db: DB
 ) -> None:
     """Sender backends terminated three times while 20 sockets flood with NOTIFYs in flight: no
-    writer is closed, and a LISTEN sees every frame of every socket, each socket's in order."""
+    writer is closed, and a LISTEN sees every frame of every socket, first arrivals in the order
+    sent. Delivery is at least once: a NOTIFY committed just before its backend died, its answer
+    lost, is sent again with what followed it, so a short run may be seen twice (seen once in
+    about one run of eight here)."""
     writers, each = 20, 150
     chat = channel_name()
     notifier = gateway.gateway.notifier
@@ -171,4 +175,7 @@ async def test_killed_sender_backends_cost_flooding_writers_nothing(
         writer, seq = payload.split(":")
         seen[int(writer)].append(int(seq))
     for writer in range(writers):
-        assert seen[writer] == list(range(each)), f"writer {writer}: {seen[writer]}"
+        firsts = list(dict.fromkeys(seen[writer]))
+        assert firsts == list(range(each)), f"writer {writer}: {seen[writer]}"
+        resent = len(seen[writer]) - each
+        assert resent <= 3 * session.WINDOW, f"writer {writer}: {resent} seen twice"
