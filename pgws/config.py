@@ -23,32 +23,33 @@ from typing import Any
 
 from pgws.errors import ConfigError
 from pgws.limits import DURABLE_PAYLOAD_LIMIT, MAX_CHANNEL_BYTES, NOTIFY_PAYLOAD_LIMIT
-from pgws.proxies import proxy_networks
-from pgws.setting import (
+from pgws.parsers import (
     ByteBound,
     Channel,
     ChannelSet,
     Choice,
     Integer,
     Seconds,
-    Setting,
-    at_file,
     boolean,
     channel_set,
+    interval_ms,
+    seconds,
+    skew_seconds,
+    text,
+)
+from pgws.places import (
+    at_file,
     existing_dir,
     existing_file,
     host,
     https_url,
-    interval_ms,
     metrics_address,
     metrics_place,
-    optional,
     origins,
-    seconds,
-    skew_seconds,
-    text,
     writable_file,
 )
+from pgws.proxies import proxy_networks
+from pgws.setting import Setting, optional
 
 # What all sockets' unsent data may take together: 256 MiB, a few hundred stalled readers.
 DEFAULT_MAX_BUFFERED_TOTAL = 256 * 1024 * 1024

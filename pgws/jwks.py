@@ -33,7 +33,7 @@ from pgws import __version__
 from pgws.config import JWT_JWKS_CACHE, JWT_JWKS_URL, Config
 from pgws.errors import ConfigError
 from pgws.keys import Key, RemoteKeys, load_remote_jwks
-from pgws.setting import https_url, url_shown
+from pgws.places import https_url, url_shown
 
 log = structlog.get_logger("pgws.jwks")
 
