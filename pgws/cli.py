@@ -22,21 +22,14 @@ from pgws import __version__, gctune, logs
 from pgws.claims import Verifier
 from pgws.cli_env import env_file_option, fail, load_env
 from pgws.commands import check, migrate, token
-from pgws.config import (
-    DEBUG,
-    LOG_LEVEL,
-    LOG_LEVELS,
-    SETTINGS,
-    WORKER_COUNT,
-    WORKERS,
-    Config,
-)
+from pgws.config import SETTINGS, WORKER_COUNT, WORKERS, Config
 from pgws.db.connect import check_db_uri, masked_db_uri
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
 from pgws.jwks import JwksKeys
 from pgws.net import tls_context
 from pgws.server import run
 from pgws.settings_log import effective_settings, unknown_settings
+from pgws.settings_ops import DEBUG, LOG_LEVEL, LOG_LEVELS
 from pgws.systemd import SystemdNotifier
 from pgws.workers import (
     bind_to_supervisor,

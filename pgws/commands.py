@@ -19,10 +19,11 @@ import click
 from pgws.check import Finding, database_findings, static_findings
 from pgws.claims import Verifier, issue_token
 from pgws.cli_env import env_file_option, fail, load_env
-from pgws.config import DB_URI, JWT_JWKS_URL, SETTINGS, Config, read_jwt_secret
+from pgws.config import DB_URI, SETTINGS, Config, read_jwt_secret
 from pgws.db.connect import check_db_uri
 from pgws.envfile import credentials_env_file
 from pgws.errors import ConfigError, PgwsError
+from pgws.settings_auth import JWT_JWKS_URL
 from pgws.settings_log import unknown_settings
 
 

@@ -22,11 +22,12 @@ from typing import Any
 
 import structlog
 
-from pgws.config import JWT_JWKS_CACHE, JWT_JWKS_URL, Config
+from pgws.config import Config
 from pgws.errors import ConfigError
 from pgws.jwks_fetch import fetch_jwks
 from pgws.keys import Key, RemoteKeys, load_remote_jwks
 from pgws.places import url_shown
+from pgws.settings_auth import JWT_JWKS_CACHE, JWT_JWKS_URL
 
 log = structlog.get_logger("pgws.jwks")
 

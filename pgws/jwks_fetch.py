@@ -19,10 +19,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pgws import __version__
-from pgws.config import JWT_JWKS_URL
 from pgws.errors import ConfigError
 from pgws.keys import RemoteKeys, load_remote_jwks
 from pgws.places import https_url, url_shown
+from pgws.settings_auth import JWT_JWKS_URL
 
 FETCH_TIMEOUT = 10.0  # seconds for one fetch, connection to last byte
 MAX_DOCUMENT = 1024 * 1024  # bytes; real JWKS documents are a few KiB
