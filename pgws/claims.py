@@ -7,23 +7,17 @@ happen. Everything a client can learn from a refusal is `invalid token` or `toke
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import hashlib
-import hmac
 import json
 import math
-import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NoReturn, Protocol
 
 from jose import jws
 from jose.exceptions import JOSEError
 
 from pgws.channels import channel_granted, channel_problem, is_wildcard
-from pgws.envelope import strict_loads
 from pgws.errors import (
     INVALID_TOKEN,
     ConfigError,
@@ -34,30 +28,11 @@ from pgws.errors import (
 )
 from pgws.keys import Key, load_keys
 from pgws.paths import parse_channel_path, parse_path
+from pgws.tokens import b64url_decode, hmac_of, hmac_payload, token_json, token_shaped, utf8
 
 Mode = Literal["r", "w", "rw"]
 MODES: frozenset[str] = frozenset({"r", "w", "rw"})
-# Far above any real token, far below what would let a client make us do real work.
-MAX_TOKEN_LENGTH = 8192
-_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 DEFAULT_MAX_CHANNELS = 100
-# Deeper than any real JOSE header or claims set; bounds what may later be walked or re-serialised
-# (jose and the envelope writer recurse) so a hostile token is an `invalid token`, not a crash.
-MAX_JSON_DEPTH = 32
-
-
-def token_shaped(value: str) -> bool:
-    """Whether `value` has a JWT's compact shape (three base64url parts, the first one a JSON
-    object), without verifying it. The JSON check keeps dotted subprotocol names such as
-    `wamp.2.json` from being taken for tokens, as the original never did."""
-    if len(value) > MAX_TOKEN_LENGTH or _TOKEN_SHAPE.fullmatch(value) is None:
-        return False
-    header = value.partition(".")[0]
-    try:
-        decoded = base64.urlsafe_b64decode(header + "=" * (-len(header) % 4))
-    except (binascii.Error, ValueError):
-        return False
-    return decoded.lstrip().startswith(b"{")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -117,7 +92,7 @@ class Verifier:
         # HMAC keys are checked with hmac directly (the secret and hash read once, here): it
         # accepts exactly the tokens jose's jws.verify accepts (tests/test_claims_fast.py), at a
         # fraction of the cost. Other keys, or one whose check disagrees with jose, use jose.
-        self._hmac = {key: found for key in self._static if (found := _hmac_of(key)) is not None}
+        self._hmac = {key: found for key in self._static if (found := hmac_of(key)) is not None}
         self._audience = audience
         self._issuer = issuer
         self.leeway = leeway  # seconds of clock skew allowed on `exp` and `nbf` (PGWS_JWT_LEEWAY)
@@ -163,7 +138,7 @@ class Verifier:
             raise Unauthorized(INVALID_TOKEN)
         # Read here rather than by jose, whose json.loads has no depth bound (RecursionError);
         # as UTF-8 text, as jose reads it (json.loads would guess UTF-16 from bytes).
-        header = _token_json(_utf8(_b64url_decode(token.partition(".")[0])))
+        header = token_json(utf8(b64url_decode(token.partition(".")[0])))
         if header is None or "crit" in header:
             raise Unauthorized(INVALID_TOKEN)
         algorithm, kid = header.get("alg"), header.get("kid")
@@ -189,7 +164,7 @@ class Verifier:
                 continue
         if payload is None:
             raise Unauthorized(INVALID_TOKEN)
-        claims = _token_json(payload)
+        claims = token_json(payload)
         if claims is None:
             raise Unauthorized(INVALID_TOKEN)
         _check_times(claims, time.time() if now is None else now, self.leeway)
@@ -207,53 +182,6 @@ def _refetch_for(source: KeySource, kid: str) -> NoReturn:
     if kid not in source.kids and (refetched := source.unknown_kid()) is not None:
         raise KeyUnknown(refetched)
     raise Unauthorized(INVALID_TOKEN)
-
-
-_HMAC_HASHES: dict[str, Callable[[], Any]] = {
-    "HS256": hashlib.sha256,
-    "HS384": hashlib.sha384,
-    "HS512": hashlib.sha512,
-}
-
-
-def _hmac_of(key: Key) -> tuple[bytes, Callable[[], Any]] | None:
-    """(secret, hash) of an HMAC key, if hmac and jose sign alike with it; else None (use jose)."""
-    digest = _HMAC_HASHES.get(key.algorithm)
-    secret = getattr(key.key, "prepared_key", None)
-    if digest is None or not isinstance(secret, bytes):
-        return None
-    probe = b"pgws: do hmac and jose agree?"
-    try:
-        agrees = key.key.sign(probe) == hmac.new(secret, probe, digest).digest()
-    except Exception:  # noqa: BLE001  # anything odd about this key: leave it to jose
-        return None
-    return (secret, digest) if agrees else None
-
-
-def hmac_payload(token: str, secret: bytes, digest: Callable[[], Any]) -> bytes | None:
-    """The payload bytes of a compact JWS whose HMAC signature holds, or None.
-
-    For a token that is `token_shaped` and whose header names this key's algorithm, it answers
-    as jose's `jws.verify` does (same base64url decoding of each part, same HMAC over the first
-    two parts, compared in constant time), without jose's key lookups per call.
-    """
-    signing_input, _, signature_segment = token.rpartition(".")
-    signature = _b64url_decode(signature_segment)
-    if signature is None:
-        return None
-    expected = hmac.new(secret, signing_input.encode("ascii"), digest).digest()
-    if not hmac.compare_digest(signature, expected):
-        return None
-    return _b64url_decode(signing_input.partition(".")[2])
-
-
-def _utf8(data: bytes | None) -> str | None:
-    if data is None:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def _has_audience(claims: Mapping[str, Any], audience: str) -> bool:
@@ -377,54 +305,6 @@ def _check_times(claims: Mapping[str, Any], now: float, leeway: float = 0.0) -> 
         raise Unauthorized(INVALID_TOKEN)
     if "exp" in claims and now - leeway >= claims["exp"]:
         raise TokenExpired("token expired")
-
-
-def _token_json(data: bytes | str | None) -> dict[str, Any] | None:
-    """A JOSE header or claims set: a JSON object pgws can carry, or None (`invalid token`).
-
-    Refused: nesting deeper than MAX_JSON_DEPTH, and numbers that are not finite (`NaN`,
-    `Infinity`, or `1e400`, which Python reads as inf): no envelope could carry them as JSON.
-    """
-    if data is None:
-        return None
-    try:
-        value = strict_loads(data)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        return None
-    if not isinstance(value, dict):
-        return None
-    # Each level of nesting takes a bracket: with few brackets in all there is nothing to walk.
-    if isinstance(data, bytes):  # in UTF-16 or -32 too, every bracket holds its ASCII byte
-        brackets = data.count(b"[") + data.count(b"{")
-    else:
-        brackets = data.count("[") + data.count("{")
-    if brackets > MAX_JSON_DEPTH and not _nesting_within(value, MAX_JSON_DEPTH):
-        return None
-    return value
-
-
-def _nesting_within(value: Any, limit: int) -> bool:
-    """Whether no list or object in `value` sits deeper than `limit` (iterative: no recursion)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > limit:
-            return False
-        stack.extend((child, depth + 1) for child in children)
-    return True
-
-
-def _b64url_decode(segment: str) -> bytes | None:
-    try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    except (binascii.Error, ValueError):
-        return None
 
 
 def issue_token(

@@ -1,46 +1,35 @@
-"""The `pgws` command: `pgws serve` runs the gateway, `pgws token` mints a token for testing.
+"""The `pgws` command: the click group, and `pgws serve`, which runs the gateway.
 
-This is the only module that reads os.environ and the only one that decides exit statuses (each
-error class carries its own: 78 EX_CONFIG for a bad setting, 69 EX_UNAVAILABLE when the database
-cannot be reached or the LISTEN connection is lost without self-healing).
+`check`, `token` and `migrate` are in `commands`. The CLI modules are the only ones that read
+os.environ and the only ones that decide exit statuses (each error class carries its own: 78
+EX_CONFIG for a bad setting, 69 EX_UNAVAILABLE when the database cannot be reached or the LISTEN
+connection is lost without self-healing).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
 
 import click
 import structlog
 
 from pgws import __version__, gctune, logs
-from pgws.check import Finding, database_findings, static_findings
-from pgws.claims import Verifier, issue_token
-from pgws.config import (
-    DB_URI,
-    DEBUG,
-    JWT_JWKS_URL,
-    LOG_LEVEL,
-    LOG_LEVELS,
-    SETTINGS,
-    WORKER_COUNT,
-    WORKERS,
-    Config,
-    read_jwt_secret,
-)
+from pgws.claims import Verifier
+from pgws.cli_env import env_file_option, fail, load_env
+from pgws.commands import check, migrate, token
+from pgws.config import SETTINGS, WORKER_COUNT, WORKERS, Config
 from pgws.db.connect import check_db_uri, masked_db_uri
-from pgws.envfile import credentials_env_file, parse_env_file
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
 from pgws.jwks import JwksKeys
 from pgws.net import tls_context
 from pgws.server import run
 from pgws.settings_log import effective_settings, unknown_settings
+from pgws.settings_ops import DEBUG, LOG_LEVEL, LOG_LEVELS
 from pgws.systemd import SystemdNotifier
 from pgws.workers import (
     bind_to_supervisor,
@@ -66,25 +55,8 @@ def _settings_help() -> str:
     return "\n".join(lines)
 
 
-def load_env(env_file: Path | None) -> dict[str, str]:
-    """The process environment over the env file's values.
-
-    Without --env-file, the file systemd passes as credential `env` (LoadCredential=) is read.
-    """
-    if env_file is None:
-        env_file = credentials_env_file(os.environ)
-    values = parse_env_file(env_file) if env_file is not None else {}
-    return {**values, **os.environ}
-
-
 # sysexits.h: an internal software error (78 EX_CONFIG and 69 EX_UNAVAILABLE come with errors).
 EX_SOFTWARE = 70
-
-
-def fail(error: PgwsError) -> NoReturn:
-    """Print one line to stderr and exit with the error's status; never a traceback."""
-    click.echo(f"Error: {error}", err=True)
-    sys.exit(error.exit_code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,14 +65,8 @@ def cli() -> None:
     """pgws: WebSockets on top of PostgreSQL LISTEN/NOTIFY."""
 
 
-env_file_option = click.option(
-    "--env-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Read KEY=value settings from this file (sample-env format). Default under systemd:"
-    " $CREDENTIALS_DIRECTORY/env when the unit passes it"
-    " (LoadCredential=env:/etc/pgws/pgws.env).",
-)
+for _command in (check, token, migrate):
+    cli.add_command(_command)
 
 
 @cli.command(epilog=_settings_help())
@@ -242,45 +208,6 @@ def serve_gateway(
         fail(error)
 
 
-@cli.command()
-@env_file_option
-def check(env_file: Path | None) -> None:
-    """Check the settings, keys, TLS files and database as `serve` would, then exit.
-
-    Prints one line per check; exits 0 when all pass, 78 for a bad setting, 69 when the database
-    cannot be reached, 1 when it refuses LISTEN or NOTIFY. Suits ExecStartPre= and deploy CI.
-    """
-    try:
-        env = load_env(env_file)
-        config = Config.from_env(env, check_db_uri=check_db_uri)
-        findings = [Finding("settings", f"{len(SETTINGS)} known; {describe_source(env_file)}")]
-        findings += [
-            Finding(
-                "settings",
-                f"{name} is no setting, ignored" + (f" (did you mean {guess}?)" if guess else ""),
-                "warn",
-            )
-            for name, guess in unknown_settings(env)
-        ]
-        findings += static_findings(config)
-        findings += asyncio.run(database_findings(config))
-    except PgwsError as exc:
-        fail(exc)
-    for finding in findings:
-        click.echo(finding.line())
-    if any(finding.failed for finding in findings):
-        sys.exit(1)
-
-
-def describe_source(env_file: Path | None) -> str:
-    """Where the settings came from, for the report."""
-    if env_file is not None:
-        return f"env file {env_file}"
-    if (credential := credentials_env_file(os.environ)) is not None:
-        return f"env file {credential} (systemd credential)"
-    return "environment only"
-
-
 def warn_unknown_settings(env: Mapping[str, str]) -> None:
     """One warning per PGWS_* name that is no setting, with the likely intended one."""
     for name, guess in unknown_settings(env):
@@ -300,87 +227,6 @@ def event_loop_runner(use_uvloop: bool) -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
-def _parse_claim(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise click.BadParameter(f"expected key=value, got {text!r}")
-    try:
-        value: Any = json.loads(raw)
-    except ValueError:
-        value = raw  # plain text is a string claim
-    return key, value
-
-
-@cli.command()
-@env_file_option
-@click.option("--mode", type=click.Choice(["r", "w", "rw"]), default="rw", show_default=True)
-@click.option(
-    "--channel", "channels", multiple=True, help="Allowed channel (repeat; none = any channel)."
-)
-@click.option(
-    "--ttl", type=float, default=3600.0, show_default=True, help="Seconds until exp; 0 = no exp."
-)
-@click.option(
-    "--claim",
-    "extra",
-    multiple=True,
-    help="Extra claim key=value (the value is JSON if it parses).",
-)
-def token(
-    env_file: Path | None, mode: str, channels: tuple[str, ...], ttl: float, extra: tuple[str, ...]
-) -> None:
-    """Print a token signed with PGWS_JWT_SECRET."""
-    claims: dict[str, Any] = dict(_parse_claim(item) for item in extra)
-    claims["mode"] = mode
-    if channels:
-        claims["channels"] = list(dict.fromkeys(channels))
-    try:
-        verifier = signing_verifier(load_env(env_file))
-        click.echo(issue_token(verifier, claims, ttl=ttl if ttl > 0 else None))
-    except ConfigError as exc:
-        fail(exc)
-
-
-def signing_verifier(env: Mapping[str, str]) -> Verifier:
-    """The keys `pgws token` signs with: PGWS_JWT_SECRET's (a JWKS URL's keys cannot sign)."""
-    if JWT_JWKS_URL.read(env) is not None:
-        raise ConfigError(
-            JWT_JWKS_URL.name, "holds the provider's public keys, which cannot sign tokens"
-        )
-    return Verifier.from_secret(read_jwt_secret(env))
-
-
 def main() -> None:
     """Console-script entry point."""
     cli.main(prog_name="pgws")
-
-
-@cli.command()
-@env_file_option
-@click.option(
-    "--print",
-    "print_sql",
-    is_flag=True,
-    help="Print the SQL instead of applying it (for a DBA; needs no database).",
-)
-def migrate(env_file: Path | None, print_sql: bool) -> None:
-    """Create or upgrade the `pgws` schema of durable channels in PGWS_DB_URI's database.
-
-    Safe to run again and from several processes at once. Durable channels are a preview: the
-    schema and its SQL functions exist, sockets do not use them yet.
-    """
-    # Imported here: the other commands do not need the durable store.
-    from pgws.db.durable import migrate_database, schema_sql
-
-    if print_sql:
-        click.echo(schema_sql(), nl=False)
-        return
-    # PGWS_DB_URI alone, read as `serve` reads it (@FILE too): migrating needs no JWT secret.
-    try:
-        env = load_env(env_file)
-        db_uri = DB_URI.read(env)
-        check_db_uri(db_uri)
-        done = asyncio.run(migrate_database(db_uri))
-    except PgwsError as exc:
-        fail(exc)
-    click.echo(f"pgws migrate: {done.describe()}")

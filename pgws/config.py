@@ -2,8 +2,11 @@
 
 A `Setting` holds everything pgws knows about one variable: its name, the parser that checks it
 (with its bounds), its default as written in an env file, its help line and whether it is
-secret. `Config.from_env`, the dataclass defaults, `pgws serve --help`, the start-up `settings`
-line and the unknown-name warnings all read the one table, so they cannot disagree.
+secret. The server's settings are declared here; those of one concern in `settings_auth`
+(tokens, Origins), `settings_durable` and `settings_ops` (logging, metrics, proxies).
+`SETTINGS` collects them all: `Config.from_env`, the dataclass defaults, `pgws serve --help`,
+the start-up `settings` line and the unknown-name warnings all read that one table, so they
+cannot disagree.
 
 Every problem raises `ConfigError` naming the variable, so start-up can stop with one line and
 exit status 78 before a port is bound. Values that may hold secrets are never echoed back.
@@ -23,38 +26,28 @@ from typing import Any
 
 from pgws.errors import ConfigError
 from pgws.limits import DURABLE_PAYLOAD_LIMIT, MAX_CHANNEL_BYTES, NOTIFY_PAYLOAD_LIMIT
-from pgws.proxies import proxy_networks
-from pgws.setting import (
-    ByteBound,
-    Channel,
-    ChannelSet,
-    Choice,
-    Integer,
-    Seconds,
-    Setting,
-    at_file,
-    boolean,
-    channel_set,
-    existing_dir,
-    existing_file,
-    host,
-    https_url,
-    interval_ms,
-    metrics_address,
-    metrics_place,
-    optional,
-    origins,
-    seconds,
-    skew_seconds,
-    text,
-    writable_file,
+from pgws.parsers import ByteBound, Channel, ChannelSet, Integer, boolean, interval_ms, seconds
+from pgws.places import at_file, existing_dir, existing_file, host, metrics_address
+from pgws.setting import Setting, optional
+from pgws.settings_auth import (
+    ALLOWED_ORIGINS,
+    AUTH_TIMEOUT,
+    EXPIRY_WARNING,
+    JWT_AUDIENCE,
+    JWT_ISSUER,
+    JWT_JWKS_CA_FILE,
+    JWT_JWKS_CACHE,
+    JWT_JWKS_URL,
+    JWT_LEEWAY,
+    JWT_SECRET,
+    JWT_SECRET_BASE64,
 )
+from pgws.settings_durable import DURABLE, DURABLE_MIGRATE, DURABLE_REPLAY_MAX, DURABLE_RETENTION
+from pgws.settings_ops import DEBUG, LOG_LEVEL, METRICS, TRUSTED_PROXIES
 
 # What all sockets' unsent data may take together: 256 MiB, a few hundred stalled readers.
 DEFAULT_MAX_BUFFERED_TOTAL = 256 * 1024 * 1024
 
-# No "critical" or "off": errors are never silenced.
-LOG_LEVELS = ("debug", "info", "warning", "error")
 # --- the settings -----------------------------------------------------------------------------
 
 DB_URI = Setting(
@@ -63,20 +56,6 @@ DB_URI = Setting(
     help="libpq URI or conninfo; @FILE reads it from a file",
     required=True,
     secret=True,
-)
-JWT_SECRET = Setting(
-    name="PGWS_JWT_SECRET",
-    parse=at_file,
-    help="HS256 secret, or a JWK / JWKS JSON object; @FILE reads it from a file"
-    " (not with PGWS_JWT_JWKS_URL)",
-    required=True,
-    secret=True,
-)
-JWT_SECRET_BASE64 = Setting(
-    name="PGWS_JWT_SECRET_BASE64",
-    parse=boolean,
-    default="false",
-    help="the secret is base64/base64url encoded",
 )
 HOST = Setting(
     name="PGWS_HOST",
@@ -189,111 +168,6 @@ MAX_CONNECTIONS = Setting(
     name="PGWS_MAX_CONNECTIONS",
     parse=optional(Integer(1, 10_000_000)),  # None = no limit
     help="most open sockets; more get HTTP 503",
-)
-JWT_AUDIENCE = Setting(
-    name="PGWS_JWT_AUDIENCE",
-    parse=optional(text),
-    help="when set, every token's `aud` must include it",
-)
-JWT_ISSUER = Setting(
-    name="PGWS_JWT_ISSUER",
-    parse=optional(text),
-    help="when set, every token's `iss` must equal it",
-)
-JWT_LEEWAY = Setting(
-    name="PGWS_JWT_LEEWAY",
-    parse=skew_seconds,
-    default="0",
-    help="seconds of clock skew allowed on a token's exp and nbf (and the 3001 timer)",
-)
-# JWKS from an identity provider (issue 13 item 1): instead of PGWS_JWT_SECRET, never with it.
-JWT_JWKS_URL = Setting(
-    name="PGWS_JWT_JWKS_URL",
-    parse=optional(https_url),
-    help="https:// URL of the identity provider's JWKS (RS*/PS*/ES* keys), fetched at start-up"
-    " and refetched on an unknown kid and as its Cache-Control says; instead of PGWS_JWT_SECRET",
-    secret=True,  # a query string may hold an API key; logs show url_shown() of it
-)
-JWT_JWKS_CACHE = Setting(
-    name="PGWS_JWT_JWKS_CACHE",
-    parse=optional(writable_file),
-    help="file pgws writes the JWKS to after each good fetch, and starts from when the"
-    " provider is unreachable at start-up",
-)
-JWT_JWKS_CA_FILE = Setting(
-    name="PGWS_JWT_JWKS_CA_FILE",
-    parse=optional(existing_file),
-    help="CA certificates (PEM) the JWKS URL's certificate must chain to, instead of the system's",
-)
-ALLOWED_ORIGINS = Setting(
-    name="PGWS_ALLOWED_ORIGINS",
-    parse=optional(origins),  # None = any Origin
-    help="comma-separated Origins browsers may connect from (e.g. https://app.example.com)",
-)
-LOG_LEVEL = Setting(
-    name="PGWS_LOG_LEVEL",
-    parse=Choice(LOG_LEVELS),
-    default="info",
-    help="debug, info, warning or error; warning silences the per-socket lines"
-    " (errors always show)",
-)
-AUTH_TIMEOUT = Setting(
-    name="PGWS_AUTH_TIMEOUT",
-    parse=seconds,
-    default="5",
-    help="seconds a pgws.v2 socket without a token has to send `auth`",
-)
-EXPIRY_WARNING = Setting(
-    name="PGWS_EXPIRY_WARNING",
-    parse=seconds,
-    default="60",
-    help="seconds before `exp` a pgws.v2 socket is sent `expiring`",
-)
-# Durable channels (SPEC 7): messages kept in the database's `pgws` schema.
-DURABLE = Setting(
-    name="PGWS_DURABLE",
-    parse=channel_set,
-    default="false",
-    help="durable channels: true (all), false (none), or a comma-separated list, prefix* for a"
-    " family",
-)
-DURABLE_MIGRATE = Setting(
-    name="PGWS_DURABLE_MIGRATE",
-    parse=boolean,
-    default="true",
-    help="create or upgrade the pgws schema at start-up; false = it must exist (pgws migrate)",
-)
-DURABLE_RETENTION = Setting(
-    name="PGWS_DURABLE_RETENTION",
-    parse=Seconds(0, 10 * 365 * 86400),
-    default="86400",
-    help="seconds durable messages are kept (and resumable)",
-)
-DURABLE_REPLAY_MAX = Setting(
-    name="PGWS_DURABLE_REPLAY_MAX",
-    parse=Integer(0, 1_000_000),
-    default="1000",
-    help="most messages a resume may replay; further behind is `not recovered`",
-)
-# Operators' settings (issue 13 items 4, 5): who may name the client, where /metrics is served.
-TRUSTED_PROXIES = Setting(
-    name="PGWS_TRUSTED_PROXIES",
-    parse=proxy_networks,
-    help="comma-separated proxy addresses/CIDRs whose X-Forwarded-For/Forwarded give the client"
-    " address (unset = trust nobody)",
-)
-METRICS = Setting(
-    name="PGWS_METRICS",
-    parse=metrics_place,
-    default="on",
-    help="on: /metrics on the main port; off: no /metrics; host:port: a separate listener"
-    " serving only /metrics",
-)
-DEBUG = Setting(
-    name="PGWS_DEBUG",
-    parse=boolean,
-    default="false",
-    help="on an internal error, print its traceback (it may show the database URI or secret)",
 )
 
 SETTINGS: tuple[Setting[Any], ...] = (
@@ -427,46 +301,19 @@ class Config:
             )
         else:
             jwt_secret = b""  # the keys come from the URL
-        return cls(
-            db_uri=db_uri,
-            jwt_secret=jwt_secret,
-            host=HOST.read(env),
-            port=PORT.read(env),
-            root_path=ROOT_PATH.read(env),
-            listen_channel=LISTEN_CHANNEL.read(env),
-            meta_channel=META_CHANNEL.read(env),
-            pool_size=POOL_SIZE.read(env),
-            retries=RETRIES.read(env),
-            check_listener_interval=CHECK_LISTENER_INTERVAL.read(env),
-            certificate_file=certificate_file,
-            key_file=key_file,
-            max_message_size=MAX_MESSAGE_SIZE.read(env),
-            client_max_buffer=CLIENT_MAX_BUFFER.read(env),
-            max_buffered_total=MAX_BUFFERED_TOTAL.read(env),
-            compression=COMPRESSION.read(env),
-            shutdown_timeout=SHUTDOWN_TIMEOUT.read(env),
-            workers=workers,
-            shared_listener=SHARED_LISTENER.read(env),
-            uvloop=UVLOOP.read(env),
-            max_channels=MAX_CHANNELS.read(env),
-            max_connections=MAX_CONNECTIONS.read(env),
-            jwt_audience=JWT_AUDIENCE.read(env),
-            jwt_issuer=JWT_ISSUER.read(env),
-            jwt_leeway=JWT_LEEWAY.read(env),
-            jwt_jwks_url=jwks_url,
-            jwt_jwks_cache=JWT_JWKS_CACHE.read(env),
-            jwt_jwks_ca_file=JWT_JWKS_CA_FILE.read(env),
-            allowed_origins=ALLOWED_ORIGINS.read(env),
-            log_level=LOG_LEVEL.read(env),
-            auth_timeout=AUTH_TIMEOUT.read(env),
-            expiry_warning=EXPIRY_WARNING.read(env),
-            durable=DURABLE.read(env),
-            durable_migrate=DURABLE_MIGRATE.read(env),
-            durable_retention=DURABLE_RETENTION.read(env),
-            durable_replay_max=DURABLE_REPLAY_MAX.read(env),
-            trusted_proxies=TRUSTED_PROXIES.read(env),
-            metrics=metrics,
-        )
+        first: dict[str, Any] = {
+            "db_uri": db_uri,
+            "jwt_secret": jwt_secret,
+            "jwt_jwks_url": jwks_url,
+            "certificate_file": certificate_file,
+            "key_file": key_file,
+            "workers": workers,
+            "metrics": metrics,
+        }
+        # Every other field from its setting, in the table's order: the first bad one is reported.
+        fields = {field.name for field in dataclasses.fields(cls)} - first.keys()
+        rest = {setting.field: setting.read(env) for setting in SETTINGS if setting.field in fields}
+        return cls(**first, **rest)
 
 
 def read_jwt_secret(env: Mapping[str, str]) -> bytes:

@@ -26,7 +26,6 @@ from pgws.claims import (
     Verifier,
     authorize,
     grant_for_v2,
-    token_shaped,
 )
 from pgws.config import Config
 from pgws.connection import Connection, SocketStats, peer
@@ -36,6 +35,7 @@ from pgws.paths import parse_channel_path, parse_path
 from pgws.protocols.v2 import SUBPROTOCOL as V2
 from pgws.proxies import TrustedProxies
 from pgws.sse import is_events_request
+from pgws.tokens import token_shaped
 
 # Socket events keep the logger name they had before the split, which log filters may select on.
 log = structlog.get_logger("pgws.handler")

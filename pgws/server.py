@@ -36,9 +36,9 @@ from pgws.handshake import Handshake, select_subprotocol
 from pgws.jwks import JwksKeys
 from pgws.metrics_http import MetricsListener
 from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
+from pgws.places import metrics_address
 from pgws.registry import Registry
 from pgws.session import Sessions
-from pgws.setting import metrics_address
 from pgws.signals import signals_handled
 from pgws.systemd import SystemdNotifier
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pgws.config import DB_URI, SETTINGS, Config
 from pgws.logs import REDACTED
-from pgws.setting import ChannelSet
+from pgws.parsers import ChannelSet
 
 # PGWS_* names that are not settings: the --workers supervisor gives each worker its number, and
 # the test suite reads PGWS_TEST_*.

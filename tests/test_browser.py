@@ -22,7 +22,7 @@ from jose import jwt
 from playwright.async_api import Browser, Locator, Page, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 
-from pgws.setting import ChannelSet
+from pgws.parsers import ChannelSet
 from tests.conftest import (
     ISSUED_TOKENS,
     TIMEOUT,

@@ -578,7 +578,7 @@ def deep(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
-MAX_JSON_DEPTH = 32  # pgws.claims.MAX_JSON_DEPTH, spelled out so this runs on older code too
+MAX_JSON_DEPTH = 32  # pgws.tokens.MAX_JSON_DEPTH, spelled out so this runs on older code too
 
 
 @pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, 990, 100_000])

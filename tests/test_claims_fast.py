@@ -1,6 +1,6 @@
 """The HMAC fast path of token verification answers exactly as python-jose does.
 
-`Verifier` checks HMAC-signed tokens with `hmac` directly (pgws.claims.hmac_payload) instead of
+`Verifier` checks HMAC-signed tokens with `hmac` directly (pgws.tokens.hmac_payload) instead of
 jose's `jws.verify`. Whatever the token, the fast path must accept it iff jose accepts it, and
 give the same claims: these tests compare it with jose on tokens built to be almost right
 (signed with the wrong secret or algorithm, one character changed, cut, padded, headers jose
@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from jose import jws
 from jose.exceptions import JOSEError
 
-from pgws.claims import Verifier, hmac_payload, token_shaped
+from pgws.claims import Verifier
 from pgws.errors import Unauthorized
+from pgws.tokens import hmac_payload, token_shaped
 
 SECRET = b"fast-path-secret-that-is-long-enough-0123"
 OTHER = b"another-secret-that-is-also-long-enough-99"

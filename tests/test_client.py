@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from pgws.client import AuthFailed, Client, Message, RequestFailed
-from pgws.setting import ChannelSet
+from pgws.parsers import ChannelSet
 from tests.conftest import (
     TIMEOUT,
     Running,

@@ -33,7 +33,7 @@ from pgws import __version__
 from pgws.config import Config
 from pgws.db.connect import check_db_uri
 from pgws.envfile import parse_env_file
-from pgws.setting import metrics_address
+from pgws.places import metrics_address
 from tests.conftest import TIMEOUT, ServeProcess, channel_name, make_token, recv_json, run_pgws
 from tests.test_tls import Pki, client_context, pki  # noqa: F401 (pki is a fixture)
 

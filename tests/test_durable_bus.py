@@ -23,8 +23,8 @@ from websockets.typing import Subprotocol
 
 from dev.devdb import ThrowawayPostgres
 from pgws.db import durable
+from pgws.parsers import ChannelSet
 from pgws.positions import parse_position
-from pgws.setting import ChannelSet
 from tests.conftest import (
     TIMEOUT,
     Running,

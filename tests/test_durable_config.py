@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from pgws.config import Config
 from pgws.errors import ConfigError
-from pgws.setting import ChannelSet, channel_set
+from pgws.parsers import ChannelSet, channel_set
 from tests.conftest import run_pgws
 
 pytestmark = pytest.mark.nodb

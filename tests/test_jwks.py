@@ -18,9 +18,10 @@ from websockets.exceptions import InvalidStatus
 from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.errors import ConfigError, KeyUnknown, Unauthorized
-from pgws.jwks import REFRESH_MAX, REFRESH_MIN, JwksKeys, fetch_jwks, refresh_delay
+from pgws.jwks import REFRESH_MAX, REFRESH_MIN, JwksKeys, refresh_delay
+from pgws.jwks_fetch import fetch_jwks
 from pgws.keys import load_remote_jwks
-from pgws.setting import https_url, url_shown
+from pgws.places import https_url, url_shown
 from tests.conftest import SECRET, TIMEOUT, StartGateway, recv_json, run_pgws, until
 from tests.jwks_provider import Provider, SigningKey, closed_port, running_provider, signing_key
 

@@ -20,8 +20,8 @@ from websockets.exceptions import InvalidStatus
 
 from pgws.config import Config
 from pgws.errors import ConfigError
+from pgws.places import metrics_place
 from pgws.proxies import TrustedProxies, parse_node, proxy_networks
-from pgws.setting import metrics_place
 from tests.conftest import (
     SECRET,
     TIMEOUT,

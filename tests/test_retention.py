@@ -15,7 +15,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgws.db import durable
 from pgws.db.retention import APPLICATION_NAME, Retention, default_interval, retention_running
-from pgws.setting import ChannelSet
+from pgws.parsers import ChannelSet
 from tests.conftest import TIMEOUT, StartGateway, until
 
 Conn = psycopg.AsyncConnection[Any]

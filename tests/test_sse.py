@@ -23,8 +23,8 @@ from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.connection import SocketStats
 from pgws.errors import BadRequest, HandshakeRefused
+from pgws.parsers import ChannelSet
 from pgws.registry import Registry
-from pgws.setting import ChannelSet
 from tests.conftest import (
     SECRET,
     TIMEOUT,

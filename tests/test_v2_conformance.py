@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from pgws.errors import NotifyFailed
-from pgws.setting import ChannelSet
+from pgws.parsers import ChannelSet
 from tests.conftest import (
     TIMEOUT,
     Running,
