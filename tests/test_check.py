@@ -23,7 +23,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgws.check import certificate_dates
 from pgws.config import Config
-from pgws.setting import ChannelSet
+from pgws.parsers import ChannelSet
 from tests.conftest import SECRET, TIMEOUT, channel_name, run_pgws
 from tests.jwks_provider import Provider, running_provider, signing_key
 
