@@ -41,7 +41,7 @@ from typing import Any
 import psycopg
 
 from pgws import logs
-from pgws.db import durable
+from pgws.db import durable_schema
 from pgws.db.retention import Retention
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,7 +145,7 @@ async def sample(conn: psycopg.AsyncConnection[Any]) -> dict[str, float]:
 
 async def run(args: argparse.Namespace, uri: str) -> dict[str, Any]:
     async with await psycopg.AsyncConnection.connect(uri, autocommit=True) as conn:
-        await durable.migrate(conn)
+        await durable_schema.migrate(conn)
         await conn.execute("TRUNCATE pgws.message, pgws.channel")
         producers = Producers(uri, args.rate, args.batch, args.connections)
         runner = Retention(uri, args.retention, interval=args.interval)

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from bench.pgraw import PipelinedNotifier
-from pgws.db import durable
+from pgws.db import durable_schema
 
 STATEMENTS = {
     "pg_notify": b"SELECT pg_notify($1, $2)",
@@ -56,7 +56,7 @@ async def sqlsend(args: argparse.Namespace) -> dict[str, Any]:
         args.batch = 1
     if args.producer != "pg_notify":
         async with await psycopg.AsyncConnection.connect(args.db_uri, autocommit=True) as conn:
-            await durable.migrate(conn)
+            await durable_schema.migrate(conn)
     senders = [
         await PipelinedNotifier.open(args.db_uri, STATEMENTS[args.producer])
         for _ in range(args.connections)

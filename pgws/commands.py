@@ -131,7 +131,7 @@ def migrate(env_file: Path | None, print_sql: bool) -> None:
     schema and its SQL functions exist, sockets do not use them yet.
     """
     # Imported here: the other commands do not need the durable store.
-    from pgws.db.durable import migrate_database, schema_sql
+    from pgws.db.durable_schema import migrate_database, schema_sql
 
     if print_sql:
         click.echo(schema_sql(), nl=False)

@@ -22,8 +22,9 @@ import structlog
 
 from pgws.bus import Feed, NotifyBus
 from pgws.config import Config
-from pgws.db.durable import NotRecovered, Reason, Replay, StoredMessage, prepare_schema
+from pgws.db.durable import NotRecovered, Reason, Replay, StoredMessage
 from pgws.db.durable_reader import DurableReader
+from pgws.db.durable_schema import prepare_schema
 from pgws.db.durable_writer import DurableWriter
 
 __all__ = [

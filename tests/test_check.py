@@ -219,7 +219,7 @@ async def test_the_durable_schema_is_reported_current_after_migrate(dsn: str) ->
 
 async def test_an_older_durable_schema_asks_for_pgws_migrate(dsn: str) -> None:
     """In a transaction rolled back at the end: the database keeps its real schema."""
-    from pgws.db.durable import SCHEMA_VERSION
+    from pgws.db.durable_schema import SCHEMA_VERSION
     from pgws.db.probe import _durable_schema
 
     async with await psycopg.AsyncConnection.connect(dsn) as conn:

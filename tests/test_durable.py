@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pgws.db import durable
+from pgws.db import durable, durable_schema
 from pgws.db.durable import NotRecovered, Reason, Replay
 from pgws.errors import SchemaMismatch
 from pgws.positions import parse_position
@@ -45,14 +45,14 @@ async def fresh_uri(db: Conn, dsn: str) -> AsyncIterator[str]:
 async def fresh(fresh_uri: str) -> AsyncIterator[Conn]:
     """An autocommit connection to a fresh database with the schema migrated."""
     async with await psycopg.AsyncConnection.connect(fresh_uri, autocommit=True) as conn:
-        await durable.migrate(conn)
+        await durable_schema.migrate(conn)
         yield conn
 
 
 @pytest.fixture
 async def store(db: Conn) -> Conn:
     """The shared test database, migrated (idempotent; tests use channels of their own)."""
-    await durable.migrate(db)
+    await durable_schema.migrate(db)
     return db
 
 
@@ -120,7 +120,7 @@ async def test_a_schema_newer_than_pgws_is_refused_with_exit_78(
 ) -> None:
     await fresh.execute("INSERT INTO pgws.schema_version (version) VALUES (2)")
     with pytest.raises(SchemaMismatch, match="version 2, newer"):
-        await durable.migrate(fresh)
+        await durable_schema.migrate(fresh)
     result = run_pgws("migrate", env={"PGWS_DB_URI": fresh_uri})
     assert result.returncode == 78
     assert result.stderr.startswith("Error: the database's pgws schema is at version 2")
@@ -155,7 +155,7 @@ def test_the_schema_is_package_data_so_the_wheel_carries_it() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["pgws.db"]
     assert any(fnmatch.fnmatch("durable.sql", pattern) for pattern in patterns)
-    assert durable.schema_sql().count("CREATE SCHEMA IF NOT EXISTS pgws;") == 1
+    assert durable_schema.schema_sql().count("CREATE SCHEMA IF NOT EXISTS pgws;") == 1
 
 
 # SQL producers

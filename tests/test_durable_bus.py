@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from dev.devdb import ThrowawayPostgres
-from pgws.db import durable
+from pgws.db import durable, durable_schema
 from pgws.parsers import ChannelSet
 from pgws.positions import parse_position
 from tests.conftest import (
@@ -665,7 +665,7 @@ async def test_two_gateways_on_one_database_see_each_others_socket_writes(
 async def test_fetch_many_reads_several_channels_within_a_byte_budget(db: DB) -> None:
     """One query serves many channels' cursors; a channel stops once past the byte budget (the
     first row always comes) and says whether more may follow."""
-    await durable.migrate(db)
+    await durable_schema.migrate(db)
     a, b, empty = channel_name(), channel_name(), channel_name()
     for payload in ("aaa", "bbb", "ccc"):
         await send(db, a, payload)

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pgws.db import durable
+from pgws.db import durable_schema
 from pgws.db.retention import APPLICATION_NAME, Retention, default_interval, retention_running
 from pgws.parsers import ChannelSet
 from tests.conftest import TIMEOUT, StartGateway, until
@@ -37,7 +37,7 @@ async def fresh_uri(db: Conn, dsn: str) -> AsyncIterator[str]:
 @pytest.fixture
 async def fresh(fresh_uri: str) -> AsyncIterator[Conn]:
     async with await psycopg.AsyncConnection.connect(fresh_uri, autocommit=True) as conn:
-        await durable.migrate(conn)
+        await durable_schema.migrate(conn)
         yield conn
 
 
@@ -151,7 +151,7 @@ async def test_a_missing_schema_fails_passes_without_stopping_the_runner(
         assert not tasks[0].done()
         assert runner.stats().prunes == 0
         async with await psycopg.AsyncConnection.connect(fresh_uri, autocommit=True) as conn:
-            await durable.migrate(conn)
+            await durable_schema.migrate(conn)
             await fill(conn, ["late"], 10, aged=10)
             # The back-off after a failure is a second or more: the pass after it prunes.
             await until(lambda: runner.stats().deleted == 10, "pruning once the schema exists")

@@ -1,9 +1,9 @@
-"""The durable store (SPEC 7): the `pgws` schema, storing batches, reading back, resume, pruning.
+"""The durable store's SQL API (SPEC 7): storing batches, reading back, resume, pruning.
 
-Library code only: nothing here runs on its own, and the socket path does not call it yet. The
-schema and the SQL producer functions are in durable.sql beside this module.
+Library code only: nothing here runs on its own. The schema and the SQL producer functions are in
+durable.sql beside this module; durable_schema.py installs and checks it.
 
-Connections: store_batch(), send_wakeups(), fetch_after() and migrate() work on any connection
+Connections: store_batch(), send_wakeups() and fetch_after() work on any connection
 (inside a caller's transaction too); resume() and prune() need an autocommit connection, since
 each opens transactions of its own (a snapshot; short delete batches).
 """
@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import importlib.resources
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import psycopg
 
-from pgws.db.connect import connection_kwargs, db_target, with_retries
-from pgws.errors import SchemaMismatch
 from pgws.positions import make_position, parse_position
 
 __all__ = [
@@ -27,22 +24,15 @@ __all__ = [
     "DEFAULT_MIGRATE",
     "DEFAULT_REPLAY_MAX",
     "DEFAULT_RETENTION",
-    "SCHEMA_VERSION",
     "WAKE_CHANNEL",
-    "Migration",
     "NotRecovered",
     "Reason",
     "Replay",
     "StoredMessage",
     "fetch_after",
     "fetch_many",
-    "installed_version",
-    "migrate",
-    "migrate_database",
-    "prepare_schema",
     "prune",
     "resume",
-    "schema_sql",
     "send_wakeups",
     "store_batch",
     "store_frames",
@@ -55,110 +45,10 @@ DEFAULT_MIGRATE = True
 DEFAULT_RETENTION = 86400.0  # seconds
 DEFAULT_REPLAY_MAX = 1000  # messages
 
-SCHEMA_VERSION = 1
 WAKE_CHANNEL = "pgws.wake"  # the NOTIFY channel of wake-ups; their payload is the channel
-# Advisory lock keys ("pgws" in ASCII, then a number): one migration, one pruner at a time.
-_MIGRATION_LOCK = 0x70677773_0001
+# Advisory lock key ("pgws" in ASCII, then a number; durable_schema has 1): one pruner at a time.
 _PRUNE_LOCK = 0x70677773_0002
 PRUNE_BATCH = 1000  # rows per delete transaction: each holds its row locks for a few ms only
-
-
-def _script() -> str:
-    return importlib.resources.files("pgws.db").joinpath("durable.sql").read_text("utf-8")
-
-
-def schema_sql() -> str:
-    """The whole schema as one transaction a DBA can review and run (`pgws migrate --print`)."""
-    return (
-        f"BEGIN;\nSELECT pg_advisory_xact_lock({_MIGRATION_LOCK});\n\n{_script().rstrip()}\n\n"
-        "COMMIT;\n"
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Migration:
-    """What migrate() found and left: version None means no pgws schema."""
-
-    before: int | None
-    after: int
-
-    def describe(self) -> str:
-        if self.before is None:
-            return f"created schema pgws at version {self.after}"
-        if self.before == self.after:
-            return f"schema pgws already at version {self.after}, nothing to do"
-        return f"upgraded schema pgws from version {self.before} to {self.after}"
-
-
-async def installed_version(conn: psycopg.AsyncConnection[Any]) -> int | None:
-    """The pgws schema version in the database, or None when there is none."""
-    cur = await conn.execute("SELECT to_regclass('pgws.schema_version') IS NOT NULL")
-    exists = await cur.fetchone()
-    if exists is None or not exists[0]:
-        return None
-    cur = await conn.execute("SELECT max(version) FROM pgws.schema_version")
-    row = await cur.fetchone()
-    return None if row is None else row[0]
-
-
-async def migrate(conn: psycopg.AsyncConnection[Any]) -> Migration:
-    """Create or upgrade the schema in one transaction; concurrent callers wait for each other.
-
-    The advisory lock comes before any check, so that of several processes starting at once one
-    creates the schema and the others find it done.
-    """
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        before = await installed_version(conn)
-        if before is not None and before > SCHEMA_VERSION:
-            raise SchemaMismatch(
-                f"the database's pgws schema is at version {before}, newer than this pgws"
-                f" knows ({SCHEMA_VERSION}): upgrade pgws"
-            )
-        if before != SCHEMA_VERSION:
-            await conn.execute(_script().encode())  # no parameters: several statements at once
-    return Migration(before, SCHEMA_VERSION)
-
-
-async def migrate_database(db_uri: str) -> Migration:
-    """`pgws migrate`: connect (DatabaseUnavailable, ConfigError as `serve` would), migrate."""
-    kwargs = connection_kwargs(db_uri, "pgws migrate")
-
-    async def connect() -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(db_uri, autocommit=True, **kwargs)
-
-    conn: psycopg.AsyncConnection[Any] = await with_retries(
-        "migrate", 1, connect, where=db_target(db_uri)
-    )
-    async with conn:
-        return await migrate(conn)
-
-
-async def prepare_schema(db_uri: str, *, apply: bool, retries: int) -> Migration:
-    """`pgws serve` in durable mode: migrate (PGWS_DURABLE_MIGRATE) or check the schema.
-
-    Connects with the start-up retries (DatabaseUnavailable after them). Without `apply`, a
-    missing or older schema is SchemaMismatch (exit 78): `pgws migrate` or a DBA has to act.
-    """
-    kwargs = connection_kwargs(db_uri, "pgws-migrate")
-
-    async def connect() -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(db_uri, autocommit=True, **kwargs)
-
-    conn: psycopg.AsyncConnection[Any] = await with_retries(
-        "durable schema", retries, connect, where=db_target(db_uri)
-    )
-    async with conn:
-        if apply:
-            return await migrate(conn)
-        version = await installed_version(conn)
-    if version == SCHEMA_VERSION:
-        return Migration(version, version)
-    found = "no pgws schema" if version is None else f"the pgws schema at version {version}"
-    raise SchemaMismatch(
-        f"PGWS_DURABLE_MIGRATE is false and the database has {found}; this pgws needs version"
-        f" {SCHEMA_VERSION}: run `pgws migrate` (or `pgws migrate --print` for a DBA)"
-    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

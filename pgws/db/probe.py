@@ -106,7 +106,10 @@ async def _durable_schema(conn: psycopg.AsyncConnection[Any], config: Config) ->
     FAIL: a newer schema, or (PGWS_DURABLE_MIGRATE=false) a missing or older one; with
     migration on, a missing or older schema is fine, serve creates or upgrades it.
     """
-    from pgws.db.durable import SCHEMA_VERSION, installed_version  # only `check` needs it here
+    from pgws.db.durable_schema import (
+        SCHEMA_VERSION,
+        installed_version,
+    )  # only `check` needs it here
 
     on, migrates = bool(config.durable), config.durable_migrate
     try:
