@@ -24,7 +24,6 @@ from websockets.http11 import Request, Response
 from pgws import __version__, metrics, sse, web
 from pgws.buffers import BufferLedger
 from pgws.bus import NotifyBus, SharedNotifyBus
-from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.connection import SocketStats, deliver_gap, deliver_v2, tracked_connection_class
 from pgws.db.connect import db_host
@@ -38,6 +37,7 @@ from pgws.metrics_http import MetricsListener
 from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
 from pgws.places import metrics_address
 from pgws.registry import Registry
+from pgws.reload import Reloading, warn_if_weak
 from pgws.session import Sessions
 from pgws.signals import signals_handled
 from pgws.systemd import SystemdNotifier
@@ -49,35 +49,10 @@ PING_INTERVAL = 30.0
 PING_TIMEOUT = 30.0
 
 
-# Config fields SIGHUP applies to a running gateway; every other change needs a restart.
-_RELOADABLE = frozenset(
-    {
-        "jwt_secret",
-        "jwt_audience",
-        "jwt_issuer",
-        "jwt_leeway",
-        "certificate_file",
-        "key_file",
-        "trusted_proxies",
-    }
-)
-
-
-def _variable(field: str) -> str:
-    """The PGWS_* variable behind a Config field (STYLE: PGWS_X is Config.x)."""
-    return f"PGWS_{field.upper()}"
-
-
 def _log_stopped() -> None:
     # Called rather than registered as `log.info`: a method bound at start-up would keep the
     # logging set-up of that moment.
     log.info("server_stopped")
-
-
-def _warn_if_weak(verifier: Verifier) -> None:
-    weakest = verifier.weakest_secret
-    if weakest is not None and weakest < 32:
-        log.warning("jwt_secret_weak", bytes=weakest, advice="use at least 32 random bytes")
 
 
 async def finish_response(
@@ -97,7 +72,7 @@ async def finish_response(
     return response
 
 
-class Gateway:
+class Gateway(Reloading):
     """The running parts of one pgws process, exposed for the CLI, health checks and tests."""
 
     def __init__(
@@ -204,92 +179,10 @@ class Gateway:
         self.retention: Retention | None = None  # durable mode's pruner (while running)
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
 
-    def reload(self, new: Config) -> list[str]:
-        """SIGHUP: apply a new token key and TLS certificate; return the variables that changed.
-
-        Sockets stay open: the verifier only checks new handshakes, the certificate only serves
-        new TLS connections. A new value that does not load keeps the old one (a warning says
-        why); settings that need a restart are named in a warning and otherwise ignored.
-        """
-        changed = [
-            *self._reload_verifier(new),
-            *self._reload_certificate(new),
-            *self._reload_proxies(new),
-        ]
-        if self.jwks is not None:
-            self.jwks.request_refresh()  # SIGHUP also refetches PGWS_JWT_JWKS_URL
-        needs_restart = [
-            _variable(field.name)
-            for field in dataclasses.fields(Config)
-            if field.name not in _RELOADABLE
-            and getattr(self.config, field.name) != getattr(new, field.name)
-        ]
-        if self.config.tls != new.tls:
-            needs_restart += ["PGWS_CERTIFICATE_FILE", "PGWS_KEY_FILE"]
-        if needs_restart:
-            log.warning("reload_needs_restart", settings=needs_restart)
-        log.info("reloaded", changed=changed)
-        return changed
-
-    def _reload_verifier(self, new: Config) -> list[str]:
-        old = self.config
-        fields = ("jwt_secret", "jwt_audience", "jwt_issuer", "jwt_leeway")
-        changed = [_variable(f) for f in fields if getattr(old, f) != getattr(new, f)]
-        if not changed:
-            return []
-        try:
-            verifier = self._new_verifier(new)
-        except ConfigError as exc:
-            log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")
-            return []
-        self.verifier = self.handshake.verifier = verifier
-        self.config = dataclasses.replace(
-            self.config, **{field: getattr(new, field) for field in fields}
-        )
-        _warn_if_weak(verifier)
-        return changed
-
-    def _new_verifier(self, config: Config) -> Verifier:
-        if self.jwks is not None:
-            return Verifier(
-                (),
-                source=self.jwks,
-                audience=config.jwt_audience,
-                issuer=config.jwt_issuer,
-                leeway=config.jwt_leeway,
-            )
-        return Verifier.from_secret(
-            config.jwt_secret,
-            audience=config.jwt_audience,
-            issuer=config.jwt_issuer,
-            leeway=config.jwt_leeway,
-        )
-
-    def _reload_certificate(self, new: Config) -> list[str]:
-        if self.tls.context is None or not new.tls:
-            return []  # turning TLS on or off needs a restart
-        try:
-            changed = self.tls.reload(new)
-        except ConfigError as exc:
-            log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")
-            return []
-        self.config = dataclasses.replace(
-            self.config, certificate_file=new.certificate_file, key_file=new.key_file
-        )
-        return changed
-
     def _gap(self, channel: str) -> None:
         """A durable channel lost continuity here (rows pruned unread): v2 readers and event
         streams get `gap`."""
         self.registry.channel_lost(channel)
-
-    def _reload_proxies(self, new: Config) -> list[str]:
-        """PGWS_TRUSTED_PROXIES for the handshakes from now on (open sockets keep their address)."""
-        if new.trusted_proxies == self.config.trusted_proxies:
-            return []
-        self.handshake.trust(new.trusted_proxies)
-        self.config = dataclasses.replace(self.config, trusted_proxies=new.trusted_proxies)
-        return ["PGWS_TRUSTED_PROXIES"]
 
     def is_ready(self) -> bool:
         """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""
@@ -357,7 +250,7 @@ class Gateway:
         # Bound first, so a taken port fails at once rather than after the database retries;
         # connections are only accepted once serve() listens, after the database is up.
         sock = listen_socket(config.host, config.port, reuse_port=self._reuse_port)
-        _warn_if_weak(self.verifier)
+        warn_if_weak(self.verifier)
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(_log_stopped)
             stack.callback(sock.close)  # already closed by the server if it got that far
