@@ -21,7 +21,7 @@ import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from pgws import __version__, metrics, sse, web
+from pgws import __version__, metrics, sse, sse_request, sse_stream, web
 from pgws.buffers import BufferLedger
 from pgws.bus import NotifyBus, SharedNotifyBus
 from pgws.config import Config
@@ -66,7 +66,7 @@ async def finish_response(
                 response.headers[name] = value
     if isinstance(response, web.FileResponse):
         await web.send_file(connection, response)  # closes the socket: websockets sends nothing
-    elif isinstance(response, sse.StreamResponse):
+    elif isinstance(response, sse_request.StreamResponse):
         # The stream takes the TCP connection (websockets then sends nothing), or a 503.
         return await response.begin(connection)
     return response
@@ -129,8 +129,8 @@ class Gateway(Reloading):
             self.bus.publish,
             deliver_v2,
             deliver_gap,
-            sse.deliver,
-            sse.deliver_gap,
+            sse_stream.deliver,
+            sse_stream.deliver_gap,
         )
         if self.durable is not None:
             self.registry.watch(self.durable.watch)
@@ -165,7 +165,9 @@ class Gateway(Reloading):
             self.buffers,
             plain=routes.answer,
             clock=lambda: self.clock(),
-            events=sse.EventsEndpoint(config, self.events, clock=lambda: self.clock()).answer,
+            events=sse_request.EventsEndpoint(
+                config, self.events, clock=lambda: self.clock()
+            ).answer,
         )
         self.sessions = Sessions(
             config,
