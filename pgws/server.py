@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import signal
 import time
@@ -21,7 +20,7 @@ import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from pgws import __version__, metrics, sse, sse_request, sse_stream, web
+from pgws import __version__, gateway_metrics, metrics, sse, sse_request, sse_stream, web
 from pgws.buffers import BufferLedger
 from pgws.bus import NotifyBus, SharedNotifyBus
 from pgws.config import Config
@@ -142,7 +141,9 @@ class Gateway(Reloading):
         self.buffers = BufferLedger(config.max_buffered_total)
         # PGWS_METRICS: off builds nothing to collect; host:port serves it on its own listener.
         self._render = (
-            None if config.metrics == "off" else metrics.exposition(self.metrics_snapshot)
+            None
+            if config.metrics == "off"
+            else metrics.exposition(functools.partial(gateway_metrics.snapshot, self))
         )
         self.metrics_listener: MetricsListener | None = None
         self.events = sse.EventStreams(
@@ -189,44 +190,6 @@ class Gateway(Reloading):
     def is_ready(self) -> bool:
         """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""
         return self.server is not None and self.server.is_serving() and self.bus.is_up()
-
-    def buffered_bytes(self) -> int:
-        """What every socket's transport holds unsent right now (read at each scrape)."""
-        total = self.events.buffered()
-        for conn in self._connections:
-            try:
-                total += conn.transport.get_write_buffer_size()
-            except (AttributeError, RuntimeError):
-                continue  # not connected yet, or already gone
-        return total
-
-    def metrics_snapshot(self) -> metrics.Snapshot:
-        """Every component's stats at one moment, in the shape /metrics renders."""
-        handler, registry = self.socket_stats.snapshot(), self.registry.stats()
-        notifier, listener = self.notifier.stats(), self.listener.stats()
-        return metrics.Snapshot(
-            sockets_open=handler.open_by_mode,
-            channels=registry.channels,
-            frames_received=handler.frames_in,
-            notifies_sent=notifier.sent,
-            notifies_too_big=handler.too_big,
-            notifies_failed_database=notifier.failed,
-            notifies_resent=notifier.resent,
-            notifications_received=listener.received,
-            notifications_undecodable=listener.undecodable,
-            messages_delivered=registry.delivered,
-            handshakes_rejected=handler.rejected,
-            listener_up=self.bus.is_up(),  # a worker fed through its host's shared LISTEN too
-            listener_reconnects=listener.reconnects,
-            slow_consumers_closed=handler.slow_consumers,
-            buffered_bytes=self.buffered_bytes(),
-            buffered_bytes_peak=self.buffers.peak,
-            buffered_total_drops=handler.over_total,
-            read_only_floods_closed=handler.read_only_floods,
-            notification_queue_usage=notifier.queue_usage,
-            event_streams_open=len(self.events.open),
-            durable=None if self.durable is None else dataclasses.asdict(self.durable.stats()),
-        )
 
     @property
     def port(self) -> int:
