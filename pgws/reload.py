@@ -17,7 +17,7 @@ from pgws.handshake import Handshake
 from pgws.jwks import JwksKeys
 from pgws.net import ReloadableTls
 
-log = structlog.get_logger("pgws.server")
+log = structlog.get_logger("pgws.server")  # its lines kept their logger when it left server.py
 
 # Config fields SIGHUP applies to a running gateway; every other change needs a restart.
 _RELOADABLE = frozenset(

@@ -18,7 +18,7 @@ from pgws.sse_request import Plan, stream_id
 if TYPE_CHECKING:
     from pgws.sse import EventStreams
 
-log = structlog.get_logger("pgws.sse")
+log = structlog.get_logger("pgws.sse")  # its lines kept their logger when it left sse.py
 
 # A client sends nothing after its request; one that sends this much is cut off.
 MAX_RECEIVED = 64 * 1024
