@@ -18,7 +18,7 @@ from pgws.config import Config
 from pgws.db.connect import check_db_uri
 from pgws.envfile import parse_env_file
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
-from pgws.server import run
+from pgws.process import run
 
 DATA_DIR = Path(".pgdata")
 

@@ -27,7 +27,7 @@ from pgws.db.connect import check_db_uri, masked_db_uri
 from pgws.errors import ConfigError, PgwsError, first_pgws_error
 from pgws.jwks import JwksKeys
 from pgws.net import tls_context
-from pgws.server import run
+from pgws.process import run
 from pgws.settings_log import effective_settings, unknown_settings
 from pgws.settings_ops import DEBUG, LOG_LEVEL, LOG_LEVELS
 from pgws.systemd import SystemdNotifier

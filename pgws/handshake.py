@@ -34,7 +34,7 @@ from pgws.errors import BadRequest, Forbidden, HandshakeRefused, KeyUnknown, Ser
 from pgws.paths import parse_channel_path, parse_path
 from pgws.protocols.v2 import SUBPROTOCOL as V2
 from pgws.proxies import TrustedProxies
-from pgws.sse import is_events_request
+from pgws.sse_request import is_events_request
 from pgws.tokens import token_shaped
 
 # Socket events keep the logger name they had before the split, which log filters may select on.

@@ -1,4 +1,4 @@
-"""The composition root: `Gateway` wires the parts together, `run(config)` runs one process.
+"""The composition root: `Gateway` wires the parts together (`process.run` runs one process).
 
 Start: key and TLS checks and the port bound, then the LISTEN connection and the senders (with
 retries), then sockets accepted. Stop (signal, or the listener lost without self-healing), in
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,10 +19,9 @@ import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from pgws import __version__, metrics, sse, web
+from pgws import __version__, gateway_metrics, metrics, sse, sse_request, sse_stream, web
 from pgws.buffers import BufferLedger
 from pgws.bus import NotifyBus, SharedNotifyBus
-from pgws.claims import Verifier
 from pgws.config import Config
 from pgws.connection import SocketStats, deliver_gap, deliver_v2, tracked_connection_class
 from pgws.db.connect import db_host
@@ -38,9 +35,8 @@ from pgws.metrics_http import MetricsListener
 from pgws.net import ReloadableTls, listen_socket, tls_failures_quieted
 from pgws.places import metrics_address
 from pgws.registry import Registry
+from pgws.reload import Reloading, warn_if_weak
 from pgws.session import Sessions
-from pgws.signals import signals_handled
-from pgws.systemd import SystemdNotifier
 
 log = structlog.get_logger("pgws.server")
 
@@ -49,35 +45,10 @@ PING_INTERVAL = 30.0
 PING_TIMEOUT = 30.0
 
 
-# Config fields SIGHUP applies to a running gateway; every other change needs a restart.
-_RELOADABLE = frozenset(
-    {
-        "jwt_secret",
-        "jwt_audience",
-        "jwt_issuer",
-        "jwt_leeway",
-        "certificate_file",
-        "key_file",
-        "trusted_proxies",
-    }
-)
-
-
-def _variable(field: str) -> str:
-    """The PGWS_* variable behind a Config field (STYLE: PGWS_X is Config.x)."""
-    return f"PGWS_{field.upper()}"
-
-
 def _log_stopped() -> None:
     # Called rather than registered as `log.info`: a method bound at start-up would keep the
     # logging set-up of that moment.
     log.info("server_stopped")
-
-
-def _warn_if_weak(verifier: Verifier) -> None:
-    weakest = verifier.weakest_secret
-    if weakest is not None and weakest < 32:
-        log.warning("jwt_secret_weak", bytes=weakest, advice="use at least 32 random bytes")
 
 
 async def finish_response(
@@ -91,13 +62,13 @@ async def finish_response(
                 response.headers[name] = value
     if isinstance(response, web.FileResponse):
         await web.send_file(connection, response)  # closes the socket: websockets sends nothing
-    elif isinstance(response, sse.StreamResponse):
+    elif isinstance(response, sse_request.StreamResponse):
         # The stream takes the TCP connection (websockets then sends nothing), or a 503.
         return await response.begin(connection)
     return response
 
 
-class Gateway:
+class Gateway(Reloading):
     """The running parts of one pgws process, exposed for the CLI, health checks and tests."""
 
     def __init__(
@@ -154,8 +125,8 @@ class Gateway:
             self.bus.publish,
             deliver_v2,
             deliver_gap,
-            sse.deliver,
-            sse.deliver_gap,
+            sse_stream.deliver,
+            sse_stream.deliver_gap,
         )
         if self.durable is not None:
             self.registry.watch(self.durable.watch)
@@ -167,7 +138,9 @@ class Gateway:
         self.buffers = BufferLedger(config.max_buffered_total)
         # PGWS_METRICS: off builds nothing to collect; host:port serves it on its own listener.
         self._render = (
-            None if config.metrics == "off" else metrics.exposition(self.metrics_snapshot)
+            None
+            if config.metrics == "off"
+            else metrics.exposition(functools.partial(gateway_metrics.snapshot, self))
         )
         self.metrics_listener: MetricsListener | None = None
         self.events = sse.EventStreams(
@@ -190,7 +163,9 @@ class Gateway:
             self.buffers,
             plain=routes.answer,
             clock=lambda: self.clock(),
-            events=sse.EventsEndpoint(config, self.events, clock=lambda: self.clock()).answer,
+            events=sse_request.EventsEndpoint(
+                config, self.events, clock=lambda: self.clock()
+            ).answer,
         )
         self.sessions = Sessions(
             config,
@@ -204,134 +179,14 @@ class Gateway:
         self.retention: Retention | None = None  # durable mode's pruner (while running)
         self._connections: set[ServerConnection] = set()  # every TCP connection, even mid-handshake
 
-    def reload(self, new: Config) -> list[str]:
-        """SIGHUP: apply a new token key and TLS certificate; return the variables that changed.
-
-        Sockets stay open: the verifier only checks new handshakes, the certificate only serves
-        new TLS connections. A new value that does not load keeps the old one (a warning says
-        why); settings that need a restart are named in a warning and otherwise ignored.
-        """
-        changed = [
-            *self._reload_verifier(new),
-            *self._reload_certificate(new),
-            *self._reload_proxies(new),
-        ]
-        if self.jwks is not None:
-            self.jwks.request_refresh()  # SIGHUP also refetches PGWS_JWT_JWKS_URL
-        needs_restart = [
-            _variable(field.name)
-            for field in dataclasses.fields(Config)
-            if field.name not in _RELOADABLE
-            and getattr(self.config, field.name) != getattr(new, field.name)
-        ]
-        if self.config.tls != new.tls:
-            needs_restart += ["PGWS_CERTIFICATE_FILE", "PGWS_KEY_FILE"]
-        if needs_restart:
-            log.warning("reload_needs_restart", settings=needs_restart)
-        log.info("reloaded", changed=changed)
-        return changed
-
-    def _reload_verifier(self, new: Config) -> list[str]:
-        old = self.config
-        fields = ("jwt_secret", "jwt_audience", "jwt_issuer", "jwt_leeway")
-        changed = [_variable(f) for f in fields if getattr(old, f) != getattr(new, f)]
-        if not changed:
-            return []
-        try:
-            verifier = self._new_verifier(new)
-        except ConfigError as exc:
-            log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")
-            return []
-        self.verifier = self.handshake.verifier = verifier
-        self.config = dataclasses.replace(
-            self.config, **{field: getattr(new, field) for field in fields}
-        )
-        _warn_if_weak(verifier)
-        return changed
-
-    def _new_verifier(self, config: Config) -> Verifier:
-        if self.jwks is not None:
-            return Verifier(
-                (),
-                source=self.jwks,
-                audience=config.jwt_audience,
-                issuer=config.jwt_issuer,
-                leeway=config.jwt_leeway,
-            )
-        return Verifier.from_secret(
-            config.jwt_secret,
-            audience=config.jwt_audience,
-            issuer=config.jwt_issuer,
-            leeway=config.jwt_leeway,
-        )
-
-    def _reload_certificate(self, new: Config) -> list[str]:
-        if self.tls.context is None or not new.tls:
-            return []  # turning TLS on or off needs a restart
-        try:
-            changed = self.tls.reload(new)
-        except ConfigError as exc:
-            log.warning("reload_rejected", setting=exc.name, error=exc.problem, kept="old value")
-            return []
-        self.config = dataclasses.replace(
-            self.config, certificate_file=new.certificate_file, key_file=new.key_file
-        )
-        return changed
-
     def _gap(self, channel: str) -> None:
         """A durable channel lost continuity here (rows pruned unread): v2 readers and event
         streams get `gap`."""
         self.registry.channel_lost(channel)
 
-    def _reload_proxies(self, new: Config) -> list[str]:
-        """PGWS_TRUSTED_PROXIES for the handshakes from now on (open sockets keep their address)."""
-        if new.trusted_proxies == self.config.trusted_proxies:
-            return []
-        self.handshake.trust(new.trusted_proxies)
-        self.config = dataclasses.replace(self.config, trusted_proxies=new.trusted_proxies)
-        return ["PGWS_TRUSTED_PROXIES"]
-
     def is_ready(self) -> bool:
         """Ready: accepting sockets and the LISTEN connection up (`/ready`, sd_notify)."""
         return self.server is not None and self.server.is_serving() and self.bus.is_up()
-
-    def buffered_bytes(self) -> int:
-        """What every socket's transport holds unsent right now (read at each scrape)."""
-        total = self.events.buffered()
-        for conn in self._connections:
-            try:
-                total += conn.transport.get_write_buffer_size()
-            except (AttributeError, RuntimeError):
-                continue  # not connected yet, or already gone
-        return total
-
-    def metrics_snapshot(self) -> metrics.Snapshot:
-        """Every component's stats at one moment, in the shape /metrics renders."""
-        handler, registry = self.socket_stats.snapshot(), self.registry.stats()
-        notifier, listener = self.notifier.stats(), self.listener.stats()
-        return metrics.Snapshot(
-            sockets_open=handler.open_by_mode,
-            channels=registry.channels,
-            frames_received=handler.frames_in,
-            notifies_sent=notifier.sent,
-            notifies_too_big=handler.too_big,
-            notifies_failed_database=notifier.failed,
-            notifies_resent=notifier.resent,
-            notifications_received=listener.received,
-            notifications_undecodable=listener.undecodable,
-            messages_delivered=registry.delivered,
-            handshakes_rejected=handler.rejected,
-            listener_up=self.bus.is_up(),  # a worker fed through its host's shared LISTEN too
-            listener_reconnects=listener.reconnects,
-            slow_consumers_closed=handler.slow_consumers,
-            buffered_bytes=self.buffered_bytes(),
-            buffered_bytes_peak=self.buffers.peak,
-            buffered_total_drops=handler.over_total,
-            read_only_floods_closed=handler.read_only_floods,
-            notification_queue_usage=notifier.queue_usage,
-            event_streams_open=len(self.events.open),
-            durable=None if self.durable is None else dataclasses.asdict(self.durable.stats()),
-        )
 
     @property
     def port(self) -> int:
@@ -357,7 +212,7 @@ class Gateway:
         # Bound first, so a taken port fails at once rather than after the database retries;
         # connections are only accepted once serve() listens, after the database is up.
         sock = listen_socket(config.host, config.port, reuse_port=self._reuse_port)
-        _warn_if_weak(self.verifier)
+        warn_if_weak(self.verifier)
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(_log_stopped)
             stack.callback(sock.close)  # already closed by the server if it got that far
@@ -460,71 +315,3 @@ class Gateway:
                     await self.events.wait_closed()
             except TimeoutError:
                 log.error("sockets_left_open", count=len(self._connections))
-
-
-async def run(
-    config: Config,
-    systemd: SystemdNotifier | None = None,
-    *,
-    reuse_port: bool = False,
-    shared_listener: str | None = None,
-    worker: int | None = None,
-    parent_pipe: int | None = None,
-    reload_config: Callable[[], Config] | None = None,
-    on_ready: Callable[[], None] | None = None,
-    jwks: JwksKeys | None = None,
-) -> None:
-    """Run pgws until SIGTERM/SIGINT/SIGQUIT (or a fatal error, which propagates).
-
-    SIGHUP calls `reload_config` (the CLI re-reads the environment and the env file) and applies
-    what can change without dropping sockets; without it, the same settings are read again,
-    which still picks up new contents of the TLS files. A worker passes `parent_pipe`: EOF on it
-    (its supervisor is gone) stops it as SIGTERM does.
-    """
-    systemd = systemd or SystemdNotifier(None)
-    gateway = Gateway(
-        config,
-        reuse_port=reuse_port,
-        shared_listener=shared_listener,
-        worker=worker,
-        jwks=jwks,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def request_stop(sig: signal.Signals | None = None) -> None:
-        if not stop.is_set():
-            if sig is not None:  # else the supervisor is gone, which is logged where noticed
-                log.info("signal_received", signal=sig.name)
-            systemd.notify("STOPPING=1")
-            stop.set()
-
-    def reload() -> None:
-        try:
-            new = reload_config() if reload_config is not None else gateway.config
-        except ConfigError as exc:
-            log.warning("reload_failed", setting=exc.name, error=exc.problem, kept="all settings")
-            return
-        gateway.reload(new)
-
-    def ready(_: Gateway) -> None:
-        systemd.notify("READY=1")
-        watchdog.set()
-        if on_ready is not None:
-            on_ready()
-
-    watchdog = asyncio.Event()
-
-    async def ping_once_ready() -> None:
-        await watchdog.wait()
-        await systemd.watchdog_forever()
-
-    with signals_handled(loop, request_stop, reload, parent_pipe):
-        async with asyncio.TaskGroup() as tasks:
-            pinging = tasks.create_task(ping_once_ready(), name="watchdog")
-            try:
-                await gateway.run(stop, ready)
-            finally:
-                if not stop.is_set():  # stopped by an error rather than a signal
-                    systemd.notify("STOPPING=1")
-                pinging.cancel()

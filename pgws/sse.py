@@ -27,94 +27,33 @@ websockets internals used here (tests/test_sse.py fails if a release changes the
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
-import hashlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from typing import Any, Protocol, cast
-from urllib.parse import parse_qsl
+from typing import Any, Protocol
 
 import structlog
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
+from websockets.http11 import Response
 
 from pgws import web
 from pgws.buffers import BufferLedger
-from pgws.channels import channel_problem
-from pgws.claims import Grant, Verifier, grant_for_v2
 from pgws.config import Config
 from pgws.connection import SocketStats, peer
 from pgws.durable_bus import NotRecovered, Replay
-from pgws.envelope import dump_json, inspect_notification
 from pgws.errors import (
-    BadRequest,
     DatabaseUnavailable,
-    Forbidden,
-    HandshakeRefused,
-    Unauthorized,
 )
-from pgws.protocols import v2
 from pgws.registry import Registry
+from pgws.sse_request import Plan
+from pgws.sse_stream import Detached, EventStream, channel_hash, gap_event, msg_data
 
 log = structlog.get_logger("pgws.sse")
 
-PATH = "/events"
-MEDIA_TYPE = "text/event-stream"
 # SPEC 9: a comment line every 25 s keeps proxies from closing an idle stream.
 KEEPALIVE_INTERVAL = 25.0
 # What a stream counts as in open_by_mode (PGWS_MAX_CONNECTIONS); /metrics shows it apart.
 COUNTED_AS = "sse"
-# The first word of every stream id; a Last-Event-ID without it is not one of ours.
-ID_PREFIX = "pgws"
-# A client sends nothing after its request; one that sends this much is cut off.
-MAX_RECEIVED = 64 * 1024
-_ACCEPTABLE = frozenset({MEDIA_TYPE, "text/*", "*/*"})
-
-
-class NotAcceptable(HandshakeRefused):
-    """The client's Accept header rules out text/event-stream."""
-
-    status = 406
-
-
-class MethodNotAllowed(HandshakeRefused):
-    """/events answers GET only."""
-
-    status = 405
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Plan:
-    """An accepted /events request: what the stream reads and where it resumes from."""
-
-    grant: Grant
-    channels: tuple[str, ...]
-    # None: no Last-Event-ID (a first connect); else the positions it named (() for an id
-    # without any, and for one pgws cannot read: then `unreadable`, and every channel gaps).
-    resume: tuple[str, ...] | None
-    unreadable: bool = False
-
-
-Starter = Callable[[ServerConnection, Response], Awaitable[Response]]
-
-
-async def _not_started(connection: ServerConnection, response: Response) -> Response:
-    return response
-
-
-@dataclasses.dataclass
-class StreamResponse(Response):
-    """A 200 whose body is the event stream; `begin` starts it from process_response."""
-
-    start: Starter = _not_started
-
-    async def begin(self, connection: ServerConnection) -> Response:
-        """Resume, write the head and hand the transport to a new EventStream; the response
-        websockets is to send (this one, already written, or a 503 when resuming failed)."""
-        return await self.start(connection, self)
 
 
 class Resumer(Protocol):
@@ -133,317 +72,6 @@ class Resumer(Protocol):
     async def until_following(self, channels: Iterable[str]) -> None:
         """Wait (briefly) until the durable `channels` read here have their starting point."""
         ...
-
-
-def is_events_request(request: Request) -> bool:
-    """Whether the request is for /events (query string aside)."""
-    return request.path.split("?", 1)[0] == PATH
-
-
-def read_query(path: str) -> tuple[tuple[str, ...], str | None]:
-    """The channels (`ch`, in order, without duplicates) and the `token` a query names.
-
-    Raises BadRequest for a query pgws cannot read (invalid percent-encoding, two tokens, a
-    channel name SPEC 2 would refuse).
-    """
-    _, _, query = path.partition("?")
-    try:
-        pairs = parse_qsl(query, keep_blank_values=True, errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        raise BadRequest("bad request: the query is not valid percent-encoded UTF-8") from None
-    channels: list[str] = []
-    tokens = [value for key, value in pairs if key == "token"]
-    if len(tokens) > 1:
-        raise BadRequest("bad request: more than one token")
-    for key, value in pairs:
-        if key != "ch":
-            continue
-        problem = channel_problem(value)
-        if problem is not None:
-            raise BadRequest(f"bad request: ch: {problem}")
-        if value not in channels:
-            channels.append(value)
-    return tuple(channels), tokens[0] if tokens else None
-
-
-def stream_id(positions: Iterable[str]) -> str:
-    """The `id:` of a stream: the prefix, then each durable channel's last position."""
-    return " ".join((ID_PREFIX, *positions))
-
-
-def read_stream_id(value: str, limit: int) -> tuple[str, ...] | None:
-    """The positions a Last-Event-ID names, or None when it is not a pgws stream id."""
-    words = value.split(" ")
-    if words[0] != ID_PREFIX or len(words) - 1 > limit or "" in words[1:]:
-        return None
-    return tuple(words[1:])
-
-
-def _accepts_event_stream(request: Request) -> bool:
-    """Accept absent, or naming text/event-stream, text/* or */* (without q=0)."""
-    values = request.headers.get_all("Accept")
-    if not values:
-        return True
-    for value in values:
-        for item in value.split(","):
-            media, *params = (part.strip().lower() for part in item.split(";"))
-            if media in _ACCEPTABLE and not any(_refused(param) for param in params):
-                return True
-    return False
-
-
-def _refused(param: str) -> bool:
-    """`q=0` (RFC 9110 12.4.2): the client does not accept that media type."""
-    name, _, value = param.partition("=")
-    if name.strip() != "q":
-        return False
-    try:
-        return float(value) == 0.0
-    except ValueError:
-        return False
-
-
-def _bearer(request: Request) -> str | None:
-    for value in request.headers.get_all("Authorization"):
-        scheme, _, credentials = value.strip().partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            return credentials.strip()
-    return None
-
-
-class EventsEndpoint:
-    """Checks one /events request (after the handshake's origin and capacity checks)."""
-
-    def __init__(
-        self, config: Config, streams: EventStreams, clock: Callable[[], float] = time.time
-    ) -> None:
-        self._config = config
-        self._streams = streams
-        self._clock = clock
-
-    def answer(self, request: Request, verifier: Verifier) -> Response:
-        """A StreamResponse, or raise HandshakeRefused (answered with its status and reason)."""
-        if request.method != "GET":
-            raise MethodNotAllowed("method not allowed: GET only")
-        if not _accepts_event_stream(request):
-            raise NotAcceptable(f"not acceptable: /events answers {MEDIA_TYPE}")
-        channels, query_token = read_query(request.path)
-        header_token = _bearer(request)
-        if query_token is not None and header_token is not None:
-            raise BadRequest("bad request: a token in the query and in Authorization")
-        token = header_token if header_token is not None else query_token
-        if not token:
-            raise Unauthorized("missing token")
-        grant = grant_for_v2(verifier.verify(token, self._clock()), leeway=verifier.leeway)
-        if not channels:
-            raise BadRequest("bad request: no channels (name them with ?ch=)")
-        if not grant.can_read:
-            raise Forbidden(f"mode {grant.mode} cannot read")
-        for channel in channels:
-            if not grant.allows(channel):
-                raise Forbidden(f"not allowed: {channel}")
-        if len(channels) > self._config.max_channels:
-            raise Forbidden(f"too many channels: at most {self._config.max_channels}")
-        plan = Plan(grant, channels, *self._resume(request, len(channels)))
-        headers = Headers(
-            {
-                "Content-Type": f"{MEDIA_TYPE}; charset=utf-8",
-                "Cache-Control": "no-store",
-                "X-Accel-Buffering": "no",  # nginx: pass events on as they come
-                "Connection": "close",  # the body ends when the stream does
-                **web.SECURITY_HEADERS,
-            }
-        )
-        origin = request.headers.get("Origin")
-        if origin is not None:  # it passed PGWS_ALLOWED_ORIGINS: let that page read the stream
-            headers["Access-Control-Allow-Origin"] = origin
-            headers["Vary"] = "Origin"
-        return StreamResponse(
-            HTTPStatus.OK.value,
-            HTTPStatus.OK.phrase,
-            headers,
-            start=functools.partial(self._streams.start, plan=plan),
-        )
-
-    @staticmethod
-    def _resume(request: Request, limit: int) -> tuple[tuple[str, ...] | None, bool]:
-        values = request.headers.get_all("Last-Event-ID")
-        if not values or not "".join(values).strip():
-            return None, False
-        if len(values) > 1:
-            return (), True
-        positions = read_stream_id(values[0].strip(), limit)
-        return (positions, False) if positions is not None else ((), True)
-
-
-def msg_data(channel: str, raw: str, pos: str | None = None) -> bytes:
-    """One message's `data:` line: the v2 `msg` frame (with `pos` when durable), on one line."""
-    is_json, _ = inspect_notification(raw)
-    frame = v2.msg(channel, raw, is_json, pos)
-    if "\n" in frame or "\r" in frame:
-        # Only JSON whitespace can hold a raw line break (strict JSON has none in strings).
-        frame = frame.replace("\r", " ").replace("\n", " ")
-    return b"data: " + frame.encode() + b"\n"
-
-
-def msg_event(channel: str, raw: str) -> bytes:
-    """A NOTIFY message as an event (SPEC 9): the same bytes for every stream."""
-    return msg_data(channel, raw) + b"\n"
-
-
-def channel_hash(channel: str) -> str:
-    """The first part of `channel`'s positions (pgws.channel_hash() in SQL)."""
-    return hashlib.md5(channel.encode(), usedforsecurity=False).hexdigest()[:8]
-
-
-def gap_event(channel: str) -> bytes:
-    """`event: gap` for a channel whose continuity was lost (SPEC 9)."""
-    return b"event: gap\ndata: " + f'{{"ch":{dump_json(channel)}}}'.encode() + b"\n\n"
-
-
-class _Detached:
-    """What a websockets connection holds once its transport went to an EventStream."""
-
-    def abort(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return True
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
-class EventStream(asyncio.Protocol):
-    """One open event stream: the transport's protocol from the response head on."""
-
-    def __init__(self, streams: EventStreams, plan: Plan, remote: str) -> None:
-        self._streams = streams
-        self.plan = plan
-        self.remote = remote
-        self.transport: asyncio.WriteTransport | None = None
-        self.lagging = False  # over PGWS_CLIENT_MAX_BUFFER: nothing more is written
-        self.counted = 0  # what the BufferLedger last counted for this stream
-        self.opened_at = 0.0
-        self._received = 0
-        self._expiry: asyncio.TimerHandle | None = None
-        # The last position of each durable channel, in the stream's channel order: its `id:`.
-        self.positions: dict[str, str | None] = {}
-        # While resuming: live events held until the replays and gaps are out (then None).
-        self.held: list[bytes] | None = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.WriteTransport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._received += len(data)
-        if self._received > MAX_RECEIVED and self.transport is not None:
-            self.transport.abort()  # nothing is expected from the client after its request
-
-    def eof_received(self) -> bool | None:
-        return None  # the client is done: close (nothing else reads this connection)
-
-    def pause_writing(self) -> None:
-        """The transport passed PGWS_CLIENT_MAX_BUFFER: this reader is too slow."""
-        if self.lagging:
-            return
-        self.lagging = True
-        self._streams.stats.slow_consumers += 1
-        log.warning("client_lagging", remote=self.remote, buffered=self.buffered(), sse=True)
-        asyncio.get_running_loop().call_soon(self.abort)
-
-    def resume_writing(self) -> None:
-        pass
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        self._streams.forget(self)
-
-    def stored(self, data: bytes, channel: str, position: str) -> None:
-        """A durable message: the stream's id moves on to `position` and goes with it."""
-        if channel in self.positions:
-            self.positions[channel] = position
-        self.write(b"id: " + self.event_id().encode() + b"\n" + data + b"\n")
-
-    def event_id(self) -> str:
-        """The stream's `id:` now: the last position of each durable channel that has one."""
-        return stream_id(p for p in self.positions.values() if p is not None)
-
-    def release(self, first: Sequence[bytes]) -> None:
-        """Resumed: write `first` (gaps, replays), then what was held, then go live."""
-        held, self.held = self.held or [], None
-        for data in (*first, *held):
-            self.write(data)
-
-    def write(self, data: bytes) -> None:
-        """Queue `data` unless the stream lags or is closing; report the buffer to the ledger."""
-        if self.held is not None:
-            self.held.append(data)
-            return
-        transport = self.transport
-        if self.lagging or transport is None or transport.is_closing():
-            return
-        transport.write(data)
-        ledger = self._streams.ledger
-        if ledger is not None:
-            size = transport.get_write_buffer_size()
-            if size != self.counted:
-                ledger.update(self, size)
-
-    def expire_at(self, when: float, clock: Callable[[], float]) -> None:
-        """End the stream at `when` (UNIX seconds): the token's `exp` (SPEC 9)."""
-        loop = asyncio.get_running_loop()
-        self._expiry = loop.call_later(max(when - clock(), 0.0), self.end, "token expired")
-
-    def end(self, why: str) -> None:
-        """Say why in a comment, then close once what is queued has gone."""
-        self.write(f": {why}\n\n".encode())
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    # The BufferLedger's Holder protocol.
-
-    def buffered(self) -> int:
-        try:
-            return -1 if self.transport is None else self.transport.get_write_buffer_size()
-        except (AttributeError, RuntimeError):
-            return -1
-
-    def drop_over_total(self, total: int, limit: int) -> None:
-        """All sockets and streams together hold more than PGWS_MAX_BUFFERED_TOTAL: go now."""
-        self.lagging = True
-        self._streams.stats.slow_consumers += 1
-        self._streams.stats.over_total += 1
-        log.warning("client_lagging", remote=self.remote, buffered=self.counted, sse=True)
-        self.abort()
-
-
-def deliver(streams: Iterable[EventStream], channel: str, raw: str, pos: str | None = None) -> None:
-    """One message to every stream reading `channel`: its `data:` line encoded once; a durable
-    one (`pos`) with each stream's own `id:`."""
-    if pos is None:
-        event = msg_event(channel, raw)
-        for stream in streams:
-            stream.write(event)
-        return
-    data = msg_data(channel, raw, pos)
-    for stream in streams:
-        stream.stored(data, channel, pos)
-
-
-def deliver_gap(streams: Iterable[EventStream], channel: str) -> None:
-    """`event: gap` for `channel` to every stream reading it (the LISTEN connection was lost)."""
-    event = gap_event(channel)
-    for stream in streams:
-        stream.write(event)
 
 
 class EventStreams:
@@ -496,7 +124,7 @@ class EventStreams:
         transport.set_protocol(stream)
         stream.connection_made(transport)
         transport.set_write_buffer_limits(high=self._config.client_max_buffer)
-        connection.transport = _Detached()  # type: ignore[assignment]
+        connection.transport = Detached()  # type: ignore[assignment]
         connection.connection_lost(None)  # websockets' part is over: no answer, no task
         self.open.add(stream)
         self.stats.open_by_mode[COUNTED_AS] += 1

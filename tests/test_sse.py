@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
-from pgws import sse
+from pgws import sse, sse_request, sse_stream
 from pgws.buffers import BufferLedger
 from pgws.claims import Verifier
 from pgws.config import Config
@@ -372,7 +372,7 @@ async def test_streams_count_in_the_total_buffer_bound(start_gateway: StartGatew
 async def test_a_client_that_floods_the_stream_connection_is_cut_off(gateway: Running) -> None:
     async with events(gateway, token_query({"mode": "r"}, channel_name())) as stream:
         await stream.event()
-        stream.writer.write(b"x" * (sse.MAX_RECEIVED + 1))
+        stream.writer.write(b"x" * (sse_stream.MAX_RECEIVED + 1))
         assert await stream.body() == b""
     await until(lambda: not gateway.gateway.events.open, "the stream to go")
 
@@ -383,7 +383,7 @@ async def test_a_client_that_floods_the_stream_connection_is_cut_off(gateway: Ru
 @given(st.text(max_size=200))
 def test_read_query_raises_only_bad_request(query: str) -> None:
     try:
-        channels, _ = sse.read_query("/events?" + query)
+        channels, _ = sse_request.read_query("/events?" + query)
     except BadRequest:
         return
     assert len(channels) == len(set(channels))
@@ -391,14 +391,14 @@ def test_read_query_raises_only_bad_request(query: str) -> None:
 
 @given(st.text(max_size=200))
 def test_read_stream_id_never_raises(value: str) -> None:
-    positions = sse.read_stream_id(value, 10)
+    positions = sse_request.read_stream_id(value, 10)
     assert positions is None or (value.startswith("pgws") and len(positions) <= 10)
 
 
 def test_stream_ids_read_back() -> None:
-    assert sse.read_stream_id(sse.stream_id(()), 5) == ()
-    assert sse.read_stream_id(sse.stream_id(["a:1", "b:2"]), 5) == ("a:1", "b:2")
-    assert sse.read_stream_id("pgws a b c", 2) is None
+    assert sse_request.read_stream_id(sse_request.stream_id(()), 5) == ()
+    assert sse_request.read_stream_id(sse_request.stream_id(["a:1", "b:2"]), 5) == ("a:1", "b:2")
+    assert sse_request.read_stream_id("pgws a b c", 2) is None
 
 
 # Durable channels (SPEC 7): Last-Event-ID resumes them exactly
@@ -486,7 +486,7 @@ async def test_an_unrecoverable_durable_position_is_event_gap(
     d = durable_name()
     await send(db, d, "kept")
     query = token_query({"mode": "r"}, d)
-    unknown = f"{sse.channel_hash(d)}:00000000:1:00000000"
+    unknown = f"{sse_stream.channel_hash(d)}:00000000:1:00000000"
     for last_id in (f"pgws {unknown}", "pgws", "pgws not-a-position", "junk"):
         async with events(gateway, query, {"Last-Event-ID": last_id}) as stream:
             assert stream.status == 200
@@ -540,7 +540,7 @@ def test_any_events_request_is_a_stream_or_a_clear_refusal(
     a reason; never another exception (no server needed: the checks are pure)."""
     registry: Registry[Any] = Registry("listen", lambda batch: 0, lambda e, c: _none())
     streams = sse.EventStreams(_ENDPOINT_CONFIG, registry, SocketStats(), BufferLedger(None))
-    endpoint = sse.EventsEndpoint(_ENDPOINT_CONFIG, streams)
+    endpoint = sse_request.EventsEndpoint(_ENDPOINT_CONFIG, streams)
     headers = Headers()
     for name, value in (
         ("Accept", accept),
@@ -559,7 +559,7 @@ def test_any_events_request_is_a_stream_or_a_clear_refusal(
         assert refusal.status in (400, 401, 403, 405, 406)
         assert str(refusal)
         return
-    assert isinstance(response, sse.StreamResponse)
+    assert isinstance(response, sse_request.StreamResponse)
     assert response.status_code == 200
 
 
