@@ -29,9 +29,11 @@ ROOT = Path(__file__).parent.parent
 def test_make_run_installs_pgws_and_the_embedded_database_only(tmp_path: Path) -> None:
     """On a fresh checkout (`make -n`, nothing run) the only install is `-e .[embedded]`, and
     that extra is PostgreSQL's binaries alone: none of the development tools."""
+    # Outside any make of ours: under `make test` (CI) a sub-make would print its directory.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     result = subprocess.run(
-        ["make", "-n", "run", f"VENV={tmp_path / 'venv'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+        ["make", "--no-print-directory", "-n", "run", f"VENV={tmp_path / 'venv'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     installs = [shlex.split(line) for line in result.stdout.splitlines() if "pip install" in line]
     assert [words[words.index("install") + 1 :] for words in installs] == [
