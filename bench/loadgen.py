@@ -123,10 +123,16 @@ class Client(asyncio.Protocol):
     receipt time minus the send time (ns) found in the payload, for sends in [`since`, `until`).
     """
 
-    def __init__(self, request: bytes, accept: bytes, tally: Tally) -> None:
+    def __init__(
+        self, request: bytes, accept: bytes, tally: Tally, hello: Sequence[bytes] = ()
+    ) -> None:
         self.request = request
         self.accept = accept
         self.tally = tally
+        # pgws.v2: the request frames sent after the 101 (auth, sub); the socket counts as open
+        # once each got its `ok`, and those replies are not counted as messages.
+        self.hello = b"".join(client_frame(frame) for frame in hello)
+        self.pending_oks = len(hello)
         self.transport: asyncio.Transport | None = None
         self.opened: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.is_open = False
@@ -170,7 +176,10 @@ class Client(asyncio.Protocol):
             self._fail(status)
             return
         self.is_open = True
-        self.opened.set_result(101)
+        if self.hello:
+            cast(asyncio.Transport, self.transport).write(self.hello)
+        else:
+            self.opened.set_result(101)
         if len(head) > end + 4:
             self.on_frames(head[end + 4 :])
 
@@ -212,7 +221,9 @@ class Client(asyncio.Protocol):
             first = data[pos]
             opcode = first & 0x0F
             if opcode < 3:
-                if first & 0x80:
+                if self.pending_oks and self._reply(data, start):
+                    pass
+                elif first & 0x80:
                     messages += 1
                     if samples is not None:
                         self._sample(data, start, end, now, samples)
@@ -224,6 +235,18 @@ class Client(asyncio.Protocol):
         if messages:
             self.messages += messages
             self.tally.add(messages)
+
+    def _reply(self, data: bytes, start: int) -> bool:
+        """A pgws.v2 reply to the hello frames: `ok` counts down to open, `err` fails."""
+        if data.startswith(b'{"op":"ok"', start):
+            self.pending_oks -= 1
+            if not self.pending_oks and not self.opened.done():
+                self.opened.set_result(101)
+            return True
+        if data.startswith(b'{"op":"err"', start):
+            self._fail(0)
+            return True
+        return False
 
     def _sample(
         self, data: bytes, start: int, end: int, now: int, samples: array.array[int]
@@ -288,6 +311,7 @@ class Pool:
         self.channel: str = args.channel
         self.path_form: str = args.path_form
         self.concurrency: int = args.connect_concurrency
+        self.protocol: str = getattr(args, "protocol", "legacy")
         self.timeout: float = args.connect_timeout
         self.clients: list[Client] = []
         self.failures: dict[int, int] = {}
@@ -304,6 +328,14 @@ class Pool:
         token = make_token(self.secret, claims)
         return f"/{self.channel}/{token}" if self.path_form == "channel" else f"/{token}"
 
+    def v2_hello(self, mode: str) -> list[bytes]:
+        """pgws.v2 (SPEC 8): `auth` with a token of its own (as in `path`), then `sub`."""
+        self.issued += 1
+        claims = {"mode": mode, "channels": [self.channel], "jti": str(self.issued)}
+        auth = {"op": "auth", "token": make_token(self.secret, claims), "ref": 1}
+        sub = {"op": "sub", "ch": self.channel, "ref": 2}
+        return [json.dumps(auth).encode(), json.dumps(sub).encode()]
+
     async def open(self, count: int, mode: str, tally: Tally) -> tuple[list[Client], float]:
         """Open `count` sockets, `concurrency` handshakes at a time; return them and the time taken.
 
@@ -314,8 +346,12 @@ class Pool:
         remaining = count
 
         async def one() -> None:
-            request, accept = handshake_request(self.host, self.port, self.path(mode))
-            client = Client(request, accept, tally)
+            if self.protocol == "v2":
+                request, accept = handshake_request(self.host, self.port, "/", "pgws.v2")
+                client = Client(request, accept, tally, self.v2_hello(mode))
+            else:
+                request, accept = handshake_request(self.host, self.port, self.path(mode))
+                client = Client(request, accept, tally)
             try:
                 async with asyncio.timeout(self.timeout):
                     await loop.create_connection(lambda: client, self.host, self.port)
@@ -528,8 +564,22 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any]:
         "loadgen_cpu_pct": measured.cpu_pct,
         "notify_errors": notifier.errors,
     }
+    if args.protocol == "v2":
+        result["frame_overhead_bytes"] = v2_frame_overhead(args.channel, body % (0, time.time()))
     pool.reset_all()
     return result
+
+
+def v2_frame_overhead(channel: str, notification: bytes) -> int:
+    """Bytes a pgws.v2 `msg` frame (SPEC 8) takes beyond the legacy frame of the same JSON
+    notification: `{"op":"msg","ch":<channel>,"data":` + the notification + `}`, header included."""
+    msg = b'{"op":"msg","ch":%s,"data":%s}' % (json.dumps(channel).encode(), notification)
+    return frame_size(len(msg)) - frame_size(len(notification))
+
+
+def frame_size(payload: int) -> int:
+    """An unmasked server frame's size for a payload of `payload` bytes (RFC 6455 5.2)."""
+    return payload + (2 if payload < 126 else 4 if payload < 1 << 16 else 10)
 
 
 async def _closed_loop(
@@ -828,6 +878,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     fan.add_argument(
         "--per-transaction", type=int, default=1, help="NOTIFYs the producer commits together"
+    )
+    fan.add_argument(
+        "--protocol",
+        choices=["legacy", "v2"],
+        default="legacy",
+        help="readers: token in the path, or pgws.v2 with `auth` and `sub` frames (SPEC 8)",
     )
     fan.add_argument(
         "--producer",

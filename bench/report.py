@@ -122,6 +122,7 @@ _FORMATS: dict[str, Callable[[float], str]] = {
     "ms": lambda v: f"{v:.2f}" if v < 10 else f"{v:.1f}",
     "mib": lambda v: f"{v:.1f}",
     "kib": lambda v: f"{v:.1f}",
+    "bytes": lambda v: f"{v:.0f} B",
     "loss": lambda v: "0" if v == 0 else f"{100 * v:.3g}%",
 }
 

@@ -74,7 +74,7 @@ LISTEN_CHANNEL = "postgres-websockets-listener"
 CHANNEL = "bench"
 BASELINE = "raw-gw"
 RAW_PG = "raw-pg"
-SCENARIO_KINDS = ("connections", "fanout", "ingest", "latency", "notify", "sql", "durable")
+SCENARIO_KINDS = ("connections", "fanout", "ingest", "latency", "notify", "sql", "durable", "v2")
 # The server under test with every channel durable (SPEC 7), for the `durable` kind.
 DURABLE_ENV = {"PGWS_DURABLE": "true"}
 READY_TIMEOUT = 30.0  # seconds for a server to accept a WebSocket
@@ -348,7 +348,7 @@ def connection_metrics(rss_before: int, checkpoints: list[dict[str, Any]]) -> di
 
 def headline(scenario: str, metrics: dict[str, Any]) -> str:
     """A short progress line for one run."""
-    scenario = scenario.removeprefix("durable-")
+    scenario = scenario.removeprefix("durable-").removeprefix("v2-")
     cpu = (
         f"CPU: server {metrics.get('server_cpu_pct', 0):.0f}% "
         f"(+{metrics.get('server_wait_pct', 0):.0f}% waiting), "
@@ -420,6 +420,10 @@ def configurations(plan: Plan, kind: str) -> list[tuple[str, list[str]]]:
             for n in plan.fanout_readers
             for k in plan.fanout_per_transaction
         ]
+    if kind == "v2":  # pgws.v2 readers (SPEC 8), each against legacy fanout-N of the same run
+        return [
+            (f"v2-fanout-{n}", [f"--readers={n}", "--protocol=v2"]) for n in plan.fanout_readers
+        ]
     if kind == "ingest":
         return [(f"ingest-{n}", [f"--writers={n}"]) for n in plan.ingest_writers]
     if kind == "latency":
@@ -468,10 +472,15 @@ async def run_kind(bench: Bench, target: Target, kind: str, rep: int) -> None:
         if target.name != BASELINE:  # the raw gateway has no durable mode
             await run_durable(bench, target, rep)
         return
+    if kind == "v2" and target.name == BASELINE:  # the raw gateway speaks no pgws.v2
+        return
     try:
         async with bench.server(target, kind, rep) as (process, port):
+            loadgen = "fanout" if kind == "v2" else kind
             for scenario, arguments in configurations(bench.plan, kind):
-                await bench.measured(target.name, scenario, rep, process.pid, port, kind, arguments)
+                await bench.measured(
+                    target.name, scenario, rep, process.pid, port, loadgen, arguments
+                )
     except ScenarioError as exc:
         bench.runs.append({"target": target.name, "scenario": kind, "rep": rep, "error": str(exc)})
         print(f"  {target.name}-{kind}-{rep}: ERROR {exc}")
@@ -616,6 +625,14 @@ def table_rows(plan: Plan, target: str = "pgws") -> list[report.Row]:
         # Not delivered by the end of the drain: a writer socket that outruns its stores.
         add(key, label, "loss_frac", "loss", "loss", chart=False, **same,
             baseline_scenario=f"latency-{rate}")  # fmt: skip
+    for readers in plan.fanout_readers:  # pgws.v2 (SPEC 8): against legacy, same server and run
+        key, label = f"v2-fanout-{readers}", f"v2 fan-out, {readers:,} pgws.v2 readers"
+        legacy = {"baseline_target": target, "baseline_scenario": fanout_key(readers, 1)}
+        add(key, label, "delivered_per_s", "delivered msg/s, against legacy fan-out", "rate",
+            better="higher", goal=0.9, **legacy)  # fmt: skip
+        add(key, label, "loss_frac", "loss", "loss", chart=False, **legacy)
+        add(key, label, "frame_overhead_bytes", "`msg` frame bytes beyond the legacy frame",
+            "bytes", chart=False, **legacy)  # fmt: skip
     label = "idle sockets"
     for step in plan.connection_steps:
         metric_label = f"server RSS MiB, {step:,} sockets"

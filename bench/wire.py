@@ -34,8 +34,11 @@ def make_token(secret: str, claims: Mapping[str, object]) -> str:
     return (signing_input + b"." + _b64url(signature)).decode()
 
 
-def handshake_request(host: str, port: int, path: str) -> tuple[bytes, bytes]:
-    """Return (request bytes, expected Sec-WebSocket-Accept) for one opening handshake.
+def handshake_request(
+    host: str, port: int, path: str, subprotocol: str | None = None
+) -> tuple[bytes, bytes]:
+    """Return (request bytes, expected Sec-WebSocket-Accept) for one opening handshake, offering
+    `subprotocol` (e.g. pgws.v2) when given.
 
     No extension is offered, so the connection is never compressed whatever the server prefers.
     """
@@ -44,7 +47,9 @@ def handshake_request(host: str, port: int, path: str) -> tuple[bytes, bytes]:
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        + ("" if subprotocol is None else f"Sec-WebSocket-Protocol: {subprotocol}\r\n")
+        + "\r\n"
     ).encode()
     return request, accept
 

@@ -260,20 +260,20 @@ class HeldUntilAnswered(ServerConnection):
 
 def deliver_v2(
     connections: Iterable[ServerConnection], channel: str, raw: str, pos: str | None = None
-) -> None:
-    """Send one notification to many pgws.v2 sockets as one shared `msg` frame.
+) -> tuple[list[ServerConnection], str]:
+    """The fan-out entry for one notification to pgws.v2 sockets: its `msg` frame, built once,
+    and the readers that get it. The registry joins it into the batch `pgws.fanout` writes, so
+    v2 sockets get shared frames, one write per batch and the 1008 drop exactly as legacy ones.
 
-    Echo suppression skips the sender's own socket on channels it subscribed with `echo:false`;
-    the frame itself is never rewritten (SPEC 8). `pos`: a durable message's position.
+    Echo suppression leaves out the sender's own socket on channels it subscribed with
+    `echo:false`; the frame itself is never rewritten (SPEC 8). `pos`: a durable message's
+    position.
     """
     is_json, sender = inspect_notification(raw)
     frame = v2.msg(channel, raw, is_json, pos)
-    readers: Iterable[ServerConnection] = (
-        c for c in connections if not getattr(c, "lagging", False)
-    )
-    if sender is not None:
-        readers = (c for c in readers if not _own_echo(c, sender, channel))
-    broadcast(readers, frame)
+    if sender is None:
+        return list(connections), frame
+    return [c for c in connections if not _own_echo(c, sender, channel)], frame
 
 
 def deliver_gap(connections: Iterable[ServerConnection], channel: str) -> None:

@@ -8,7 +8,7 @@ many sockets) a dictionary lookup and one call.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence, Sized
 from typing import Any, Generic, TypeVar
 
 from pgws.envelope import route_channel
@@ -17,9 +17,13 @@ S = TypeVar("S")
 
 # Hands a batch of (readers, raw text) to sockets, in order; returns how many messages it handed.
 Deliver = Callable[[Sequence[tuple[Iterable[S], str]]], int]
-# pgws.v2 readers (SPEC 8) get a `msg` frame naming the channel, built once per notification;
-# `pos` is the durable message's position (SPEC 7), None for a NOTIFY.
+# Event streams (SPEC 9) get a `msg` event per notification; `pos` is the durable message's
+# position (SPEC 7), None for a NOTIFY.
 DeliverV2 = Callable[[Iterable[S], str, str, str | None], None]  # (readers, channel, raw, pos)
+# pgws.v2 readers (SPEC 8): (readers, channel, raw, pos) -> the (readers, `msg` frame) entry the
+# registry joins into the batch it hands to Deliver, so v2 sockets share frames and writes like
+# legacy ones; None when the callable delivered by itself.
+EntryV2 = Callable[[Iterable[S], str, str, str | None], tuple[Iterable[S], str] | None]
 # Tells pgws.v2 readers of a channel that its continuity was lost (SPEC 8 `gap`).
 DeliverGap = Callable[[Iterable[S], str], None]  # (readers, channel)
 # (envelope, channel) -> the position when the channel is durable, else None.
@@ -44,7 +48,7 @@ class Registry(Generic[S]):
         listen_channel: str,
         deliver: Deliver[S],
         send_out: SendOut,
-        deliver_v2: DeliverV2[S] | None = None,
+        deliver_v2: EntryV2[S] | None = None,
         deliver_gap: DeliverGap[S] | None = None,
         deliver_events: DeliverV2[Any] | None = None,
         events_gap: DeliverGap[Any] | None = None,
@@ -138,7 +142,7 @@ class Registry(Generic[S]):
         channel named like the listen channel (SPEC 3). The whole batch goes out in one call, so
         each socket gets all of its frames in one write.
         """
-        batch = []
+        batch: list[tuple[Iterable[S], str]] = []
         handed = 0
         v2 = self._v2 if self._deliver_v2 is not None else None
         events = self._events if self._deliver_events is not None else None
@@ -153,10 +157,9 @@ class Registry(Generic[S]):
                     handed += len(streams)
             if v2:
                 v2_readers = v2.get(channel)
-                if v2_readers and self._deliver_v2 is not None:
+                if v2_readers:
                     # A socket speaks one protocol, so each socket's order holds across both.
-                    self._deliver_v2(v2_readers, channel, raw, None)
-                    handed += len(v2_readers)
+                    handed += self._v2_entry(batch, v2_readers, channel, raw, None)
             subscribers = self._channels.get(channel)
             if subscribers:
                 self._published[channel] = self._published.get(channel, 0) + 1
@@ -205,17 +208,37 @@ class Registry(Generic[S]):
             for payload, position in messages:
                 self._deliver_events(streams, channel, payload, position)
                 handed += len(streams)
+        batch: list[tuple[Iterable[S], str]] = []
         v2_readers = self._v2.get(channel)
-        if v2_readers and self._deliver_v2 is not None:
+        if v2_readers:
             for payload, position in messages:
-                self._deliver_v2(v2_readers, channel, payload, position)
-                handed += len(v2_readers)
+                handed += self._v2_entry(batch, v2_readers, channel, payload, position)
         subscribers = self._channels.get(channel)
         if subscribers:
             self._published[channel] = self._published.get(channel, 0) + len(messages)
-            handed += self._deliver([(subscribers, payload) for payload, _ in messages])
+            batch.extend((subscribers, payload) for payload, _ in messages)
+        if batch:
+            handed += self._deliver(batch)
         self.delivered += handed
         return handed
+
+    def _v2_entry(
+        self,
+        batch: list[tuple[Iterable[S], str]],
+        readers: Iterable[S],
+        channel: str,
+        raw: str,
+        pos: str | None,
+    ) -> int:
+        """Add the `msg` entry of one notification for pgws.v2 `readers` to `batch`; return how
+        many the entry builder handed by itself (those in `batch` are counted by Deliver)."""
+        if self._deliver_v2 is None:
+            return 0
+        entry = self._deliver_v2(readers, channel, raw, pos)
+        if entry is None:
+            return len(readers) if isinstance(readers, Sized) else 0
+        batch.append(entry)
+        return 0
 
     def v2_readers(self, channel: str) -> frozenset[S]:
         """The current pgws.v2 readers of `channel` (a copy)."""
