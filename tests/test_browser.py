@@ -193,14 +193,14 @@ async def test_two_pages_chat_reconnect_and_see_gaps_in_plain_words(
     # The gateway going away: 1001 in words, and the page retries by itself.
     port = running.gateway.port
     await running.shutdown()
+    # The status shows the latest attempt (later ones meet a closed port: 1006), so the 1001 is
+    # read from the events list, which keeps the first loss.
     await expect(one.locator("#status")).to_have_text(
-        re.compile(r"^reconnecting in [0-9.]+ s \(attempt \d+\) after 1001 server going away"),
-        timeout=MS,
+        re.compile(r"^reconnecting in [0-9.]+ s \(attempt \d+\) after \d{4} "), timeout=MS
     )
     await expect(one.locator("#status")).to_have_attribute("data-state", "reconnecting", timeout=MS)
-    await expect(events(one, "connection lost", "reconnecting by itself")).to_have_count(
-        1, timeout=MS
-    )
+    lost = events(one, "connection lost", "1001 server going away")
+    await expect(lost.filter(has_text="reconnecting by itself")).to_have_count(1, timeout=MS)
     # Back on the same port: connected again, and told that messages may have been missed.
     await start_gateway(**settings, port=port)
     await expect(one.locator("#status")).to_have_text("connected", timeout=MS)
