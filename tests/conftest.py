@@ -19,12 +19,14 @@ from typing import Any, TextIO, cast
 import psycopg
 import pytest
 from jose import jwt
+from psycopg.conninfo import make_conninfo
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from dev.devdb import ThrowawayPostgres
 from pgws import logs
 from pgws.config import Config
+from pgws.db import durable_schema
 from pgws.server import Gateway
 
 SECRET = "reallyreallyreallyreallyverysafe-test-secret"
@@ -111,6 +113,26 @@ def cluster() -> Iterator[ThrowawayPostgres]:
 async def db(dsn: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """An autocommit connection to the test database."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+async def fresh_uri(db: psycopg.AsyncConnection[Any], dsn: str) -> AsyncIterator[str]:
+    """A new, empty database on the test server (no schema, its own advisory locks), dropped
+    afterwards."""
+    name = f"pgws_fresh_{uuid.uuid4().hex[:8]}"
+    await db.execute(f"CREATE DATABASE {name}")
+    try:
+        yield make_conninfo(dsn, dbname=name)
+    finally:
+        await db.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def fresh(fresh_uri: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """An autocommit connection to a fresh database with the durable schema migrated."""
+    async with await psycopg.AsyncConnection.connect(fresh_uri, autocommit=True) as conn:
+        await durable_schema.migrate(conn)
         yield conn
 
 

@@ -7,7 +7,6 @@ import dataclasses
 import datetime
 import socket
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from pgws.check import certificate_dates
 from pgws.config import Config
@@ -243,25 +241,19 @@ async def test_an_older_durable_schema_asks_for_pgws_migrate(dsn: str) -> None:
 
 
 async def test_with_durable_channels_on_and_no_migration_a_missing_schema_fails_check(
-    db: psycopg.AsyncConnection[Any], dsn: str
+    fresh_uri: str,
 ) -> None:
     """serve would exit 78 here (PGWS_DURABLE_MIGRATE=false, no schema): check says FAIL."""
-    name = f"pgws_check_{uuid.uuid4().hex[:8]}"
-    await db.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        fresh = make_conninfo(dsn, dbname=name)
-        env = {"PGWS_DB_URI": fresh, "PGWS_JWT_SECRET": SECRET, "PGWS_PORT": "0"}
-        result = await asyncio.to_thread(
-            check, **env, PGWS_POOL_SIZE="1", PGWS_DURABLE="true", PGWS_DURABLE_MIGRATE="false"
-        )
-        assert result.returncode == 1, result.stdout + result.stderr
-        line = next(line for line in result.stdout.splitlines() if line.split()[1] == "durable")
-        assert line.startswith("FAIL")
-        assert "run `pgws migrate`" in line
-        migrating = await asyncio.to_thread(check, **env, PGWS_POOL_SIZE="1", PGWS_DURABLE="true")
-        assert migrating.returncode == 0, migrating.stdout + migrating.stderr
-    finally:
-        await db.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    env = {"PGWS_DB_URI": fresh_uri, "PGWS_JWT_SECRET": SECRET, "PGWS_PORT": "0"}
+    result = await asyncio.to_thread(
+        check, **env, PGWS_POOL_SIZE="1", PGWS_DURABLE="true", PGWS_DURABLE_MIGRATE="false"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.split()[1] == "durable")
+    assert line.startswith("FAIL")
+    assert "run `pgws migrate`" in line
+    migrating = await asyncio.to_thread(check, **env, PGWS_POOL_SIZE="1", PGWS_DURABLE="true")
+    assert migrating.returncode == 0, migrating.stdout + migrating.stderr
 
 
 def _certificate_valid(folder: Path, *, days: int) -> Path:

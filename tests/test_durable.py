@@ -12,7 +12,6 @@ import sys
 import time
 import tomllib
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +27,6 @@ from tests.conftest import TIMEOUT, channel_name, run_pgws
 
 Conn = psycopg.AsyncConnection[Any]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-async def fresh_uri(db: Conn, dsn: str) -> AsyncIterator[str]:
-    """A new, empty database on the test server, dropped afterwards."""
-    name = f"pgws_durable_{uuid.uuid4().hex[:8]}"
-    await db.execute(f"CREATE DATABASE {name}")
-    try:
-        yield make_conninfo(dsn, dbname=name)
-    finally:
-        await db.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
-@pytest.fixture
-async def fresh(fresh_uri: str) -> AsyncIterator[Conn]:
-    """An autocommit connection to a fresh database with the schema migrated."""
-    async with await psycopg.AsyncConnection.connect(fresh_uri, autocommit=True) as conn:
-        await durable_schema.migrate(conn)
-        yield conn
 
 
 @pytest.fixture

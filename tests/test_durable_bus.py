@@ -10,13 +10,11 @@ import asyncio
 import json
 import re
 import signal
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
@@ -595,25 +593,20 @@ async def test_metrics_show_the_durable_counters(start_gateway: StartGateway, db
     await v2.close()
 
 
-async def test_without_migrate_a_missing_schema_stops_serve_with_exit_78(db: DB, dsn: str) -> None:
+async def test_without_migrate_a_missing_schema_stops_serve_with_exit_78(fresh_uri: str) -> None:
     """PGWS_DURABLE_MIGRATE=false against a database without the schema: one line, exit 78."""
-    name = f"pgws_durable_{uuid.uuid4().hex[:8]}"
-    await db.execute(f"CREATE DATABASE {name}")
-    try:
-        result = await asyncio.to_thread(
-            run_pgws,
-            "serve",
-            env={
-                "PGWS_DB_URI": make_conninfo(dsn, dbname=name),
-                "PGWS_JWT_SECRET": "s" * 32,
-                "PGWS_PORT": "0",
-                "PGWS_RETRIES": "1",
-                "PGWS_DURABLE": "true",
-                "PGWS_DURABLE_MIGRATE": "false",
-            },
-        )
-    finally:
-        await db.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    result = await asyncio.to_thread(
+        run_pgws,
+        "serve",
+        env={
+            "PGWS_DB_URI": fresh_uri,
+            "PGWS_JWT_SECRET": "s" * 32,
+            "PGWS_PORT": "0",
+            "PGWS_RETRIES": "1",
+            "PGWS_DURABLE": "true",
+            "PGWS_DURABLE_MIGRATE": "false",
+        },
+    )
     assert result.returncode == 78
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1

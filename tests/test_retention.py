@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psycopg
-import pytest
-from psycopg.conninfo import make_conninfo
 
 from pgws.db import durable_schema
 from pgws.db.retention import APPLICATION_NAME, Retention, default_interval, retention_running
@@ -21,24 +18,6 @@ from tests.conftest import TIMEOUT, StartGateway, until
 Conn = psycopg.AsyncConnection[Any]
 DAY = 86400.0
 FAST = 0.01  # seconds between passes: the tests wait for passes, never for time
-
-
-@pytest.fixture
-async def fresh_uri(db: Conn, dsn: str) -> AsyncIterator[str]:
-    """A new, empty database on the test server (advisory locks are per database), dropped after."""
-    name = f"pgws_retention_{uuid.uuid4().hex[:8]}"
-    await db.execute(f"CREATE DATABASE {name}")
-    try:
-        yield make_conninfo(dsn, dbname=name)
-    finally:
-        await db.execute(f"DROP DATABASE {name} WITH (FORCE)")
-
-
-@pytest.fixture
-async def fresh(fresh_uri: str) -> AsyncIterator[Conn]:
-    async with await psycopg.AsyncConnection.connect(fresh_uri, autocommit=True) as conn:
-        await durable_schema.migrate(conn)
-        yield conn
 
 
 async def fill(conn: Conn, channels: list[str], per_channel: int, *, aged: int = 0) -> None:
